@@ -66,9 +66,14 @@ class SlateRecEnv(gym.Env):
         n_features = catalog.n_features
         lo, hi = client.rating_scale
         f_lo, f_hi = float(catalog.features.min()), float(catalog.features.max())
-        self._users = [u for u in client.users if self._positives(u).size > 0]
-        if not self._users:
-            raise ValueError(f"client {client.client_id} has no user with {mode} interactions")
+        # User indices must match the rows of the client's reward table, so a user without
+        # interactions in this split is an error rather than silently skipped.
+        self._users = list(client.users)
+        empty = [u.user_id for u in self._users if self._positives(u).size == 0]
+        if empty or not self._users:
+            raise ValueError(
+                f"client {client.client_id}: users {empty} have no {mode} interactions"
+            )
 
         # Per-user constants, computed once: the history part of the observation, the
         # rated-item mask for negative sampling and the rating lookup for candidates.
@@ -119,6 +124,22 @@ class SlateRecEnv(gym.Env):
     @property
     def num_users(self) -> int:
         return len(self._users)
+
+    @property
+    def users(self) -> list:
+        """The client's users; ``user_index`` values index this list."""
+        return list(self._users)
+
+    def user_observation(self, user_index: int, items: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch-of-one observation that presents ``items`` (any number) to a user."""
+        hist_items, hist_ratings, hist_features = self._history[user_index]
+        return {
+            "history_items": hist_items[None],
+            "history_ratings": hist_ratings[None],
+            "history_features": hist_features[None],
+            "candidate_items": items[None],
+            "candidate_features": self._features[items][None],
+        }
 
     @property
     def user_index(self) -> int:

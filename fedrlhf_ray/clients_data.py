@@ -1,0 +1,59 @@
+"""Build the experiment's clients (their private data) from the config."""
+
+from __future__ import annotations
+
+from envs.data.partition import form_clients
+from envs.synthetic import make_synthetic_clients
+from envs.types import ClientData
+from fedrlhf_ray.config import ExperimentConfig
+
+RATING_SCALES = {
+    "ml-latest-small": (0.5, 5.0),
+    "ml-25m": (0.5, 5.0),
+    "ml-100k": (1.0, 5.0),
+    "ml-1m": (1.0, 5.0),
+}
+
+
+def build_clients(cfg: ExperimentConfig) -> list[ClientData]:
+    """The K clients of the experiment, deterministic in ``cfg.seed``.
+
+    Raises ``envs.data.movielens.DatasetError`` when the MovieLens copy is missing or bad.
+    """
+    env, clients = cfg.env, cfg.clients
+    users_per_client = 1 if clients.formation == "user" else clients.users_per_client
+    if env.name == "synthetic":
+        syn = env.synthetic
+        return make_synthetic_clients(
+            num_clients=clients.num_clients,
+            users_per_client=users_per_client,
+            n_items=syn.n_items,
+            latent_dim=syn.latent_dim,
+            n_clusters=syn.n_clusters,
+            heterogeneity=syn.heterogeneity,
+            feature_noise=syn.feature_noise,
+            items_per_user=syn.items_per_user,
+            heldout_fraction=env.heldout_fraction,
+            popularity_weight=syn.popularity_weight,
+            taste_weight=syn.taste_weight,
+            seed=cfg.seed,
+        )
+    from envs.data.movielens import load_movielens
+
+    data_cfg = env.data
+    data = load_movielens(
+        data_cfg.dataset, data_cfg.path, cache_dir=data_cfg.cache_dir, download=data_cfg.download
+    )
+    return form_clients(
+        data.ratings,
+        data.movies,
+        data.genre_names,
+        num_clients=clients.num_clients,
+        formation=clients.formation,
+        users_per_client=users_per_client,
+        grouping=clients.grouping,
+        heldout_fraction=env.heldout_fraction,
+        min_ratings=data_cfg.min_ratings,
+        rating_scale=RATING_SCALES[data_cfg.dataset],
+        seed=cfg.seed,
+    )
