@@ -5,7 +5,8 @@ of ``slate_size`` candidates: ``positives_per_slate`` items the user watched (fr
 split in ``train`` mode, from the held-out split in ``heldout`` mode) mixed with items the user
 never rated. The agent picks one; the intrinsic reward R⁰ is engagement (the pick was watched).
 ``info`` carries what evaluation needs: every candidate's true rating (NaN where unknown),
-whether the pick was liked and the oracle's pick.
+whether the pick was liked and the oracle's pick (unknown ratings are reported as
+``UNKNOWN_RATING`` = 0.0).
 
 The whole session's slates are drawn at ``reset`` in a few vectorised calls, so a step is only
 indexing: this keeps the env far above 10k steps/s on one core.
@@ -21,6 +22,9 @@ import numpy as np
 from envs.types import PAD_ITEM, ClientData
 
 MODES = ("train", "heldout")
+# Rating reported for candidates whose rating is unknown (MovieLens items the user never
+# rated); below every rating scale, and finite so that infos compare equal across runs.
+UNKNOWN_RATING = 0.0
 
 
 class SlateRecEnv(gym.Env):
@@ -90,11 +94,16 @@ class SlateRecEnv(gym.Env):
             rated = np.zeros(self._n_items + 1, dtype=bool)
             rated[user.rated_items()] = True
             rated[PAD_ITEM] = True
+            if (~rated).sum() < slate_size:
+                raise ValueError(
+                    f"user {user.user_id} rated all but {(~rated).sum()} items: too few to fill "
+                    f"a slate of {slate_size} with unrated candidates"
+                )
             self._rated.append(rated)
             if user.true_ratings is not None:
-                lookup = user.true_ratings.astype(np.float32)
+                lookup = np.nan_to_num(user.true_ratings.astype(np.float32), nan=UNKNOWN_RATING)
             else:
-                lookup = np.full(self._n_items + 1, np.nan, dtype=np.float32)
+                lookup = np.full(self._n_items + 1, UNKNOWN_RATING, dtype=np.float32)
                 lookup[user.train_items] = user.train_ratings
                 lookup[user.heldout_items] = user.heldout_ratings
             self._ratings.append(lookup)
@@ -152,13 +161,18 @@ class SlateRecEnv(gym.Env):
         T, M, P = self.session_length, self.slate_size, self.positives_per_slate
         pool = self._positives(user)
         n_pos = min(P, pool.size)
-        positives = rng.choice(pool, size=(T, n_pos), replace=pool.size < T * n_pos)
+        # Candidates within a slate are distinct: positives without replacement per slate,
+        # negatives resampled until no slate repeats an item or shows a rated one.
+        positives = np.stack([rng.choice(pool, size=n_pos, replace=False) for _ in range(T)])
         negatives = rng.integers(1, self._n_items + 1, size=(T, M - n_pos))
         rated = self._rated[self._user_index]
-        clash = rated[negatives]
-        while clash.any():
-            negatives[clash] = rng.integers(1, self._n_items + 1, size=int(clash.sum()))
-            clash = rated[negatives]
+        while True:
+            bad = rated[negatives]
+            ordered = np.sort(negatives, axis=1)
+            bad |= (ordered[:, 1:] == ordered[:, :-1]).any(axis=1, keepdims=True)
+            if not bad.any():
+                break
+            negatives[bad] = rng.integers(1, self._n_items + 1, size=int(bad.sum()))
         slates = np.concatenate([positives, negatives], axis=1)
         order = np.argsort(rng.random((T, M)), axis=1)
         self._slates = np.take_along_axis(slates, order, axis=1)
@@ -198,7 +212,7 @@ class SlateRecEnv(gym.Env):
         ratings = self._slate_ratings[t]
         picked_rating = float(ratings[a])
         engaged = bool(self._watched[t, a])
-        liked_mask = ratings >= self.like_threshold  # NaN compares False
+        liked_mask = ratings >= self.like_threshold
         info: dict[str, Any] = {
             "user_index": self._user_index,
             "item": int(self._slates[t, a]),
@@ -206,9 +220,7 @@ class SlateRecEnv(gym.Env):
             "liked": bool(liked_mask[a]),
             "picked_rating": picked_rating,
             "candidate_ratings": ratings,
-            "oracle_action": int(np.argmax(np.nan_to_num(ratings, nan=-np.inf)))
-            if not np.isnan(ratings).all()
-            else -1,
+            "oracle_action": int(np.argmax(ratings)),
             "oracle_liked": bool(liked_mask.any()),
         }
         self._t += 1

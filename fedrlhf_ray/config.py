@@ -114,7 +114,7 @@ class RewardModelConfig(_Section):
     embedding_dim: int = Field(0, ge=0, description="Learned item embedding size (0 = features only).")
     lr: float = Field(3e-3, gt=0.0, description="Adam learning rate.")
     weight_decay: float = Field(1e-4, ge=0.0, description="Adam weight decay.")
-    epochs: int = Field(30, ge=1, description="Epochs over all accumulated feedback per fit.")
+    epochs: int = Field(10, ge=1, description="Epochs over all accumulated feedback per fit.")
     batch_size: int = Field(64, ge=1, description="Mini-batch size.")
 
 
@@ -268,22 +268,26 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json", by_alias=True)
 
 
+_UNION_TAGS = ("float", "list[constrained-float]", "list[float]", "LambdaSpread")
+
+
 def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
-    # Pydantic reports union members as extra path items; keep the user's field path.
-    loc = loc.replace(".float", "").replace(".list[float]", "").replace(".LambdaSpread", "")
+    # A union field (λ) reports one error per member; the deepest one is about the member
+    # the user meant (a list item, a spread key), not "should be a number".
+    first = max(err.errors(), key=lambda e: len(e["loc"]))
+    loc = ".".join(str(p) for p in first["loc"] if str(p) not in _UNION_TAGS)
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if first["type"] == "extra_forbidden":
+        if "LambdaSpread" in [str(p) for p in first["loc"]]:
+            return f"{loc}: unknown field — allowed: {', '.join(_allowed_fields(LambdaSpread))}"
         return f"{loc}: unknown field"
-    if first["type"] == "literal_error" or first["type"].endswith("_type") or "input" in first:
-        value = first.get("input")
-        if isinstance(value, dict) and first["type"] not in ("model_type", "dict_type"):
-            return f"{loc}: {msg}" if loc else msg
-        if loc:
-            return f"{loc}: got {value!r} — {msg}"
+    value = first.get("input")
+    if isinstance(value, dict) and first["type"] not in ("model_type", "dict_type"):
+        return f"{loc}: {msg}" if loc else msg
+    if loc and "input" in first:
+        return f"{loc}: got {value!r} — {msg}"
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -370,3 +374,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         return validate_config(raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def reference_rows(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted field, default, description) for every leaf field: the README's reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(reference_rows(annotation, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((key, "null" if default is None else str(default), field.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| field | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in reference_rows()]
+    return "\n".join(lines)

@@ -46,10 +46,15 @@ def spearman(scores: np.ndarray, ratings: np.ndarray) -> float:
 
 
 def fit_like_threshold(scores: np.ndarray, liked: np.ndarray) -> float:
-    """The score threshold that best separates liked from not-liked training items."""
-    candidates = np.concatenate([[-np.inf], np.sort(scores), [np.inf]])
-    accuracy = [np.mean((scores >= c) == liked) for c in candidates]
-    return float(candidates[int(np.argmax(accuracy))])
+    """The score threshold that best separates liked from not-liked training items.
+
+    Candidates are the midpoints between adjacent distinct scores (and ±inf), so a threshold
+    that separates the training items sits halfway between the classes, not on one of them.
+    """
+    distinct = np.unique(scores)
+    candidates = np.concatenate([[-np.inf], (distinct[1:] + distinct[:-1]) / 2, [np.inf]])
+    accuracy = (scores[None, :] >= candidates[:, None]) == liked[None, :]
+    return float(candidates[int(np.argmax(accuracy.mean(axis=1)))])
 
 
 def summarize(values: list[float] | np.ndarray, prefix: str) -> dict[str, float]:

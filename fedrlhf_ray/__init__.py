@@ -1,0 +1,1 @@
+"""fedrlhf-ray: federated RLHF on Ray for recommendation."""

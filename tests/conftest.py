@@ -1,0 +1,51 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """Folder with the real test datasets: ``$FEDRLHF_TEST_DATA``, else ``<repo root>/../shared/data``."""
+    env = os.environ.get("FEDRLHF_TEST_DATA", "").strip()
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of the shared real-data folder.
+
+    Skips the test when the folder is missing, or fails it when ``FEDRLHF_REQUIRE_DATA=1``.
+    """
+    path = shared_data_dir()
+    if not path.is_dir():
+        reason = (
+            f"shared test data folder not found at {path} "
+            "(set FEDRLHF_TEST_DATA to the folder holding ml-latest-small/ and ml-100k/)"
+        )
+        if os.environ.get("FEDRLHF_REQUIRE_DATA", "").strip() == "1":
+            pytest.fail(reason + " and FEDRLHF_REQUIRE_DATA=1")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session: 2 CPUs, a small object store, no dashboard."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
+    yield ray
+    ray.shutdown()

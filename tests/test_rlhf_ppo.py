@@ -1,0 +1,79 @@
+"""Single-client RLHF with real Ray and real RLlib PPO on the synthetic env."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedrlhf_ray import rllib_ppo
+from fedrlhf_ray.clients_data import build_clients
+from fedrlhf_ray.config import validate_config
+from fedrlhf_ray.evaluation import evaluate_client, random_score_fn
+from fedrlhf_ray.rlhf_trainer import RLHFClientTrainer
+
+SMALL = {
+    "seed": 0,
+    "env": {"name": "synthetic"},
+    "clients": {"num_clients": 2, "formation": "group", "users_per_client": 4},
+    "feedback": {"beta": 2.0, "budget_per_round": 100},
+    "ppo": {"train_batch_size": 1000, "minibatch_size": 250, "local_iterations": 3},
+    "federation": {"rounds": 4},
+    "evaluation": {"episodes_per_user": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session):
+    """One client trained for 4 rounds; returns (trainer, before, after, random metrics)."""
+    cfg = validate_config(SMALL)
+    client = build_clients(cfg)[0]
+    trainer = RLHFClientTrainer(cfg, client, lam=1.0)
+    weights_before = trainer.get_weights()
+    before = trainer.evaluate()
+    for _ in range(cfg.federation.rounds):
+        trainer.train_round()
+    after = trainer.evaluate()
+    rand = evaluate_client(
+        random_score_fn(1), client, rllib_ppo.env_kwargs(cfg.env), episodes_per_user=20, seed=7
+    )
+    yield trainer, weights_before, before, after, rand
+    trainer.stop()
+
+
+def test_ppo_rlhf_beats_random_by_a_margin(trained):
+    _, _, before, after, rand = trained
+    # Measured (seed 0): random ≈ 0.33, trained ≈ 0.85, oracle ≈ 0.99 on held-out sessions.
+    assert after["eval/liked_hit_rate"] >= rand["random_hit_rate"] + 0.30
+    gap = after["eval/oracle_hit_rate"] - after["eval/random_hit_rate"]
+    closed = (after["eval/liked_hit_rate"] - after["eval/random_hit_rate"]) / gap
+    assert closed >= 0.5
+    assert after["eval/liked_hit_rate"] >= before["eval/liked_hit_rate"] + 0.25
+    assert after["eval/spearman"] > before["eval/spearman"] + 0.2
+
+
+def test_parameters_change_during_training(trained):
+    trainer, weights_before, *_ = trained
+    after = trainer.get_weights()
+    assert after.keys() == weights_before.keys()
+    changed = [k for k in after if not np.allclose(after[k], weights_before[k])]
+    assert "scorer.score_head.0.weight" in changed
+    assert len(changed) >= len(after) // 2
+
+
+def test_reward_model_learns_and_shapes_the_training_reward(trained):
+    trainer, *_ = trained
+    assert trainer.feedback.num_pairs == 4 * 100
+    acc = trainer.reward_model.heldout_pairwise_accuracy(trainer.client)
+    assert acc >= 0.6
+    tables = trainer.algo.env_runner.env.unwrapped.get_attr("reward_table")
+    np.testing.assert_array_equal(tables[0], trainer.reward_table)
+
+
+def test_set_weights_reaches_the_acting_env_runner(trained):
+    trainer, weights_before, *_ = trained
+    trainer.set_weights(weights_before)
+    learner = trainer.get_weights()
+    acting = rllib_ppo.acting_weights(trainer.algo)
+    for name, value in weights_before.items():
+        np.testing.assert_array_equal(learner[name], value)
+        np.testing.assert_array_equal(acting[name], value, err_msg=name)
