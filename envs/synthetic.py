@@ -34,8 +34,8 @@ def make_synthetic_clients(
     feature_noise: float = 0.1,
     items_per_user: int = 60,
     heldout_fraction: float = 0.2,
-    popularity_weight: float = 1.0,
-    taste_weight: float = 1.0,
+    popularity_weight: float = 1.5,
+    taste_weight: float = 0.2,
     seed: int = 0,
 ) -> list[ClientData]:
     """Generate ``num_clients`` clients of ``users_per_client`` users over one item catalogue.

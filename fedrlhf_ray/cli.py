@@ -164,10 +164,6 @@ def _train_single(cfg: ExperimentConfig, client, lam: float, run_dir: Path) -> d
     from fedrlhf_ray.rlhf_trainer import RLHFClientTrainer
     from fedrlhf_ray.seeding import derive_seed
 
-    import torch
-
-    # One client = one CPU: more torch threads only fight Ray's processes for the cores.
-    torch.set_num_threads(1)
     console = Console()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _init_ray(cfg)

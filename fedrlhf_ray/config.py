@@ -39,8 +39,11 @@ class SyntheticConfig(_Section):
     )
     feature_noise: float = Field(0.1, ge=0.0, description="Noise on the observed item features.")
     items_per_user: int = Field(60, ge=4, description="Items each user watched (their interactions).")
-    popularity_weight: float = Field(1.0, ge=0.0, description="How much popularity drives what users watch.")
-    taste_weight: float = Field(1.0, ge=0.0, description="How much personal taste drives what users watch.")
+    popularity_weight: float = Field(1.5, ge=0.0, description="How much popularity drives what users watch (engagement).")
+    taste_weight: float = Field(
+        0.2, ge=0.0,
+        description="How much personal taste drives what users watch; low values make engagement and taste disagree, so human feedback matters.",
+    )
 
 
 class DataConfig(_Section):
@@ -155,7 +158,7 @@ class PPOSettings(_Section):
     local_iterations: int = Field(3, ge=1, description="E: PPO iterations per client per round.")
     hidden: int = Field(64, ge=4, description="Hidden units of the slate scorer.")
     embedding_dim: int = Field(16, ge=0, description="Learned item embedding size (0 = features only).")
-    num_envs: int = Field(1, ge=1, description="Vectorised envs per client.")
+    num_envs: int = Field(8, ge=1, description="Vectorised envs per client (batches the policy's forward passes).")
 
     @model_validator(mode="after")
     def _minibatch_fits(self) -> PPOSettings:

@@ -195,28 +195,46 @@ def test_describe_latest_small(shared_data: Path, tmp_path: Path) -> None:
     assert 20 <= info["ratings_per_user_median"] <= 2_698
 
 
-@pytest.mark.parametrize("kind", ["out_of_range", "unknown_movie"])
-def test_error_line_in_real_sized_file(shared_data: Path, tmp_path: Path, kind: str) -> None:
-    """The vectorised fast path finds a problem; the line reported must be the exact one."""
+@pytest.mark.parametrize(
+    ("kind", "replacement", "expected"),
+    [
+        ("out_of_range", "{u},{m},5.5,{t}", ["rating 5.5 is out of range", "0.5 to 5"]),
+        ("unknown_movie", "{u},987654321,4.0,{t}", ["movie id 987654321 is not in", "movies.csv"]),
+        ("non_numeric", "{u},{m},four,{t}", ["rating 'four'", "not a number"]),
+        ("non_integer_ts", "{u},{m},4.0,{t}.5", ["timestamp", "not an integer"]),
+        ("header", "userId,movieId,rating,timestamp", ["duplicate header line"]),
+        ("fields", "{u},{m},4.0", ["expected 4 comma-separated fields", "found 3"]),
+    ],
+)
+def test_error_line_in_real_sized_file(
+    shared_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    replacement: str,
+    expected: list[str],
+) -> None:
+    """Value problems are located by the vectorised checks (no line-by-line scan of the whole
+    file); only a structural problem (field count) falls back to the scan. Lines must be exact."""
     folder = tmp_path / "ml-latest-small"
     folder.mkdir()
     shutil.copy(shared_data / "ml-latest-small" / "movies.csv", folder / "movies.csv")
     lines = (shared_data / "ml-latest-small" / "ratings.csv").read_text().splitlines()
     target = 60_001  # 1-based line number, header = line 1
     user, movie, _, ts = lines[target - 1].split(",")
-    if kind == "out_of_range":
-        lines[target - 1] = f"{user},{movie},5.5,{ts}"
-        expected = ["5.5", "0.5 to 5"]
-    else:
-        lines[target - 1] = f"{user},987654321,4.0,{ts}"
-        expected = ["987654321", "movies.csv"]
+    lines[target - 1] = replacement.format(u=user, m=movie, t=ts)
     lines.insert(10, "")  # a blank line earlier in the file still counts as a line
     (folder / "ratings.csv").write_text("\n".join(lines) + "\n")
+    if kind != "fields":
+        def no_scan(*args, **kwargs):
+            raise AssertionError("fell back to the line-by-line scan")
+
+        monkeypatch.setattr(ml, "_scan_ratings", no_scan)
     message = load_error("ml-latest-small", folder, tmp_path / "cache")
-    assert "ratings.csv" in message
+    assert str(folder / "ratings.csv") in message
     assert f"line {target + 1}:" in message
     for text in expected:
-        assert text in message
+        assert text in message, message
     assert parsed_entries(tmp_path / "cache") == []
 
 

@@ -40,9 +40,11 @@ import csv
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 import urllib.error
 import urllib.request
@@ -110,8 +112,13 @@ _PARSER_VERSION = 1
 _GENRE_PREFIX = "genre:"
 _RATING_COLUMNS = ("user", "item", "rating", "timestamp")
 _YEAR_RE = r"\((\d{4})(?:\s*[-\u2013]\s*(?:\d{4})?)?\)\s*$"
-_INT_RE = re.compile(r"[+-]?\d+")
-_FLOAT_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# What counts as an integer id/timestamp ("5" or "5.0", as pandas' integer parser accepts) and as
+# a number. Used both by the vectorised checks (pyarrow/RE2) and the line-by-line descriptions.
+_INT_PATTERN = r"^\s*[+-]?\d+(?:\.0*)?\s*$"
+_FLOAT_PATTERN = r"^\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*$"
+_INT_FULL = re.compile(_INT_PATTERN)
+_FLOAT_FULL = re.compile(_FLOAT_PATTERN)
+_F32 = struct.Struct("<f")
 
 
 @dataclass(frozen=True)
@@ -640,22 +647,15 @@ def _lines(source: _Source, fname: str, encoding: str) -> Iterator[tuple[int, st
             yield no, text.rstrip("\r\n")
 
 
-def _is_int(text: str) -> bool:
-    t = text.strip()
-    if _INT_RE.fullmatch(t):
-        return True
-    # pandas' integer parser also accepts integral floats such as "5.0" or "1e3".
-    return bool(_FLOAT_RE.fullmatch(t)) and float(t).is_integer()
-
-
-def _is_float(text: str) -> bool:
-    return bool(_FLOAT_RE.fullmatch(text.strip()))
-
-
-def _check_id(value: str, what: str, col: str) -> str | None:
-    if not _is_int(value):
-        return f"{what} {value!r} in column {col} is not an integer"
-    return None
+def _rating_value_ok(value: float, fmt: _Format) -> bool:
+    """Scalar twin of :func:`_rating_ok` (same float32 rounding), for the line-by-line checks."""
+    try:
+        v = _F32.unpack(_F32.pack(value))[0]
+    except OverflowError:
+        return False
+    lo, hi = fmt.scale
+    scaled = v / fmt.step
+    return lo <= v <= hi and scaled == math.floor(scaled)
 
 
 # ---- movies --------------------------------------------------------------------------------
@@ -673,10 +673,11 @@ def _parse_movies(fmt: _Format, source: _Source) -> tuple[pd.DataFrame, tuple[st
     genre_names: tuple[str, ...] = ()
 
     def add_id(raw: str, no: int, col: str) -> None:
-        problem = _check_id(raw, "movie id", col)
-        if problem:
-            raise DatasetError(f"{shown}: line {no}: {problem}")
-        item = int(float(raw)) if not _INT_RE.fullmatch(raw.strip()) else int(raw)
+        if not _INT_FULL.match(raw):
+            raise DatasetError(
+                f"{shown}: line {no}: movie id {raw!r} in column {col} is not an integer"
+            )
+        item = int(float(raw)) if "." in raw else int(raw)
         if item in seen:
             raise DatasetError(
                 f"{shown}: line {no}: movie id {item} appears again (first on line {seen[item]})"
@@ -807,7 +808,7 @@ def _parse_100k_genres(fmt: _Format, source: _Source) -> list[str]:
         name, sep, index = text.rpartition("|")
         if not sep or not name.strip():
             raise DatasetError(f"{shown}: line {no}: expected 'name|index', found {text!r}")
-        if not _INT_RE.fullmatch(index.strip()):
+        if not _INT_FULL.match(index) or "." in index:
             raise DatasetError(f"{shown}: line {no}: genre index {index!r} is not an integer")
         i = int(index)
         if i in by_index:
@@ -828,7 +829,7 @@ def _header_index(shown: str, header: list[str], required: tuple[str, ...]) -> l
     missing = [c for c in required if c not in header]
     if missing:
         hint = ""
-        if header and all(_is_float(c) for c in header if c):
+        if header and all(_FLOAT_FULL.match(c) for c in header if c):
             hint = " (the header line seems to be missing)"
         raise DatasetError(
             f"{shown}: line 1 (header): missing column(s) {', '.join(missing)}; columns found: "
@@ -896,29 +897,27 @@ def _parse_ratings(fmt: _Format, source: _Source, movie_ids: np.ndarray) -> pd.D
     fname = fmt.ratings_file
     shown = source.display(fname)
     layout = _rating_layout(fmt, source)
+    names = layout.names
     dtypes: dict[str, Any] = {
-        layout.names[layout.cols["user"]]: "int64",
-        layout.names[layout.cols["item"]]: "int64",
-        layout.names[layout.cols["rating"]]: "float32",
-        layout.names[layout.cols["timestamp"]]: "int64",
+        names[layout.cols["user"]]: "int64",
+        names[layout.cols["item"]]: "int64",
+        names[layout.cols["rating"]]: "float32",
+        names[layout.cols["timestamp"]]: "int64",
     }
     for j in layout.fillers:
-        dtypes[layout.names[j]] = "str"
+        dtypes[names[j]] = "str"
     kwargs: dict[str, Any] = dict(
         sep=layout.sep,
         dtype=dtypes,
         na_filter=False,
         index_col=False,
         engine="c",
-        encoding="utf-8" if fmt.kind == "csv" else "latin-1",
+        encoding=_ratings_encoding(fmt),
     )
     if layout.header is not None:
         kwargs.update(header=0)
     else:
-        kwargs.update(header=None, names=list(layout.names))
-        if layout.fillers:
-            kwargs.update(quoting=csv.QUOTE_NONE)
-    known = None
+        kwargs.update(header=None, names=list(names), quoting=csv.QUOTE_NONE)
     try:
         with source.open(fname) as f, warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
@@ -927,37 +926,36 @@ def _parse_ratings(fmt: _Format, source: _Source, movie_ids: np.ndarray) -> pd.D
         raise DatasetError(f"{shown}: the file is empty") from exc
     except (ValueError, pd.errors.ParserWarning, UnicodeDecodeError) as exc:
         # Something did not parse: find and describe the first offending line.
-        raise _scan_ratings(fmt, source, layout, movie_ids, exc) from exc
+        raise _diagnose_ratings(fmt, source, layout, movie_ids, exc) from exc
     if len(raw) == 0:
         if layout.header is None:
             raise DatasetError(f"{shown}: the file is empty (no ratings)")
         raise DatasetError(f"{shown}: the file has no ratings (only the header line)")
 
     n = len(raw)
-    user = raw[layout.names[layout.cols["user"]]].to_numpy(dtype=np.int64)
-    item = raw[layout.names[layout.cols["item"]]].to_numpy(dtype=np.int64)
-    rating = raw[layout.names[layout.cols["rating"]]].to_numpy(dtype=np.float32)
-    ts = raw[layout.names[layout.cols["timestamp"]]].to_numpy(dtype=np.int64)
+    user = raw[names[layout.cols["user"]]].to_numpy(dtype=np.int64)
+    item = raw[names[layout.cols["item"]]].to_numpy(dtype=np.int64)
+    rating = raw[names[layout.cols["rating"]]].to_numpy(dtype=np.float32)
+    ts = raw[names[layout.cols["timestamp"]]].to_numpy(dtype=np.int64)
     item_rank = _item_ranks(item, movie_ids)
     bad = ~_rating_ok(rating, fmt)
     bad |= item_rank < 0
     for j in layout.fillers:
-        bad |= raw[layout.names[j]].to_numpy() != ""
-    if bad.any():
-        first_bad = int(np.flatnonzero(bad)[0])
-        known = set(movie_ids.tolist())
-        located = _locate_row(fmt, source, layout, first_bad, known)
-        if located is not None:
-            raise located
-        raise _scan_ratings(fmt, source, layout, movie_ids, None)
-
+        bad |= raw[names[j]].to_numpy() != ""
     del raw
+    if bad.any():
+        raise _report_row(fmt, source, layout, movie_ids, int(np.argmax(bad)), None)
+
     order = _sort_order(user, ts, item_rank)  # the rank orders like the movie id, in fewer bits
     return pd.DataFrame(
         {"user": user[order], "item": item[order], "rating": rating[order], "timestamp": ts[order]},
         index=pd.RangeIndex(n),
         copy=False,
     )
+
+
+def _ratings_encoding(fmt: _Format) -> str:
+    return "utf-8" if fmt.kind == "csv" else "latin-1"
 
 
 def _bits(x: np.ndarray) -> int:
@@ -1018,10 +1016,75 @@ def _item_ranks(item: np.ndarray, movie_ids: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _diagnose_ratings(
+    fmt: _Format,
+    source: _Source,
+    layout: _RatingLayout,
+    movie_ids: np.ndarray,
+    exc: BaseException,
+) -> DatasetError:
+    """The typed read failed: re-read every field as text and find the first bad record with
+    vectorised checks (pyarrow compute), then report its line. A structural problem (wrong number
+    of fields, bad quoting) makes the text read fail too; then the file is scanned line by line.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    names = list(layout.names)
+    read = pacsv.ReadOptions(
+        encoding=_ratings_encoding(fmt),
+        column_names=None if layout.header is not None else names,
+        block_size=1 << 24,
+    )
+    parse = pacsv.ParseOptions(
+        delimiter=layout.sep, quote_char='"' if layout.header is not None else False
+    )
+    convert = pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in names}, null_values=[], strings_can_be_null=False
+    )
+    try:
+        with source.open(fmt.ratings_file) as f:
+            table = pacsv.read_csv(f, read_options=read, parse_options=parse, convert_options=convert)
+    except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
+        return _scan_ratings(fmt, source, layout, movie_ids, exc)
+    if table.num_rows == 0 or list(table.column_names) != names:
+        return _scan_ratings(fmt, source, layout, movie_ids, exc)
+
+    def column(field: str):
+        return pc.utf8_trim_whitespace(table.column(names[layout.cols[field]]))
+
+    def mask(values) -> np.ndarray:
+        return np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
+
+    bad = np.zeros(table.num_rows, dtype=bool)
+    for field in ("user", "timestamp"):
+        bad |= ~mask(pc.match_substring_regex(column(field), _INT_PATTERN))
+    items = column("item")
+    item_ok = mask(pc.match_substring_regex(items, _INT_PATTERN))
+    item_values = pc.cast(pc.if_else(pa.array(item_ok), items, "0"), pa.float64()).to_numpy()
+    bad |= ~item_ok | (_item_ranks(item_values.astype(np.int64), movie_ids) < 0)
+    ratings = column("rating")
+    rating_ok = mask(pc.match_substring_regex(ratings, _FLOAT_PATTERN))
+    rating_values = pc.cast(pc.if_else(pa.array(rating_ok), ratings, "0"), pa.float64()).to_numpy()
+    bad |= ~rating_ok | ~_rating_ok(rating_values, fmt)
+    for j in layout.fillers:
+        bad |= mask(pc.not_equal(table.column(names[j]), ""))
+    del table
+    row = int(np.argmax(bad)) if bad.any() else None
+    if row is None:
+        return _scan_ratings(fmt, source, layout, movie_ids, exc)
+    return _report_row(fmt, source, layout, movie_ids, row, exc)
+
+
 def _line_problem(
-    fmt: _Format, layout: _RatingLayout, text: str, known: set[int] | None, movies_shown: str
+    fmt: _Format, layout: _RatingLayout, text: str, known: set[int], movies_shown: str
 ) -> str | None:
-    """Describe what is wrong with one (non-blank) data line of a ratings file, or ``None``."""
+    """Describe what is wrong with one (non-blank) data line of a ratings file, or ``None``.
+
+    Uses the same definitions as the vectorised checks (``_INT_PATTERN``, ``_FLOAT_PATTERN``,
+    :func:`_rating_ok`), so a record flagged there is described here.
+    """
     if layout.header is not None and not text.lstrip()[:1].isdigit():
         if [c.strip() for c in next(csv.reader([text]), [])] == list(layout.header):
             return "duplicate header line inside the data"
@@ -1031,56 +1094,62 @@ def _line_problem(
     if layout.fillers:  # map the '::' split back onto the ':'-split field positions
         parts = [p for q in parts for p in (q, "")][:-1]
     for field, what in (("user", "user id"), ("item", "movie id")):
-        problem = _check_id(parts[layout.cols[field]], what, layout.col_names[field])
-        if problem:
-            return problem
+        raw = parts[layout.cols[field]]
+        if not _INT_FULL.match(raw):
+            return f"{what} {raw!r} in column {layout.col_names[field]} is not an integer"
     raw_rating = parts[layout.cols["rating"]]
-    lo, hi = fmt.scale
-    allowed = (
-        f"allowed {lo:g} to {hi:g} in steps of {fmt.step:g}"
-        if fmt.step != 1.0
-        else f"allowed whole numbers {lo:g} to {hi:g}"
-    )
-    if not _is_float(raw_rating):
+    if not _FLOAT_FULL.match(raw_rating):
         return f"rating {raw_rating!r} in column {layout.col_names['rating']} is not a number"
-    if not _rating_ok(np.array([float(raw_rating)]), fmt)[0]:
+    if not _rating_value_ok(float(raw_rating), fmt):
+        lo, hi = fmt.scale
+        allowed = (
+            f"allowed {lo:g} to {hi:g} in steps of {fmt.step:g}"
+            if fmt.step != 1.0
+            else f"allowed whole numbers {lo:g} to {hi:g}"
+        )
         return f"rating {raw_rating.strip()} is out of range ({allowed})"
-    problem = _check_id(parts[layout.cols["timestamp"]], "timestamp", layout.col_names["timestamp"])
-    if problem:
-        return problem
-    if known is not None:
-        raw_item = parts[layout.cols["item"]].strip()
-        item = int(raw_item) if _INT_RE.fullmatch(raw_item) else int(float(raw_item))
-        if item not in known:
-            return f"movie id {item} is not in {movies_shown}"
+    raw_ts = parts[layout.cols["timestamp"]]
+    if not _INT_FULL.match(raw_ts):
+        return f"timestamp {raw_ts!r} in column {layout.col_names['timestamp']} is not an integer"
+    item = int(float(parts[layout.cols["item"]]))
+    if item not in known:
+        return f"movie id {item} is not in {movies_shown}"
     return None
 
 
-def _data_lines(
-    fmt: _Format, source: _Source, layout: _RatingLayout
-) -> Iterator[tuple[int, str]]:
-    """Non-blank data lines (header skipped) with their 1-based line numbers."""
-    encoding = "utf-8" if fmt.kind == "csv" else "latin-1"
-    lines = _lines(source, fmt.ratings_file, encoding)
-    if layout.header is not None:
-        next(lines, None)
-    for no, text in lines:
-        if text.strip():
-            yield no, text
+def _data_lines(fmt: _Format, source: _Source, layout: _RatingLayout) -> Iterator[tuple[int, bytes]]:
+    """Non-blank data lines (header skipped) with their 1-based line numbers, undecoded."""
+    with source.open(fmt.ratings_file) as f:
+        for no, raw in enumerate(f, 1):
+            if no == 1 and layout.header is not None:
+                continue
+            if raw.strip():
+                yield no, raw
 
 
-def _locate_row(
-    fmt: _Format, source: _Source, layout: _RatingLayout, row: int, known: set[int]
-) -> DatasetError | None:
-    """Error for the ``row``-th parsed record (0-based), or ``None`` if it cannot be pinned down."""
+def _decode(fmt: _Format, raw: bytes) -> str:
+    return raw.decode(_ratings_encoding(fmt), errors="replace").rstrip("\r\n")
+
+
+def _report_row(
+    fmt: _Format,
+    source: _Source,
+    layout: _RatingLayout,
+    movie_ids: np.ndarray,
+    row: int,
+    exc: BaseException | None,
+) -> DatasetError:
+    """Error for the ``row``-th parsed record (0-based): find its line and describe it."""
+    known = set(movie_ids.tolist())
     movies_shown = source.display(fmt.movies_file)
-    for i, (no, text) in enumerate(_data_lines(fmt, source, layout)):
+    for i, (no, raw) in enumerate(_data_lines(fmt, source, layout)):
         if i == row:
-            problem = _line_problem(fmt, layout, text, known, movies_shown)
-            if problem is None:
-                return None
-            return DatasetError(f"{source.display(fmt.ratings_file)}: line {no}: {problem}")
-    return None
+            problem = _line_problem(fmt, layout, _decode(fmt, raw), known, movies_shown)
+            if problem is not None:
+                return DatasetError(f"{source.display(fmt.ratings_file)}: line {no}: {problem}")
+            break
+    # The parser's rows and the file's lines disagree (unusual whitespace or quoting).
+    return _scan_ratings(fmt, source, layout, movie_ids, exc)
 
 
 def _scan_ratings(
@@ -1094,9 +1163,14 @@ def _scan_ratings(
     known = set(movie_ids.tolist())
     movies_shown = source.display(fmt.movies_file)
     shown = source.display(fmt.ratings_file)
+    encoding = _ratings_encoding(fmt)
     any_line = False
-    for no, text in _data_lines(fmt, source, layout):
+    for no, raw in _data_lines(fmt, source, layout):
         any_line = True
+        try:
+            text = raw.decode(encoding).rstrip("\r\n")
+        except UnicodeDecodeError as err:
+            return DatasetError(f"{shown}: line {no}: not valid {encoding} text ({err.reason})")
         problem = _line_problem(fmt, layout, text, known, movies_shown)
         if problem is not None:
             return DatasetError(f"{shown}: line {no}: {problem}")
