@@ -46,18 +46,17 @@ def make_movielens_env(
     **kwargs,
 ):
     """One client (by default one user, the paper's setting) of a MovieLens release."""
-    from envs.data.movielens import load_movielens
+    from envs.data.movielens import RATING_SCALES, load_movielens
     from envs.data.partition import form_clients
 
     env_kwargs, formation = _split(dict(kwargs))
     data = load_movielens(dataset, path, cache_dir=cache_dir)
-    scale = (1.0, 5.0) if dataset in ("ml-100k", "ml-1m") else (0.5, 5.0)
     clients = form_clients(
         data.ratings,
         data.movies,
         data.genre_names,
         num_clients=max(num_clients, client + 1),
-        rating_scale=scale,
+        rating_scale=RATING_SCALES[dataset],
         seed=seed,
         **formation,
     )

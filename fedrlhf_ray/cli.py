@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="action", required=True, parser_class=_Parser)
     _add_config_args(config_sub.add_parser("show", help="print the resolved config"))
     _add_config_args(config_sub.add_parser("check", help="validate the config"))
+    config_sub.add_parser("reference", help="print every field with its default and meaning")
 
     data = sub.add_parser("data", help="inspect datasets")
     data_sub = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -77,6 +78,11 @@ def _config_from(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "reference":
+        from fedrlhf_ray.config import reference_markdown
+
+        print(reference_markdown())
+        return 0
     cfg = _config_from(args)
     if args.action == "show":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -260,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedrlhf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -7,13 +7,6 @@ from envs.synthetic import make_synthetic_clients
 from envs.types import ClientData
 from fedrlhf_ray.config import ExperimentConfig
 
-RATING_SCALES = {
-    "ml-latest-small": (0.5, 5.0),
-    "ml-25m": (0.5, 5.0),
-    "ml-100k": (1.0, 5.0),
-    "ml-1m": (1.0, 5.0),
-}
-
 
 def build_clients(cfg: ExperimentConfig) -> list[ClientData]:
     """The K clients of the experiment, deterministic in ``cfg.seed``.
@@ -38,7 +31,7 @@ def build_clients(cfg: ExperimentConfig) -> list[ClientData]:
             taste_weight=syn.taste_weight,
             seed=cfg.seed,
         )
-    from envs.data.movielens import load_movielens
+    from envs.data.movielens import RATING_SCALES, load_movielens
 
     data_cfg = env.data
     data = load_movielens(

@@ -11,7 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
-    """Folder with the real test datasets: ``$FEDRLHF_TEST_DATA``, else ``<repo root>/../shared/data``."""
+    """Real test datasets: ``$FEDRLHF_TEST_DATA``, else ``<repo root>/../shared/data``."""
     env = os.environ.get("FEDRLHF_TEST_DATA", "").strip()
     return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
 

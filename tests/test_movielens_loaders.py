@@ -93,7 +93,9 @@ def assert_schema(data: MovieLensData) -> None:
 
 def parsed_entries(cache: Path) -> list[Path]:
     parsed = cache / "parsed"
-    return sorted(p for p in parsed.iterdir() if not p.name.startswith(".")) if parsed.exists() else []
+    if not parsed.exists():
+        return []
+    return sorted(p for p in parsed.iterdir() if not p.name.startswith("."))
 
 
 def load_error(name: str, path: Path, cache: Path) -> str:
@@ -214,8 +216,8 @@ def test_error_line_in_real_sized_file(
     replacement: str,
     expected: list[str],
 ) -> None:
-    """Value problems are located by the vectorised checks (no line-by-line scan of the whole
-    file); only a structural problem (field count) falls back to the scan. Lines must be exact."""
+    """Problems are located by vectorised checks, not by a line-by-line scan of the whole file;
+    the reported line must be exact."""
     folder = tmp_path / "ml-latest-small"
     folder.mkdir()
     shutil.copy(shared_data / "ml-latest-small" / "movies.csv", folder / "movies.csv")
@@ -225,11 +227,10 @@ def test_error_line_in_real_sized_file(
     lines[target - 1] = replacement.format(u=user, m=movie, t=ts)
     lines.insert(10, "")  # a blank line earlier in the file still counts as a line
     (folder / "ratings.csv").write_text("\n".join(lines) + "\n")
-    if kind != "fields":
-        def no_scan(*args, **kwargs):
-            raise AssertionError("fell back to the line-by-line scan")
+    def no_scan(*args, **kwargs):
+        raise AssertionError("fell back to the line-by-line scan")
 
-        monkeypatch.setattr(ml, "_scan_ratings", no_scan)
+    monkeypatch.setattr(ml, "_scan_ratings", no_scan)
     message = load_error("ml-latest-small", folder, tmp_path / "cache")
     assert str(folder / "ratings.csv") in message
     assert f"line {target + 1}:" in message
@@ -467,7 +468,9 @@ def test_download_checks_the_official_checksum_by_default(
     http_server.files["/ml-100k.zip"] = ml100k_zip
     cache = tmp_path / "cache"
     with pytest.raises(DatasetError, match="checksum") as info:
-        load_movielens("ml-100k", cache_dir=cache, download=True, url=http_server.url + "/ml-100k.zip")
+        load_movielens(
+            "ml-100k", cache_dir=cache, download=True, url=http_server.url + "/ml-100k.zip"
+        )
     assert OFFICIAL_SHA256["ml-100k"] in str(info.value)
     assert cache_leftovers(cache) == []
 
@@ -522,7 +525,8 @@ def test_zip_path_checked_against_given_sha256(tmp_path: Path) -> None:
     folder = csv_dataset(tmp_path / "src")
     archive = zip_folder(folder, tmp_path / "ml-latest-small.zip", "ml-latest-small/")
     good = hashlib.sha256(archive.read_bytes()).hexdigest()
-    assert len(load_movielens("ml-latest-small", archive, cache_dir=tmp_path, sha256=good).ratings) == 4
+    data = load_movielens("ml-latest-small", archive, cache_dir=tmp_path, sha256=good)
+    assert len(data.ratings) == 4
     with pytest.raises(DatasetError, match="checksum"):
         load_movielens("ml-latest-small", archive, cache_dir=tmp_path, sha256="f" * 64)
 
@@ -562,7 +566,11 @@ R_HEAD = "userId,movieId,rating,timestamp\n"
         ),
         pytest.param(
             "1,1,4.0,964982703\n1,2,3.5,964981247\n",
-            ["line 1", "missing column(s) userId, movieId, rating, timestamp", "header line seems to be missing"],
+            [
+                "line 1",
+                "missing column(s) userId, movieId, rating, timestamp",
+                "header line seems to be missing",
+            ],
             id="no-header",
         ),
         pytest.param(
@@ -626,6 +634,21 @@ R_HEAD = "userId,movieId,rating,timestamp\n"
             R_HEAD + "1,1,4.0,964982703,9\n",
             ["line 2", "expected 4 comma-separated fields", "found 5"],
             id="too-many-fields",
+        ),
+        pytest.param(
+            R_HEAD + "1,1,4.0,964982703\n1,2,4.0\n2,3,x,1\n",
+            ["line 3", "found 3"],
+            id="field-count-before-bad-value",
+        ),
+        pytest.param(
+            R_HEAD + "1,1,4.0,964982703\n2,3,x,1\n1,2,4.0\n",
+            ["line 3", "rating 'x'"],
+            id="bad-value-before-field-count",
+        ),
+        pytest.param(
+            R_HEAD + '1,1,4.0,964982703\n1,"2,4.0,964981247\n2,3,0.5,1445714994\n',
+            ["line 3", "movie id '\"2'", "not an integer"],
+            id="unbalanced-quote",
         ),
     ],
 )
@@ -708,7 +731,9 @@ def test_ml100k_fixture_and_year_fallback(tmp_path: Path) -> None:
         ),
         pytest.param(
             {"u.data": U_DATA + "2\t1\t3.5\t878542960\n"},
-            "u.data", ["line 4", "rating 3.5 is out of range", "whole numbers 1 to 5"], id="half-star",
+            "u.data",
+            ["line 4", "rating 3.5 is out of range", "whole numbers 1 to 5"],
+            id="half-star",
         ),
         pytest.param(
             {"u.data": U_DATA + "2\t1\t3\n"},
@@ -784,6 +809,15 @@ def test_malformed_ml1m(
     assert str(folder / bad_file) in message
     for text in expected:
         assert text in message, message
+
+
+def test_invalid_utf8_in_ratings(tmp_path: Path) -> None:
+    ratings = (R_HEAD + "1,1,4.0,964982703\n1,2,4.0,9649812\xff7\n").encode("latin-1")
+    folder = write_files(
+        tmp_path / "ml-latest-small", {"ratings.csv": ratings, "movies.csv": MOVIES_CSV}
+    )
+    message = load_error("ml-latest-small", folder, tmp_path / "cache")
+    assert str(folder / "ratings.csv") in message and "line 3" in message, message
 
 
 def test_error_inside_zip_names_member_and_line(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ __all__ = [
 
 
 class DatasetError(ValueError):
-    """A user-facing data problem (missing, corrupt or malformed dataset). The message is one line."""
+    """A user-facing data problem (missing, corrupt or malformed dataset); one-line message."""
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
@@ -150,7 +150,9 @@ _FORMATS: dict[str, _Format] = {
         "ml-25m", "csv", "ratings.csv", "movies.csv", (), 0.5, "utf-8", "(no genres listed)"
     ),
     "ml-1m": _Format("ml-1m", "dat", "ratings.dat", "movies.dat", (), 1.0, "latin-1", None),
-    "ml-100k": _Format("ml-100k", "100k", "u.data", "u.item", ("u.genre",), 1.0, "latin-1", "unknown"),
+    "ml-100k": _Format(
+        "ml-100k", "100k", "u.data", "u.item", ("u.genre",), 1.0, "latin-1", "unknown"
+    ),
 }
 
 _CSV_RATING_HEADER = ("userId", "movieId", "rating", "timestamp")
@@ -337,7 +339,8 @@ class _FolderSource(_Source):
         try:
             return open(self.root / fname, "rb")
         except OSError as exc:
-            raise DatasetError(f"{self.display(fname)}: cannot open: {exc.strerror or exc}") from exc
+            shown = self.display(fname)
+            raise DatasetError(f"{shown}: cannot open: {exc.strerror or exc}") from exc
 
     def display(self, fname: str) -> str:
         return str(self.root / fname)
@@ -387,7 +390,8 @@ def _missing_files(folder: Path, fmt: _Format) -> list[str]:
 def _source_from_path(fmt: _Format, p: Path, sha256: str | None) -> _Source:
     if not p.exists():
         raise DatasetError(
-            f"{p}: no such file or folder (expected an extracted {fmt.name} folder or {fmt.name}.zip)"
+            f"{p}: no such file or folder "
+            f"(expected an extracted {fmt.name} folder or {fmt.name}.zip)"
         )
     if p.is_dir():
         missing = _missing_files(p, fmt)
@@ -813,7 +817,8 @@ def _parse_100k_genres(fmt: _Format, source: _Source) -> list[str]:
         i = int(index)
         if i in by_index:
             raise DatasetError(
-                f"{shown}: line {no}: genre index {i} appears again (first on line {by_index[i][1]})"
+                f"{shown}: line {no}: genre index {i} appears again "
+                f"(first on line {by_index[i][1]})"
             )
         by_index[i] = (name.strip(), no)
     if not by_index:
@@ -1024,32 +1029,48 @@ def _diagnose_ratings(
     exc: BaseException,
 ) -> DatasetError:
     """The typed read failed: re-read every field as text and find the first bad record with
-    vectorised checks (pyarrow compute), then report its line. A structural problem (wrong number
-    of fields, bad quoting) makes the text read fail too; then the file is scanned line by line.
+    vectorised checks (pyarrow compute), then report its line. Records with the wrong number of
+    fields are skipped by the text read but the first one is remembered (pyarrow's
+    ``invalid_row_handler``); whichever problem comes first in the file is reported. Anything else
+    (bad quoting, encoding) falls back to scanning the file line by line.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
     names = list(layout.names)
+    invalid: list[int | None] = []  # pyarrow's number of the first row with a bad field count
+
+    def on_invalid_row(row: Any) -> str:
+        if not invalid:
+            invalid.append(row.number)
+        return "skip"
+
     read = pacsv.ReadOptions(
         encoding=_ratings_encoding(fmt),
         column_names=None if layout.header is not None else names,
         block_size=1 << 24,
+        use_threads=False,  # row numbers of invalid rows are only known when parsing serially
     )
     parse = pacsv.ParseOptions(
-        delimiter=layout.sep, quote_char='"' if layout.header is not None else False
+        delimiter=layout.sep,
+        quote_char='"' if layout.header is not None else False,
+        invalid_row_handler=on_invalid_row,
     )
     convert = pacsv.ConvertOptions(
         column_types={c: pa.string() for c in names}, null_values=[], strings_can_be_null=False
     )
     try:
         with source.open(fmt.ratings_file) as f:
-            table = pacsv.read_csv(f, read_options=read, parse_options=parse, convert_options=convert)
+            table = pacsv.read_csv(
+                f, read_options=read, parse_options=parse, convert_options=convert
+            )
     except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
         return _scan_ratings(fmt, source, layout, movie_ids, exc)
-    if table.num_rows == 0 or list(table.column_names) != names:
+    if list(table.column_names) != names or (invalid and invalid[0] is None):
         return _scan_ratings(fmt, source, layout, movie_ids, exc)
+    # pyarrow numbers non-empty rows from 1, header included; convert to a 0-based record index
+    first_invalid = invalid[0] - (2 if layout.header is not None else 1) if invalid else None
 
     def column(field: str):
         return pc.utf8_trim_whitespace(table.column(names[layout.cols[field]]))
@@ -1057,21 +1078,29 @@ def _diagnose_ratings(
     def mask(values) -> np.ndarray:
         return np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
 
-    bad = np.zeros(table.num_rows, dtype=bool)
-    for field in ("user", "timestamp"):
-        bad |= ~mask(pc.match_substring_regex(column(field), _INT_PATTERN))
-    items = column("item")
-    item_ok = mask(pc.match_substring_regex(items, _INT_PATTERN))
-    item_values = pc.cast(pc.if_else(pa.array(item_ok), items, "0"), pa.float64()).to_numpy()
-    bad |= ~item_ok | (_item_ranks(item_values.astype(np.int64), movie_ids) < 0)
-    ratings = column("rating")
-    rating_ok = mask(pc.match_substring_regex(ratings, _FLOAT_PATTERN))
-    rating_values = pc.cast(pc.if_else(pa.array(rating_ok), ratings, "0"), pa.float64()).to_numpy()
-    bad |= ~rating_ok | ~_rating_ok(rating_values, fmt)
-    for j in layout.fillers:
-        bad |= mask(pc.not_equal(table.column(names[j]), ""))
+    try:
+        bad = np.zeros(table.num_rows, dtype=bool)
+        for field in ("user", "timestamp"):
+            bad |= ~mask(pc.match_substring_regex(column(field), _INT_PATTERN))
+        items = column("item")
+        item_ok = mask(pc.match_substring_regex(items, _INT_PATTERN))
+        item_values = pc.cast(pc.if_else(pa.array(item_ok), items, "0"), pa.float64())
+        item_values = item_values.to_numpy()
+        bad |= ~item_ok | (_item_ranks(item_values.astype(np.int64), movie_ids) < 0)
+        ratings = column("rating")
+        rating_ok = mask(pc.match_substring_regex(ratings, _FLOAT_PATTERN))
+        rating_values = pc.cast(pc.if_else(pa.array(rating_ok), ratings, "0"), pa.float64())
+        rating_values = rating_values.to_numpy()
+        bad |= ~rating_ok | ~_rating_ok(rating_values, fmt)
+        for j in layout.fillers:
+            bad |= mask(pc.not_equal(table.column(names[j]), ""))
+    except (pa.ArrowInvalid, ValueError):  # a value the checks let through but cannot cast
+        return _scan_ratings(fmt, source, layout, movie_ids, exc)
     del table
     row = int(np.argmax(bad)) if bad.any() else None
+    # Rows before the first skipped (invalid) record keep their record index.
+    if first_invalid is not None and (row is None or first_invalid <= row):
+        row = first_invalid
     if row is None:
         return _scan_ratings(fmt, source, layout, movie_ids, exc)
     return _report_row(fmt, source, layout, movie_ids, row, exc)
@@ -1117,7 +1146,9 @@ def _line_problem(
     return None
 
 
-def _data_lines(fmt: _Format, source: _Source, layout: _RatingLayout) -> Iterator[tuple[int, bytes]]:
+def _data_lines(
+    fmt: _Format, source: _Source, layout: _RatingLayout
+) -> Iterator[tuple[int, bytes]]:
     """Non-blank data lines (header skipped) with their 1-based line numbers, undecoded."""
     with source.open(fmt.ratings_file) as f:
         for no, raw in enumerate(f, 1):
