@@ -510,6 +510,10 @@ def test_not_found_without_download_never_downloads(
     assert "--path" in message and "--download" in message
     assert str(cache / "movielens" / "ml-25m") in message
     assert http_server.requests == []
+    (cache / "movielens" / "ml-25m").mkdir(parents=True)
+    (cache / "movielens" / "ml-25m" / "movies.csv").write_text(ML25M_MOVIES)
+    with pytest.raises(DatasetError, match=r"that folder lacks ratings\.csv"):
+        load_movielens("ml-25m", cache_dir=cache)
 
 
 def test_zip_in_cache_dir_is_used(tmp_path: Path) -> None:

@@ -241,11 +241,16 @@ def load_movielens(
             the_url = url or f"{BASE_URL}/{name}.zip"
             if not download:
                 folder = cache_root / "movielens" / name
+                partial = (
+                    f" (that folder lacks {', '.join(_missing_files(folder, fmt))})"
+                    if folder.is_dir()
+                    else ""
+                )
                 raise DatasetError(
                     f"MovieLens {name!r} not found: no path was given and there is no copy in "
-                    f"{folder}/ (nor {folder}.zip). Supply a copy with --path <folder or .zip> "
-                    f"(load_movielens({name!r}, path=...)), or fetch {the_url} with --download "
-                    f"(download=True)."
+                    f"{folder}/{partial} (nor {folder}.zip). Supply a copy with "
+                    f"--path <folder or .zip> (load_movielens({name!r}, path=...)), or fetch "
+                    f"{the_url} with --download (download=True)."
                 )
             expected = sha256 or OFFICIAL_SHA256[name]
             folder = _download_and_extract(fmt, cache_root, the_url, expected)
