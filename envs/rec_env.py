@@ -68,45 +68,8 @@ class SlateRecEnv(gym.Env):
         self._features = catalog.features
         self._n_items = catalog.n_items
         n_features = catalog.n_features
-        lo, hi = client.rating_scale
         f_lo, f_hi = float(catalog.features.min()), float(catalog.features.max())
-        # User indices must match the rows of the client's reward table, so a user without
-        # interactions in this split is an error rather than silently skipped.
-        self._users = list(client.users)
-        empty = [u.user_id for u in self._users if self._positives(u).size == 0]
-        if empty or not self._users:
-            raise ValueError(
-                f"client {client.client_id}: users {empty} have no {mode} interactions"
-            )
-
-        # Per-user constants, computed once: the history part of the observation, the
-        # rated-item mask for negative sampling and the rating lookup for candidates.
-        self._history = []
-        self._rated = []
-        self._ratings = []
-        for user in self._users:
-            items = np.zeros(history_length, dtype=np.int64)
-            ratings = np.zeros(history_length, dtype=np.float32)
-            recent = user.train_items[-history_length:]
-            items[: recent.size] = recent
-            ratings[: recent.size] = (user.train_ratings[-history_length:] - lo) / (hi - lo)
-            self._history.append((items, ratings, self._features[items]))
-            rated = np.zeros(self._n_items + 1, dtype=bool)
-            rated[user.rated_items()] = True
-            rated[PAD_ITEM] = True
-            if (~rated).sum() < slate_size:
-                raise ValueError(
-                    f"user {user.user_id} rated all but {(~rated).sum()} items: too few to fill "
-                    f"a slate of {slate_size} with unrated candidates"
-                )
-            self._rated.append(rated)
-            if user.true_ratings is not None:
-                lookup = np.nan_to_num(user.true_ratings.astype(np.float32), nan=UNKNOWN_RATING)
-            else:
-                lookup = np.full(self._n_items + 1, UNKNOWN_RATING, dtype=np.float32)
-                lookup[user.train_items] = user.train_ratings
-                lookup[user.heldout_items] = user.heldout_ratings
-            self._ratings.append(lookup)
+        self.set_client(client)
 
         self.observation_space = gym.spaces.Dict(
             {
@@ -126,6 +89,53 @@ class SlateRecEnv(gym.Env):
         self._user_index = 0
         self._t = 0
         self._slates = np.zeros((session_length, slate_size), dtype=np.int64)
+
+    def set_client(self, client: ClientData) -> None:
+        """Serve another client over the same catalogue (pooled actors swap virtual clients).
+
+        The next :meth:`reset` starts a session of the new client's users.
+        """
+        if client.catalog.features.shape != self._features.shape:
+            raise ValueError("a swapped-in client must share the env's item catalogue")
+        self.client = client
+        lo, hi = client.rating_scale
+        # User indices must match the rows of the client's reward table, so a user without
+        # interactions in this split is an error rather than silently skipped.
+        self._users = list(client.users)
+        empty = [u.user_id for u in self._users if self._positives(u).size == 0]
+        if empty or not self._users:
+            raise ValueError(
+                f"client {client.client_id}: users {empty} have no {self.mode} interactions"
+            )
+        # Per-user constants, computed once: the history part of the observation, the
+        # rated-item mask for negative sampling and the rating lookup for candidates.
+        self._history = []
+        self._rated = []
+        self._ratings = []
+        for user in self._users:
+            items = np.zeros(self.history_length, dtype=np.int64)
+            ratings = np.zeros(self.history_length, dtype=np.float32)
+            recent = user.train_items[-self.history_length :]
+            items[: recent.size] = recent
+            ratings[: recent.size] = (user.train_ratings[-self.history_length :] - lo) / (hi - lo)
+            self._history.append((items, ratings, self._features[items]))
+            rated = np.zeros(self._n_items + 1, dtype=bool)
+            rated[user.rated_items()] = True
+            rated[PAD_ITEM] = True
+            if (~rated).sum() < self.slate_size:
+                raise ValueError(
+                    f"user {user.user_id} rated all but {(~rated).sum()} items: too few to fill "
+                    f"a slate of {self.slate_size} with unrated candidates"
+                )
+            self._rated.append(rated)
+            if user.true_ratings is not None:
+                lookup = np.nan_to_num(user.true_ratings.astype(np.float32), nan=UNKNOWN_RATING)
+            else:
+                lookup = np.full(self._n_items + 1, UNKNOWN_RATING, dtype=np.float32)
+                lookup[user.train_items] = user.train_ratings
+                lookup[user.heldout_items] = user.heldout_ratings
+            self._ratings.append(lookup)
+        self._user_index = 0
 
     def _positives(self, user) -> np.ndarray:
         return user.train_items if self.mode == "train" else user.heldout_items

@@ -36,12 +36,15 @@ def make_synthetic_clients(
     heldout_fraction: float = 0.2,
     popularity_weight: float = 1.5,
     taste_weight: float = 0.2,
+    home_cluster_prob: float = 0.5,
     seed: int = 0,
 ) -> list[ClientData]:
     """Generate ``num_clients`` clients of ``users_per_client`` users over one item catalogue.
 
-    Each client draws its users around one preference cluster (clients are assigned to
-    clusters round-robin), so clients differ in taste as much as ``heterogeneity`` says.
+    Each client has a home preference cluster (assigned round-robin); each of its users comes
+    from the home cluster with probability ``home_cluster_prob`` and from a uniformly drawn
+    cluster otherwise. So clients differ in their mix of tastes (more so as
+    ``home_cluster_prob`` → 1) and the clusters differ as much as ``heterogeneity`` says.
     """
     if items_per_user >= n_items:
         raise ValueError(f"items_per_user ({items_per_user}) must be below n_items ({n_items})")
@@ -70,10 +73,11 @@ def make_synthetic_clients(
     clients = []
     user_id = 0
     for client_id in range(num_clients):
-        center = centers[client_id % n_clusters]
+        home = client_id % n_clusters
         users = []
         for _ in range(users_per_client):
-            taste = center + 0.5 * rng.normal(size=latent_dim)
+            cluster = home if rng.random() < home_cluster_prob else int(rng.integers(n_clusters))
+            taste = centers[cluster] + 0.5 * rng.normal(size=latent_dim)
             taste *= 2.0 / np.linalg.norm(taste)
             utility = item_latent @ taste * np.sqrt(latent_dim) + item_quality
             true = np.empty(n_items + 1, dtype=np.float32)

@@ -167,14 +167,15 @@ def _train_single(cfg: ExperimentConfig, client, lam: float, run_dir: Path) -> d
 
     from fedrlhf_ray.evaluation import evaluate_client, random_score_fn
     from fedrlhf_ray.rllib_ppo import env_kwargs
-    from fedrlhf_ray.rlhf_trainer import RLHFClientTrainer
+    from fedrlhf_ray.rlhf_trainer import RLHFTrainer
     from fedrlhf_ray.seeding import derive_seed
 
     console = Console()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _init_ray(cfg)
     start = time.perf_counter()
-    trainer = RLHFClientTrainer(cfg, client, lam)
+    trainer = RLHFTrainer(cfg, [client], [lam])
+    trainer.load_client(client.client_id, None)
     console.print(
         f"[bold]single-client RLHF[/bold] · env={cfg.env.name} · client {client.client_id} "
         f"({len(client.users)} user(s), {client.n_train} train / {client.n_heldout} held-out "
@@ -193,9 +194,9 @@ def _train_single(cfg: ExperimentConfig, client, lam: float, run_dir: Path) -> d
     rows = []
     with (run_dir / "metrics.jsonl").open("w") as log:
         for rnd in range(1, cfg.federation.rounds + 1):
-            steps, metrics = trainer.train_round()
+            steps, metrics = trainer.train(rnd)
             if rnd % cfg.evaluation.every_n_rounds == 0 or rnd == cfg.federation.rounds:
-                metrics.update(trainer.evaluate())
+                metrics.update(trainer.evaluate(rnd))
             metrics["round"] = rnd
             rows.append(metrics)
             log.write(json.dumps(metrics) + "\n")

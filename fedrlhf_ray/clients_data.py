@@ -29,6 +29,7 @@ def build_clients(cfg: ExperimentConfig) -> list[ClientData]:
             heldout_fraction=env.heldout_fraction,
             popularity_weight=syn.popularity_weight,
             taste_weight=syn.taste_weight,
+            home_cluster_prob=syn.home_cluster_prob,
             seed=cfg.seed,
         )
     from envs.data.movielens import RATING_SCALES, load_movielens

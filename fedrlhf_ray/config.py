@@ -32,7 +32,11 @@ class SyntheticConfig(_Section):
 
     n_items: int = Field(300, ge=20, description="Items in the catalogue.")
     latent_dim: int = Field(8, ge=1, description="Dimension of user and item taste vectors.")
-    n_clusters: int = Field(4, ge=1, description="Preference clusters; clients are assigned round-robin.")
+    n_clusters: int = Field(4, ge=1, description="Preference clusters; each client has a home cluster, assigned round-robin.")
+    home_cluster_prob: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Probability that a user comes from the client's home cluster (else a random cluster); 1 = clients with a single taste.",
+    )
     heterogeneity: float = Field(
         0.7, ge=0.0, le=1.0,
         description="0: all clients share one taste distribution; 1: clusters are unrelated.",
@@ -146,7 +150,7 @@ class ShapingConfig(_Section):
 class PPOSettings(_Section):
     """RLlib PPO settings used by every client."""
 
-    lr: float = Field(3e-4, gt=0.0, description="Learning rate.")
+    lr: float = Field(1e-3, gt=0.0, description="Learning rate.")
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="Discount (0: picks in a session are independent).")
     lambda_gae: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
     clip_param: float = Field(0.2, gt=0.0, description="PPO clip.")
@@ -186,6 +190,10 @@ class FederationConfig(_Section):
         "none", description="How clients personalise the global model before evaluation."
     )
     finetune_iterations: int = Field(1, ge=0, description="Local PPO iterations for 'finetune'.")
+    personal_layers: list[str] = Field(
+        default_factory=lambda: ["scorer.score_head."],
+        description="Parameter-name prefixes that never leave a client under 'personal_head' (FedPer).",
+    )
     baseline: Literal["federated", "centralized", "local"] = Field(
         "federated", description="Federated RLHF, or the centralized / local-only baseline on the same data."
     )
@@ -220,8 +228,13 @@ class TrackingConfig(_Section):
 
 
 class RayConfig(_Section):
-    """Ray resources for a local run."""
+    """Ray resources."""
 
+    num_workers: int | None = Field(
+        None, ge=1,
+        description="Client actors W (default: one per CPU, at most K); W = K is the cross-silo layout.",
+    )
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved by each client actor.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
     object_store_mb: int = Field(512, ge=64, description="Object store size for a local Ray, MB.")
 

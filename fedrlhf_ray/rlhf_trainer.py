@@ -1,20 +1,26 @@
-"""One client's local RLHF: human feedback → reward model H_k → RLlib PPO on R⁰ + λ·H_k.
+"""Local RLHF: human feedback → reward model H_k → RLlib PPO on R⁰ + λ_k·H_k.
 
-This is the local trainer the federated runtime runs inside client actors; on its own it is
-the single-client training of ``fedrlhf train``. Weights go in and out as named numpy arrays;
-the feedback log, the simulated human and the reward model never leave this object.
+:class:`RLHFTrainer` is the :class:`~fedrlhf_ray.local_trainer.LocalTrainer` the federated
+runtime runs inside client actors, and the engine of ``fedrlhf train`` for one client. One
+instance owns one RLlib PPO algorithm and serves any number of virtual clients: a client's
+record (simulated human RNG, feedback log, reward model, optimizer state) is swapped in and
+out. Weights go in and out as named numpy arrays; the feedback, the human and the reward
+model never leave this object.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from envs.types import ClientData
 from fedrlhf_ray import rllib_ppo
-from fedrlhf_ray.config import ExperimentConfig
+from fedrlhf_ray.config import ExperimentConfig, validate_config
 from fedrlhf_ray.evaluation import evaluate_client
 from fedrlhf_ray.feedback import (
     FeedbackLog,
@@ -23,35 +29,63 @@ from fedrlhf_ray.feedback import (
     UncertaintyQueries,
     collect_feedback,
 )
+from fedrlhf_ray.local_trainer import Weights
 from fedrlhf_ray.reward_model import RewardModel
 from fedrlhf_ray.seeding import derive_seed
 
 
-class RLHFClientTrainer:
-    """Local RLHF for one client; every seed derives from ``(cfg.seed, client_id)``."""
+@dataclass
+class RLHFClientRecord:
+    """Everything that persists across rounds for one virtual client."""
 
-    def __init__(self, cfg: ExperimentConfig, client: ClientData, lam: float) -> None:
+    human_rng: dict[str, Any]
+    feedback: FeedbackLog
+    reward_model: dict[str, Any]
+    optimizer: dict[str, Any]
+    rounds_done: int
+
+
+class RLHFTrainer:
+    """Local RLHF for the virtual clients ``clients`` (indexed by client id).
+
+    ``lambdas[i]`` is client i's λ, or an array with one λ per user (the centralized
+    baseline's pooled client keeps every user's own λ). ``budget_scale`` multiplies a client's
+    feedback budget and PPO iterations per round (the pooled client does the work of all the
+    clients it stands for).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        clients: Sequence[ClientData],
+        lambdas: Sequence[float | np.ndarray],
+        budget_scale: dict[int, int] | None = None,
+    ) -> None:
         # A client trains on one CPU. Torch's default (one thread per core) oversubscribes the
         # cores shared with Ray's processes: measured 20 s instead of 0.5 s per PPO iteration.
         torch.set_num_threads(1)
         self.cfg = cfg
-        self.client = client
-        self.lam = float(lam)
-        cid = client.client_id
-        fb = cfg.feedback
-        self.human = SimulatedHuman(
-            client,
-            beta=fb.beta,
-            rating_noise=fb.rating_noise,
-            seed=derive_seed(cfg.seed, "human", cid),
+        self.clients = {c.client_id: c for c in clients}
+        self.lambdas = {c.client_id: lam for c, lam in zip(clients, lambdas, strict=True)}
+        self.budget_scale = budget_scale or {}
+        first = clients[0]
+        mu = cfg.federation.fedprox_mu if cfg.federation.strategy == "fedprox" else 0.0
+        self.algo = rllib_ppo.build_ppo(
+            first, cfg.env, cfg.ppo, 0.0, derive_seed(cfg.seed, "ppo"), fedprox_mu=mu,
         )
+        self._fresh_optimizer = rllib_ppo.get_optimizer_state(self.algo)
         self.selector = (
-            UncertaintyQueries(pool_factor=fb.pool_factor)
-            if fb.query_strategy == "uncertainty"
+            UncertaintyQueries(pool_factor=cfg.feedback.pool_factor)
+            if cfg.feedback.query_strategy == "uncertainty"
             else RandomQueries()
         )
-        rm = cfg.reward_model
-        self.reward_model = RewardModel(
+        self.client: ClientData | None = None
+        self.reward_table: np.ndarray | None = None
+
+    # -- swapping virtual clients ------------------------------------------------------------
+    def _new_reward_model(self, client: ClientData) -> RewardModel:
+        rm = self.cfg.reward_model
+        return RewardModel(
             client.catalog,
             hidden=rm.hidden,
             embedding_dim=rm.embedding_dim,
@@ -59,37 +93,78 @@ class RLHFClientTrainer:
             weight_decay=rm.weight_decay,
             epochs=rm.epochs,
             batch_size=rm.batch_size,
-            history_length=cfg.env.history_length,
-            seed=derive_seed(cfg.seed, "reward_model", cid),
+            history_length=self.cfg.env.history_length,
+            seed=derive_seed(self.cfg.seed, "reward_model", client.client_id),
         )
-        self.feedback = FeedbackLog.empty()
-        self.reward_table: np.ndarray | None = None
-        self.algo = rllib_ppo.build_ppo(
-            client, cfg.env, cfg.ppo, self.lam, derive_seed(cfg.seed, "ppo", cid)
-        )
-        self.rounds_done = 0
 
-    def get_weights(self) -> dict[str, np.ndarray]:
+    def load_client(self, client_id: int, state: RLHFClientRecord | None) -> None:
+        client = self.clients[client_id]
+        self.client = client
+        self.lam = self.lambdas[client_id]
+        fb = self.cfg.feedback
+        self.human = SimulatedHuman(
+            client,
+            beta=fb.beta,
+            rating_noise=fb.rating_noise,
+            seed=derive_seed(self.cfg.seed, "human", client_id),
+        )
+        self.reward_model = self._new_reward_model(client)
+        if state is None:
+            self.feedback = FeedbackLog.empty()
+            self.rounds_done = 0
+            rllib_ppo.set_optimizer_state(self.algo, self._fresh_optimizer)
+        else:
+            self.human.set_state(state.human_rng)
+            self.feedback = state.feedback
+            self.reward_model.load_state_dict(state.reward_model)
+            self.rounds_done = state.rounds_done
+            rllib_ppo.set_optimizer_state(self.algo, state.optimizer)
+        self.reward_table = (
+            self.reward_model.reward_table(client) if self.reward_model.is_fitted else None
+        )
+        self._push_reward_table()
+
+    def _push_reward_table(self) -> None:
+        if np.ndim(self.lam) == 0 or self.reward_table is None:
+            rllib_ppo.set_reward_table(self.algo, self.reward_table, float(np.mean(self.lam)))
+        else:  # one λ per user: fold it into the table's rows
+            rllib_ppo.set_reward_table(self.algo, self.reward_table * self.lam[:, None], 1.0)
+
+    def save_client(self) -> RLHFClientRecord:
+        return RLHFClientRecord(
+            human_rng=self.human.state(),
+            feedback=self.feedback,
+            reward_model=self.reward_model.state_dict(),
+            optimizer=rllib_ppo.get_optimizer_state(self.algo),
+            rounds_done=self.rounds_done,
+        )
+
+    # -- weights -----------------------------------------------------------------------------
+    def get_weights(self) -> Weights:
         return rllib_ppo.get_weights(self.algo)
 
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        rllib_ppo.set_weights(self.algo, weights)
+    def set_weights(self, weights: Weights) -> None:
+        rllib_ppo.set_weights(self.algo, {**self.get_weights(), **weights})
+
+    # -- a local round -----------------------------------------------------------------------
+    def _begin(self, round_index: int, purpose: str) -> None:
+        cid = self.client.client_id
+        rllib_ppo.seed_global_rngs(derive_seed(self.cfg.seed, purpose, round_index, cid))
+        env_seed = derive_seed(self.cfg.seed, "env", purpose, round_index, cid)
+        rllib_ppo.load_client(self.algo, self.client, env_seed)
 
     def update_reward_model(self) -> dict[str, float]:
         """Ask this round's queries, refit H_k on all feedback so far, refresh the envs."""
         fb = self.cfg.feedback
         fitted = self.reward_model if self.reward_model.is_fitted else None
+        budget = fb.budget_per_round * self.budget_scale.get(self.client.client_id, 1)
         new = collect_feedback(
-            self.human,
-            self.selector,
-            budget=fb.budget_per_round,
-            kind=fb.kind,
-            reward_model=fitted,
+            self.human, self.selector, budget=budget, kind=fb.kind, reward_model=fitted
         )
         self.feedback = self.feedback.extend(new)
         fit = self.reward_model.fit(self.feedback, self.client)
         self.reward_table = self.reward_model.reward_table(self.client)
-        rllib_ppo.set_reward_table(self.algo, self.reward_table, self.lam)
+        self._push_reward_table()
         return {
             "feedback/new_queries": float(len(new)),
             "feedback/total_pairs": float(self.feedback.num_pairs),
@@ -102,23 +177,35 @@ class RLHFClientTrainer:
             ),
         }
 
-    def train_round(self, iterations: int | None = None) -> tuple[int, dict[str, float]]:
+    def train(
+        self, round_index: int, anchor: Weights | None = None, iterations: int | None = None
+    ) -> tuple[int, dict[str, float]]:
         """One local round: feedback and reward model, then E PPO iterations.
 
         Returns the env steps sampled and scalar metrics — nothing else leaves the client.
         """
         start = time.perf_counter()
+        self._begin(round_index, "train")
         metrics = self.update_reward_model()
+        rllib_ppo.set_prox_anchor(self.algo, anchor)
+        scale = self.budget_scale.get(self.client.client_id, 1)
         steps, ppo_metrics = rllib_ppo.train_iterations(
-            self.algo, iterations or self.cfg.ppo.local_iterations
+            self.algo, iterations or self.cfg.ppo.local_iterations * scale
         )
+        rllib_ppo.set_prox_anchor(self.algo, None)
         metrics.update({f"train/{k}": v for k, v in ppo_metrics.items()})
         metrics["train/env_steps"] = float(steps)
         metrics["train/seconds"] = time.perf_counter() - start
         self.rounds_done += 1
         return steps, metrics
 
-    def evaluate(self) -> dict[str, float]:
+    def finetune(self, round_index: int, iterations: int) -> None:
+        """Local PPO steps on the client's current reward model, without new feedback."""
+        if iterations > 0:
+            self._begin(round_index, "finetune")
+            rllib_ppo.train_iterations(self.algo, iterations)
+
+    def evaluate(self, round_index: int = 0) -> dict[str, float]:
         """Held-out metrics of the acting policy, ``eval/``-prefixed."""
         scorer = rllib_ppo.scorer_from(self.algo)
         out = evaluate_client(
@@ -129,9 +216,51 @@ class RLHFClientTrainer:
             ndcg_k=self.cfg.evaluation.ndcg_k,
             seed=derive_seed(self.cfg.seed, "eval", self.client.client_id),
             reward_table=self.reward_table,
-            lam=self.lam,
+            lam=float(np.mean(self.lam)),
         )
         return {f"eval/{k}": v for k, v in out.items()}
 
     def stop(self) -> None:
         self.algo.stop()
+
+
+def pool_clients(clients: Sequence[ClientData], client_id: int) -> ClientData:
+    """All clients' users as one client: the centralized baseline's data."""
+    return ClientData(
+        client_id=client_id,
+        users=tuple(u for c in clients for u in c.users),
+        catalog=clients[0].catalog,
+        rating_scale=clients[0].rating_scale,
+    )
+
+
+class RLHFTrainerFactory:
+    """Builds, inside client actor ``host_index`` of ``num_hosts``, the trainer for its clients.
+
+    The actor builds the clients itself from the config (data is resolved on the actor's own
+    node) and keeps those with ``client_id % num_hosts == host_index``. Under the centralized
+    baseline, the host of the pooled client (id K) also gets all users pooled, with every
+    user's λ, and the feedback budget and PPO iterations of the clients sampled per round.
+    """
+
+    def __init__(self, cfg_dict: dict[str, Any], host_index: int, num_hosts: int) -> None:
+        self.cfg_dict = cfg_dict
+        self.host_index = host_index
+        self.num_hosts = num_hosts
+
+    def __call__(self) -> RLHFTrainer:
+        from fedrlhf_ray.clients_data import build_clients
+
+        cfg = validate_config(self.cfg_dict)
+        clients = build_clients(cfg)
+        lambdas = cfg.client_lambdas()
+        mine = [c for c in clients if c.client_id % self.num_hosts == self.host_index]
+        lams: list[float | np.ndarray] = [lambdas[c.client_id] for c in mine]
+        scale: dict[int, int] = {}
+        k = len(clients)
+        if cfg.federation.baseline == "centralized" and k % self.num_hosts == self.host_index:
+            mine.append(pool_clients(clients, k))
+            lams.append(np.concatenate([[lambdas[c.client_id]] * len(c.users) for c in clients]))
+            per_round = cfg.federation.clients_per_round
+            scale[k] = int(per_round) if per_round > 1.0 else max(1, int(np.ceil(per_round * k)))
+        return RLHFTrainer(cfg, mine, lams, budget_scale=scale)

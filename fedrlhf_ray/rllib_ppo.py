@@ -7,12 +7,14 @@ Nothing outside this module touches RLlib types; the rest of the platform sees w
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import numpy as np
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.tune.registry import register_env
@@ -56,10 +58,49 @@ def make_shaped_env(ctx: Any) -> ShapedRewardWrapper:
 register_env(ENV_NAME, make_shaped_env)
 
 
+class ProximalPPOLearner(PPOTorchLearner):
+    """PPO whose loss adds FedProx's proximal term μ/2·‖θ − θ_global‖².
+
+    The anchor θ_global is set before each local round; with μ = 0 or no anchor the loss is
+    exactly PPO's.
+    """
+
+    def build(self) -> None:
+        super().build()
+        self._anchor: dict[str, torch.Tensor] | None = None
+
+    def set_anchor(self, weights: dict[str, np.ndarray] | None) -> None:
+        self._anchor = None if weights is None else {k: torch.as_tensor(v) for k, v in weights.items()}
+
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        loss = super().compute_loss_for_module(
+            module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
+        )
+        mu = float(self.config.learner_config_dict.get("fedprox_mu", 0.0))
+        if mu > 0.0 and self._anchor is not None:
+            module = self.module[module_id].unwrapped()
+            prox = sum(
+                ((param - self._anchor[name]) ** 2).sum()
+                for name, param in module.named_parameters()
+                if name in self._anchor
+            )
+            loss = loss + 0.5 * mu * prox
+        return loss
+
+
 def build_ppo(
-    client: ClientData, env: EnvConfig, ppo: PPOSettings, lam: float, seed: int
+    client: ClientData,
+    env: EnvConfig,
+    ppo: PPOSettings,
+    lam: float,
+    seed: int,
+    fedprox_mu: float = 0.0,
 ) -> Algorithm:
-    """One in-process PPO algorithm (no remote env runners: a client is already an actor)."""
+    """One in-process PPO algorithm (no remote env runners: a client is already an actor).
+
+    PPO's adaptive KL coefficient is switched off (the clip objective alone): it would be
+    hidden learner state shared by every virtual client an actor serves.
+    """
     config = (
         PPOConfig()
         .environment(
@@ -77,7 +118,9 @@ def build_ppo(
             train_batch_size_per_learner=ppo.train_batch_size,
             minibatch_size=ppo.minibatch_size,
             num_epochs=ppo.num_epochs,
+            use_kl_loss=False,
         )
+        .learners(learner_class=ProximalPPOLearner, learner_config_dict={"fedprox_mu": fedprox_mu})
         .rl_module(
             rl_module_spec=RLModuleSpec(
                 module_class=SlatePolicyModule,
@@ -118,6 +161,48 @@ def acting_weights(algo: Algorithm) -> dict[str, np.ndarray]:
     """The weights of the local env runner's module: the policy that actually samples."""
     module = algo.env_runner.module
     return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def set_prox_anchor(algo: Algorithm, weights: dict[str, np.ndarray] | None) -> None:
+    """The global weights FedProx's proximal term pulls towards (``None``: no term)."""
+    algo.learner_group.foreach_learner(lambda learner: learner.set_anchor(weights))
+
+
+def get_optimizer_state(algo: Algorithm) -> dict[str, Any]:
+    """The learner's optimizer state (Adam moments, step counts): part of a client's record."""
+    return algo.learner_group.get_state(components="learner/optimizer")
+
+
+def set_optimizer_state(algo: Algorithm, state: dict[str, Any]) -> None:
+    algo.learner_group.set_state(state)
+
+
+def load_client(algo: Algorithm, client: ClientData, seed: int) -> None:
+    """Make the env runner's envs serve ``client``; the next sample starts fresh sessions.
+
+    The env runner's own seed is replaced so that the new sessions are a function of
+    ``seed`` alone (RLlib reads ``_seed`` on the first reset after ``_needs_initial_reset``),
+    and in-flight episodes of the previous client are discarded.
+    """
+
+    def swap(runner) -> None:
+        runner.env.unwrapped.call("set_client", client)
+        runner._seed = int(seed)
+        runner._needs_initial_reset = True
+
+    algo.env_runner_group.foreach_env_runner(swap, local_env_runner=True)
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed the global RNGs RLlib draws from (action sampling, minibatch shuffling).
+
+    Our code never uses them; reseeding them from (root seed, round, client) before each
+    local round makes a client's round independent of which actor ran it and of what that
+    actor ran before, so a resumed run repeats an uninterrupted one exactly.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def set_reward_table(algo: Algorithm, table: np.ndarray, lam: float | None = None) -> None:

@@ -9,7 +9,7 @@ from fedrlhf_ray import rllib_ppo
 from fedrlhf_ray.clients_data import build_clients
 from fedrlhf_ray.config import validate_config
 from fedrlhf_ray.evaluation import evaluate_client, random_score_fn
-from fedrlhf_ray.rlhf_trainer import RLHFClientTrainer
+from fedrlhf_ray.rlhf_trainer import RLHFTrainer
 
 SMALL = {
     "seed": 0,
@@ -27,11 +27,12 @@ def trained(ray_session):
     """One client trained for 4 rounds; returns (trainer, before, after, random metrics)."""
     cfg = validate_config(SMALL)
     client = build_clients(cfg)[0]
-    trainer = RLHFClientTrainer(cfg, client, lam=1.0)
+    trainer = RLHFTrainer(cfg, [client], [1.0])
+    trainer.load_client(client.client_id, None)
     weights_before = trainer.get_weights()
     before = trainer.evaluate()
-    for _ in range(cfg.federation.rounds):
-        trainer.train_round()
+    for rnd in range(1, cfg.federation.rounds + 1):
+        trainer.train(rnd)
     after = trainer.evaluate()
     rand = evaluate_client(
         random_score_fn(1), client, rllib_ppo.env_kwargs(cfg.env), episodes_per_user=20, seed=7
@@ -55,9 +56,11 @@ def test_human_feedback_beats_engagement_only(ray_session, trained):
     """λ = 0 (R⁰ only) learns engagement; the shaped reward is what finds liked items."""
     _, _, _, after, _ = trained
     cfg = validate_config(SMALL)
-    trainer = RLHFClientTrainer(cfg, build_clients(cfg)[0], lam=0.0)
-    for _ in range(cfg.federation.rounds):
-        trainer.train_round()
+    client = build_clients(cfg)[0]
+    trainer = RLHFTrainer(cfg, [client], [0.0])
+    trainer.load_client(client.client_id, None)
+    for rnd in range(1, cfg.federation.rounds + 1):
+        trainer.train(rnd)
     engagement_only = trainer.evaluate()
     trainer.stop()
     # Measured (seed 0): λ=0 → liked-hit ≈ 0.47 with engagement ≈ 0.9; λ=1 → ≈ 0.80 / 0.65.

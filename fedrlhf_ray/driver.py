@@ -1,0 +1,237 @@
+"""The federated driver: owns the global weights and the round loop.
+
+Each round: sample clients (seeded per round), broadcast the global weights with one
+``ray.put``, collect client updates with ``ray.wait`` under a straggler timeout, aggregate
+with the configured strategy, evaluate every client on held-out data, append the metrics and
+write a checkpoint (atomically) that holds everything a resume needs: the round, the global
+weights, the strategy state and every virtual client's record.
+
+Every random stream is derived from ``(seed, round, client)``, so a resumed run repeats an
+uninterrupted one exactly. The driver runs as a Ray actor (``DriverActor``) in ``fedrlhf run``;
+it holds no data of any client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from fedrlhf_ray.client import ClientActor
+from fedrlhf_ray.config import ExperimentConfig
+from fedrlhf_ray.evaluation import summarize
+from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, Weights
+from fedrlhf_ray.seeding import derive_rng
+from fedrlhf_ray.strategies import make_strategy, merge, sparse_keys_of, split_personal
+
+CHECKPOINT = "checkpoint.pkl"
+METRICS = "metrics.jsonl"
+CLIENT_METRICS = "client_metrics.jsonl"
+
+# (host index, number of hosts) -> a picklable zero-argument factory run inside the actor.
+HostTrainerFactory = Callable[[int, int], Callable[[], LocalTrainer]]
+
+
+def num_workers(cfg: ExperimentConfig, num_training_clients: int) -> int:
+    """W client actors: as configured, else as many as the cluster's CPUs allow (≤ clients)."""
+    if cfg.ray.num_workers is not None:
+        return min(cfg.ray.num_workers, num_training_clients)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, min(num_training_clients, int(cpus // cfg.ray.cpus_per_worker)))
+
+
+def personal_prefixes(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """Parameter-name prefixes that stay on the client."""
+    if cfg.federation.baseline == "local":
+        return ("",)  # every parameter: each client trains alone
+    if cfg.federation.personalization == "personal_head":
+        return tuple(cfg.federation.personal_layers)
+    return ()
+
+
+class FederatedDriver:
+    """See the module docstring. ``trainer_factory`` defaults to the RLHF trainer."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str | os.PathLike,
+        *,
+        resume: bool = False,
+        trainer_factory: HostTrainerFactory | None = None,
+    ) -> None:
+        from fedrlhf_ray.rlhf_trainer import RLHFTrainerFactory
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        fed = cfg.federation
+        self.num_clients = cfg.clients.num_clients
+        # The centralized baseline trains one pooled client, id K, on everyone's data.
+        self.training_clients = (
+            [self.num_clients] if fed.baseline == "centralized" else list(range(self.num_clients))
+        )
+        self.num_hosts = num_workers(cfg, self.num_clients)
+        factory = trainer_factory or (lambda w, n: RLHFTrainerFactory(cfg.to_dict(), w, n))
+        self.prefixes = personal_prefixes(cfg)
+        self.hosts = [
+            ClientActor.options(num_cpus=cfg.ray.cpus_per_worker).remote(
+                factory(w, self.num_hosts), self.prefixes
+            )
+            for w in range(self.num_hosts)
+        ]
+        ray.get([h.ready.remote() for h in self.hosts])
+        self.global_weights: Weights = ray.get(self.hosts[0].initial_weights.remote())
+        self.strategy = make_strategy(fed, sparse_keys=sparse_keys_of(self.global_weights))
+        self.round = 0
+        if resume:
+            self._restore()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def host_of(self, client_id: int):
+        return self.hosts[client_id % self.num_hosts]
+
+    def sample_clients(self, round_index: int) -> list[int]:
+        pool = self.training_clients
+        per_round = self.cfg.federation.clients_per_round
+        m = int(per_round) if per_round > 1.0 else max(1, math.ceil(per_round * len(pool)))
+        rng = derive_rng(self.cfg.seed, "sample", round_index)
+        return sorted(int(c) for c in rng.choice(pool, size=min(m, len(pool)), replace=False))
+
+    def _due_for_evaluation(self, round_index: int) -> bool:
+        every = self.cfg.evaluation.every_n_rounds
+        return round_index == 0 or round_index % every == 0 or round_index == self.cfg.federation.rounds
+
+    # -- the round ---------------------------------------------------------------------------
+    def run_round(self) -> dict[str, float]:
+        """Train, aggregate, evaluate and checkpoint round ``self.round + 1``."""
+        fed = self.cfg.federation
+        r = self.round + 1
+        start = time.perf_counter()
+        sampled = self.sample_clients(r)
+        global_ref = ray.put(self.global_weights)
+        proximal = fed.strategy == "fedprox"
+        futures = {
+            self.host_of(c).train_client.remote(r, c, global_ref, proximal): c for c in sampled
+        }
+        ready, pending = ray.wait(
+            list(futures), num_returns=len(futures), timeout=fed.straggler_timeout_s
+        )
+        if len(ready) < fed.min_results and pending:
+            more, pending = ray.wait(pending, num_returns=min(fed.min_results - len(ready), len(pending)))
+            ready += more
+        updates: list[ClientUpdate] = ray.get(ready)
+        train_seconds = time.perf_counter() - start
+
+        if updates and fed.baseline != "local":
+            shared, personal = split_personal(self.global_weights, self.prefixes)
+            aggregated = self.strategy.aggregate(
+                shared, [u.weights for u in updates], [u.num_samples for u in updates]
+            )
+            self.global_weights = merge(aggregated, personal)
+        self.round = r
+
+        metrics: dict[str, float] = {
+            "round": float(r),
+            "fed/clients_sampled": float(len(sampled)),
+            "fed/clients_aggregated": float(len(updates)),
+            "fed/stragglers": float(len(pending)),
+            "fed/env_steps": float(sum(u.num_samples for u in updates)),
+            "fed/train_seconds": train_seconds,
+        }
+        for key in sorted({name for u in updates for name in u.metrics}):
+            values = [u.metrics[key] for u in updates if key in u.metrics]
+            metrics[f"{key}/mean"] = float(np.nanmean(values)) if values else float("nan")
+        client_rows = [
+            {"round": r, "client": u.client_id, "kind": "train", **u.metrics} for u in updates
+        ]
+        if self._due_for_evaluation(r):
+            eval_metrics, eval_rows = self.evaluate(r)
+            metrics.update(eval_metrics)
+            client_rows += eval_rows
+        metrics["fed/round_seconds"] = time.perf_counter() - start
+        self._append(METRICS, [metrics])
+        self._append(CLIENT_METRICS, client_rows)
+        self._checkpoint()
+        return metrics
+
+    def evaluate(self, round_index: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Every client's held-out metrics for the current global model, and their summary."""
+        fed = self.cfg.federation
+        finetune = fed.finetune_iterations if fed.personalization == "finetune" else 0
+        global_ref = ray.put(self.global_weights)
+        clients = list(range(self.num_clients))
+        per_client = ray.get(
+            [self.host_of(c).evaluate_client.remote(round_index, c, global_ref, finetune) for c in clients]
+        )
+        summary: dict[str, float] = {}
+        for key in sorted({name for m in per_client for name in m}):
+            summary.update(summarize([m.get(key, float("nan")) for m in per_client], key))
+        rows = [
+            {"round": round_index, "client": c, "kind": "eval", **m}
+            for c, m in zip(clients, per_client, strict=True)
+        ]
+        return summary, rows
+
+    def initial_evaluation(self) -> dict[str, float]:
+        """Round-0 metrics of the untrained global model (logged once per run)."""
+        metrics, rows = self.evaluate(0)
+        metrics["round"] = 0.0
+        self._append(METRICS, [metrics])
+        self._append(CLIENT_METRICS, rows)
+        return metrics
+
+    # -- persistence -------------------------------------------------------------------------
+    def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
+        with (self.run_dir / name).open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    def _checkpoint(self) -> None:
+        records = ray.get([h.get_records.remote() for h in self.hosts])
+        state = {
+            "round": self.round,
+            "global_weights": self.global_weights,
+            "strategy": self.strategy.state(),
+            "records": records,
+            "num_hosts": self.num_hosts,
+        }
+        tmp = self.run_dir / (CHECKPOINT + ".tmp")
+        with tmp.open("wb") as f:
+            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self.run_dir / CHECKPOINT)
+
+    def _restore(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        with path.open("rb") as f:
+            state = pickle.load(f)
+        if state["num_hosts"] != self.num_hosts:
+            raise ValueError(
+                f"{path}: written with {state['num_hosts']} client actors, resuming with "
+                f"{self.num_hosts}; set ray.num_workers={state['num_hosts']}"
+            )
+        self.round = int(state["round"])
+        self.global_weights = state["global_weights"]
+        ray.get([h.set_records.remote(rec) for h, rec in zip(self.hosts, state["records"], strict=True)])
+        # Rows past the checkpoint come from a round that crashed before it was saved.
+        for name in (METRICS, CLIENT_METRICS):
+            file = self.run_dir / name
+            if file.exists():
+                rows = [json.loads(line) for line in file.read_text().splitlines() if line]
+                file.write_text("".join(json.dumps(x) + "\n" for x in rows if x["round"] <= self.round))
+
+    def completed_rounds(self) -> int:
+        return self.round
+
+    def final_weights(self) -> Weights:
+        return self.global_weights
+
+
+DriverActor = ray.remote(FederatedDriver)

@@ -1,0 +1,56 @@
+"""The interface between the federation engine and a client's local training.
+
+The engine (client actors, driver, strategies, checkpoints) knows nothing of RLlib: it drives
+any :class:`LocalTrainer`. One trainer instance lives in each client actor and serves many
+virtual clients in turn: :meth:`LocalTrainer.load_client` swaps a client's record in,
+:meth:`LocalTrainer.save_client` swaps it out. Everything that must persist across rounds for
+a client is in that record, so it is also exactly what a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back after a round: weights, a sample count and scalar metrics.
+
+    This is the whole privacy boundary: no data, feedback or reward model crosses it.
+    """
+
+    client_id: int
+    weights: Weights
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LocalTrainer(Protocol):
+    """Local training for the virtual clients of one actor."""
+
+    def load_client(self, client_id: int, state: Any | None) -> None:
+        """Swap client ``client_id`` in; ``state`` is its record (``None`` on first use)."""
+
+    def save_client(self) -> Any:
+        """The current client's record, to be kept by the actor until its next round."""
+
+    def get_weights(self) -> Weights:
+        """All policy parameters of the current client."""
+
+    def set_weights(self, weights: Weights) -> None:
+        """Load policy parameters (a full or a partial set of names)."""
+
+    def train(self, round_index: int, anchor: Weights | None) -> tuple[int, dict[str, float]]:
+        """One local round from the current weights; ``anchor`` is the round's global model
+        (for proximal terms). Returns (samples used, scalar metrics)."""
+
+    def finetune(self, round_index: int, iterations: int) -> None:
+        """A few local steps before evaluation (personalisation 'finetune')."""
+
+    def evaluate(self, round_index: int) -> dict[str, float]:
+        """Held-out metrics of the current weights for the current client."""

@@ -1,0 +1,452 @@
+"""Aggregation strategies: pure functions over named weight arrays, and thin strategy classes.
+
+Weights are ``dict[str, numpy.ndarray]`` (a model's named parameters, typically float32). As
+in Flower's ``flwr/server/strategy/aggregate.py``, the maths lives in plain functions —
+
+* :func:`fedavg` — the mean weighted by each client's sample count (FedAvg; FedProx aggregates
+  the same way, its proximal term lives in the clients' local loss);
+* :func:`coordinate_median` — the element-wise median (unweighted);
+* :func:`trimmed_mean` — per coordinate, drop the ``floor(trim_fraction * n)`` smallest and
+  largest values and average the rest (unweighted);
+* :func:`aggregate` — one of the above for dense parameters plus **sparse rows** for embedding
+  tables: a client only moves the rows of the items it saw, so a row is aggregated over the
+  clients that touched it (their row differs from the global row) instead of being diluted by
+  every client that left it unchanged;
+* :func:`split_personal` / :func:`merge` for personal parameters that never get aggregated —
+
+and the strategy classes (:class:`FedAvg`, :class:`FedProx`, :class:`Median`,
+:class:`TrimmedMean`) are frozen dataclasses that only hold settings and call them. Cross-cutting
+concerns (client-level DP, robust filtering) compose as wrappers that hold an inner
+:class:`Strategy` and delegate to it.
+
+Everything is pure NumPy: no Ray, no torch. Floating dtypes are preserved (float32 in, float32
+out; the sums are taken in float64); integer arrays come back as float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+METHODS = ("fedavg", "median", "trimmed_mean")
+DEFAULT_SPARSE_SUFFIXES = ("item_embedding.weight",)
+
+# floor(trim_fraction * n) must not lose a value to rounding: 0.29 * 100 = 28.999999999999996.
+_FLOOR_EPS = 1e-9
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_updates(updates: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, np.ndarray]]]:
+    """Keys of the updates (client 0's order) and the updates as arrays; ValueError on mismatch."""
+    if len(updates) == 0:
+        raise ValueError("no client updates to aggregate")
+    arrays = [{k: np.asarray(v) for k, v in u.items()} for u in updates]
+    ref = arrays[0]
+    keys = list(ref)
+    for i, upd in enumerate(arrays[1:], start=1):
+        for k in keys:
+            if k not in upd:
+                raise ValueError(f"update of client {i} lacks key {k!r} (client 0 has it)")
+        for k in upd:
+            if k not in ref:
+                raise ValueError(f"update of client {i} has key {k!r} that client 0 lacks")
+        for k in keys:
+            if upd[k].shape != ref[k].shape:
+                raise ValueError(
+                    f"key {k!r}: client {i} has shape {upd[k].shape} but client 0 has {ref[k].shape}"
+                )
+    for i, upd in enumerate(arrays):
+        for k in keys:
+            a = upd[k]
+            if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+                raise ValueError(f"key {k!r}: the update of client {i} has non-finite values (NaN or inf)")
+            if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+                raise ValueError(f"key {k!r}: client {i} sent a non-numeric array of dtype {a.dtype}")
+    return keys, arrays
+
+
+def _check_num_samples(num_samples: Sequence[float], n: int) -> np.ndarray:
+    w = np.asarray(num_samples, dtype=np.float64).reshape(-1)
+    if w.shape != (n,):
+        raise ValueError(f"got {w.size} sample counts for {n} client updates")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"sample counts must be finite and >= 0, got {w.tolist()}")
+    return w
+
+
+def _sample_weights(num_samples: Sequence[float], n: int) -> np.ndarray:
+    """Sample counts as FedAvg weights summing to 1; ValueError when they are all zero."""
+    w = _check_num_samples(num_samples, n)
+    total = w.sum()
+    if total <= 0:
+        raise ValueError(
+            f"all {n} client(s) report 0 samples: a sample-weighted average is undefined"
+        )
+    return w / total
+
+
+def _check_trim(trim_fraction: float) -> float:
+    t = float(trim_fraction)
+    if not 0.0 <= t < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    return t
+
+
+def _n_trim(trim_fraction: float, n):
+    """floor(trim_fraction * n), for an int or an integer array n."""
+    return np.floor(trim_fraction * np.asarray(n) + _FLOOR_EPS).astype(np.int64)
+
+
+def _out_dtype(arrays: Iterable[np.ndarray]) -> np.dtype:
+    dtype = np.result_type(*[a.dtype for a in arrays])
+    return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+
+
+# --------------------------------------------------------------------------- one key, dense
+
+
+def _fedavg_key(arrays: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    acc = np.zeros(arrays[0].shape, dtype=np.float64)
+    for w, a in zip(weights, arrays):
+        if w > 0:
+            acc += w * a
+    return acc.astype(_out_dtype(arrays), copy=False)
+
+
+def _median_key(arrays: list[np.ndarray]) -> np.ndarray:
+    dtype = _out_dtype(arrays)
+    return np.median(np.stack(arrays).astype(dtype, copy=False), axis=0).astype(dtype, copy=False)
+
+
+def _trimmed_key(arrays: list[np.ndarray], trim_fraction: float) -> np.ndarray:
+    dtype = _out_dtype(arrays)
+    n = len(arrays)
+    k = int(_n_trim(trim_fraction, n))
+    stack = np.stack(arrays)
+    if k > 0:
+        stack = np.sort(stack, axis=0)[k : n - k]
+    return stack.mean(axis=0, dtype=np.float64).astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- one key, sparse rows
+
+
+def _touched(global_rows: np.ndarray, client_rows: list[np.ndarray]) -> np.ndarray:
+    """(n_clients, n_rows) mask: the client's row differs from the global row."""
+    return np.stack([np.any(r != global_rows, axis=1) for r in client_rows])
+
+
+def _sparse_key(
+    global_table: np.ndarray,
+    arrays: list[np.ndarray],
+    method: str,
+    samples: np.ndarray,
+    trim_fraction: float,
+) -> np.ndarray:
+    """Aggregate a table row by row over the clients that touched each row (vectorised).
+
+    Rows are along axis 0; a row touched by no client (or, for FedAvg, only by clients with 0
+    samples) keeps its global value.
+    """
+    dtype = _out_dtype([global_table, *arrays])
+    shape = global_table.shape
+    n_rows = shape[0]
+    g = global_table.reshape(n_rows, -1)
+    rows = [a.reshape(n_rows, -1) for a in arrays]
+    touched = _touched(g, rows)  # (n, R)
+    out = g.astype(np.float64)
+
+    if method == "fedavg":
+        w = touched * samples[:, None]  # (n, R): a client's weight on the rows it touched
+        denom = w.sum(axis=0)
+        acc = np.zeros_like(out)
+        for wi, r in zip(w, rows):
+            if wi.any():
+                acc += wi[:, None] * r
+        hit = denom > 0
+        out[hit] = acc[hit] / denom[hit, None]
+        return out.astype(dtype, copy=False).reshape(shape)
+
+    # Order statistics over the touching clients only: untouched entries become NaN, which
+    # np.sort puts last, so the c_r touching values of row r are sorted at positions 0..c_r-1.
+    n = len(rows)
+    count = touched.sum(axis=0)  # c_r, (R,)
+    vals = np.stack(rows).astype(dtype, copy=False)  # (n, R, F)
+    vals = np.where(touched[:, :, None], vals, np.nan)
+    vals = np.sort(np.moveaxis(vals, 0, -1), axis=-1)  # (R, F, n), contiguous along clients
+    hit = count > 0
+    if method == "median":
+        lo = np.maximum((count - 1) // 2, 0)
+        hi = count // 2
+        a = np.take_along_axis(vals, lo[:, None, None], axis=-1)[..., 0]
+        b = np.take_along_axis(vals, hi[:, None, None], axis=-1)[..., 0]
+        stat = (a.astype(np.float64) + b) / 2.0
+    elif method == "trimmed_mean":
+        k = _n_trim(trim_fraction, count)  # (R,)
+        pos = np.arange(n)
+        keep = (pos[None, :] >= k[:, None]) & (pos[None, :] < (count - k)[:, None])  # (R, n)
+        total = np.where(keep[:, None, :], vals, 0.0).sum(axis=-1, dtype=np.float64)
+        stat = total / np.maximum(count - 2 * k, 1)[:, None]
+    else:  # pragma: no cover - aggregate() validates the method
+        raise ValueError(f"unknown method {method!r}")
+    out[hit] = stat[hit]
+    return out.astype(dtype, copy=False).reshape(shape)
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def fedavg(updates: Sequence[Mapping[str, np.ndarray]], num_samples: Sequence[float]) -> Weights:
+    """Mean of the updates weighted by ``num_samples`` (a client with 0 samples adds nothing).
+
+    Raises ValueError when there are no updates, every count is 0, keys or shapes differ
+    between clients (the message names the key and the client), or a value is NaN/inf.
+    """
+    keys, arrays = _check_updates(updates)
+    w = _sample_weights(num_samples, len(arrays))
+    return {k: _fedavg_key([u[k] for u in arrays], w) for k in keys}
+
+
+def coordinate_median(updates: Sequence[Mapping[str, np.ndarray]]) -> Weights:
+    """Element-wise median of the updates (unweighted; robust to a minority of outliers)."""
+    keys, arrays = _check_updates(updates)
+    return {k: _median_key([u[k] for u in arrays]) for k in keys}
+
+
+def trimmed_mean(updates: Sequence[Mapping[str, np.ndarray]], trim_fraction: float) -> Weights:
+    """Element-wise trimmed mean (unweighted).
+
+    Per coordinate, the ``floor(trim_fraction * n)`` smallest and largest of the n client
+    values are dropped and the rest averaged; ``trim_fraction`` is in [0, 0.5) and 0 gives the
+    plain mean.
+    """
+    t = _check_trim(trim_fraction)
+    keys, arrays = _check_updates(updates)
+    return {k: _trimmed_key([u[k] for u in arrays], t) for k in keys}
+
+
+def aggregate(
+    global_weights: Mapping[str, np.ndarray],
+    updates: Sequence[Mapping[str, np.ndarray]],
+    num_samples: Sequence[float],
+    *,
+    method: str,
+    trim_fraction: float = 0.1,
+    sparse_keys: Collection[str] = (),
+) -> Weights:
+    """Aggregate client updates with ``method`` (``fedavg``, ``median`` or ``trimmed_mean``).
+
+    Dense keys go to :func:`fedavg` / :func:`coordinate_median` / :func:`trimmed_mean`. Each key
+    in ``sparse_keys`` is a table whose rows (axis 0) are, e.g., items; it is aggregated row by
+    row over the clients whose row differs from ``global_weights[key]`` — so updates must be
+    full weights, not deltas. A row no client touched keeps the global value; a row one client
+    touched takes that client's row. FedAvg weights the touching clients by their samples
+    (a row touched only by clients with 0 samples keeps the global value).
+
+    ``num_samples`` must have one finite, non-negative count per update for every method;
+    only FedAvg uses it. The result has the updates' keys.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown aggregation method {method!r} — allowed: {', '.join(METHODS)}")
+    keys, arrays = _check_updates(updates)
+    n = len(arrays)
+    samples = _check_num_samples(num_samples, n)
+    weights = _sample_weights(samples, n) if method == "fedavg" else samples
+    t = _check_trim(trim_fraction) if method == "trimmed_mean" else float(trim_fraction)
+
+    sparse = _as_keys(sparse_keys)
+    for k in sparse:
+        if k not in arrays[0]:
+            raise ValueError(f"sparse key {k!r} is not in the client updates")
+        if k not in global_weights:
+            raise ValueError(f"sparse key {k!r} is not in the global weights")
+        g = np.asarray(global_weights[k])
+        if g.ndim < 1 or g.shape != arrays[0][k].shape:
+            raise ValueError(
+                f"sparse key {k!r}: global shape {g.shape} must be a table (ndim >= 1) "
+                f"matching the updates' shape {arrays[0][k].shape}"
+            )
+
+    out: Weights = {}
+    for k in keys:
+        column = [u[k] for u in arrays]
+        if k in sparse:
+            out[k] = _sparse_key(np.asarray(global_weights[k]), column, method, samples, t)
+        elif method == "fedavg":
+            out[k] = _fedavg_key(column, weights)
+        elif method == "median":
+            out[k] = _median_key(column)
+        else:
+            out[k] = _trimmed_key(column, t)
+    return out
+
+
+def split_personal(
+    weights: Mapping[str, np.ndarray], personal_prefixes: Collection[str]
+) -> tuple[Weights, Weights]:
+    """(shared, personal): a key is personal when it starts with one of ``personal_prefixes``."""
+    prefixes = _as_keys(personal_prefixes)
+    shared: Weights = {}
+    personal: Weights = {}
+    for k, v in weights.items():
+        (personal if any(k.startswith(p) for p in prefixes) else shared)[k] = v
+    return shared, personal
+
+
+def merge(shared: Mapping[str, np.ndarray], personal: Mapping[str, np.ndarray]) -> Weights:
+    """Inverse of :func:`split_personal`; ValueError if a key is in both."""
+    both = [k for k in personal if k in shared]
+    if both:
+        raise ValueError(f"key {both[0]!r} is both shared and personal")
+    return {**shared, **personal}
+
+
+def sparse_keys_of(
+    weights: Mapping[str, np.ndarray], suffixes: Collection[str] = DEFAULT_SPARSE_SUFFIXES
+) -> list[str]:
+    """Keys of ``weights`` that end with one of ``suffixes`` (item-embedding tables by default)."""
+    ends = _as_keys(suffixes)
+    return [k for k in weights if any(k.endswith(s) for s in ends)]
+
+
+def _as_keys(keys: Collection[str]) -> tuple[str, ...]:
+    if isinstance(keys, str):
+        raise TypeError(f"expected a collection of key names, got the string {keys!r}")
+    return tuple(keys)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What the driver calls; wrappers (DP, filtering) implement it around an inner strategy."""
+
+    name: str
+
+    def aggregate(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[Mapping[str, np.ndarray]],
+        num_samples: Sequence[float],
+    ) -> Weights: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class _Aggregation:
+    """Settings only; ``aggregate`` calls the pure function :func:`aggregate`."""
+
+    name: ClassVar[str]
+    method: ClassVar[str]
+    sparse_keys: tuple[str, ...] = field(default=(), kw_only=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparse_keys", _as_keys(self.sparse_keys))
+
+    @property
+    def proximal_mu(self) -> float:
+        """μ of the clients' proximal term μ/2·‖θ − θ_global‖² (0: none)."""
+        return 0.0
+
+    def _options(self) -> dict[str, Any]:
+        return {}
+
+    def aggregate(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[Mapping[str, np.ndarray]],
+        num_samples: Sequence[float],
+    ) -> Weights:
+        return aggregate(
+            global_weights, updates, num_samples,
+            method=self.method, sparse_keys=self.sparse_keys, **self._options(),
+        )
+
+    def state(self) -> dict[str, Any]:
+        """Strategies hold no mutable state; kept for checkpoint uniformity."""
+        return {}
+
+
+@dataclass(frozen=True)
+class FedAvg(_Aggregation):
+    """Sample-weighted mean (McMahan et al. 2017)."""
+
+    name: ClassVar[str] = "fedavg"
+    method: ClassVar[str] = "fedavg"
+
+
+@dataclass(frozen=True)
+class FedProx(_Aggregation):
+    """Aggregates like FedAvg; ``mu`` is applied by the runtime in each client's local loss
+    as μ/2·‖θ − θ_global‖² (Li et al. 2020)."""
+
+    name: ClassVar[str] = "fedprox"
+    method: ClassVar[str] = "fedavg"
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.mu) and self.mu >= 0):
+            raise ValueError(f"FedProx mu must be finite and >= 0, got {self.mu}")
+
+    @property
+    def proximal_mu(self) -> float:
+        return float(self.mu)
+
+
+@dataclass(frozen=True)
+class Median(_Aggregation):
+    """Coordinate-wise median (Yin et al. 2018)."""
+
+    name: ClassVar[str] = "median"
+    method: ClassVar[str] = "median"
+
+
+@dataclass(frozen=True)
+class TrimmedMean(_Aggregation):
+    """Coordinate-wise trimmed mean (Yin et al. 2018)."""
+
+    name: ClassVar[str] = "trimmed_mean"
+    method: ClassVar[str] = "trimmed_mean"
+    trim_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_trim(self.trim_fraction)
+
+    def _options(self) -> dict[str, Any]:
+        return {"trim_fraction": self.trim_fraction}
+
+
+STRATEGIES: dict[str, type[_Aggregation]] = {
+    cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean)
+}
+
+
+def make_strategy(federation_cfg: Any, sparse_keys: Collection[str] = ()) -> Strategy:
+    """The strategy named by ``federation_cfg.strategy`` (a :class:`FederationConfig`), with
+    ``fedprox_mu`` / ``trim_fraction`` from the same config.
+
+    ``personalization`` is not the strategy's concern: the runtime keeps personal keys out of
+    the updates with :func:`split_personal` and puts them back with :func:`merge`.
+    """
+    name = federation_cfg.strategy
+    if name == "fedavg":
+        return FedAvg(sparse_keys=sparse_keys)
+    if name == "fedprox":
+        return FedProx(mu=float(federation_cfg.fedprox_mu), sparse_keys=sparse_keys)
+    if name == "median":
+        return Median(sparse_keys=sparse_keys)
+    if name == "trimmed_mean":
+        return TrimmedMean(trim_fraction=float(federation_cfg.trim_fraction), sparse_keys=sparse_keys)
+    raise ValueError(f"federation.strategy: got {name!r} — allowed: {', '.join(STRATEGIES)}")
