@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--heldout-fraction", type=float, default=0.2, help="held-out fraction per user")
     info.add_argument("--min-ratings", type=int, default=20, help="minimum ratings of an eligible user")
 
+    run = sub.add_parser("run", help="federated RLHF (or a baseline) on Ray client actors")
+    run.add_argument("config", nargs="?", help="experiment YAML file (not needed with --resume)")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a field, e.g. --set federation.baseline=centralized (repeatable)",
+    )
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
+
     train = sub.add_parser("train", help="single-client RLHF (feedback → reward model → PPO)")
     _add_config_args(train)
     train.add_argument("--client", type=int, default=0, help="which client to train (default 0)")
@@ -128,17 +138,23 @@ def _atomic_run_dir(parent: Path, name: str) -> tuple[Path, Path]:
     return tmp, final
 
 
-def _init_ray(cfg: ExperimentConfig) -> None:
+def _init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
+    """Connect to ``address`` (or $RAY_ADDRESS) if given, else start a local Ray."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=cfg.ray.num_cpus,
-            object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level="ERROR",
-        )
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        return
+    ray.init(
+        num_cpus=cfg.ray.num_cpus,
+        object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -245,6 +261,138 @@ def _train_single(cfg: ExperimentConfig, client, lam: float, run_dir: Path) -> d
     return summary
 
 
+def _run_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path | None]:
+    if args.resume:
+        run_dir = Path(args.resume)
+        for needed in ("config.yaml", "checkpoint.pkl"):
+            if not (run_dir / needed).is_file():
+                raise UserError(f"--resume {run_dir}: no {needed} there (not a run directory, or no round finished)")
+        return load_config(run_dir / "config.yaml", args.overrides), run_dir
+    if not args.config:
+        raise UserError("run: give an experiment file, or --resume RUN_DIR")
+    return load_config(args.config, args.overrides), None
+
+
+def _write_status(run_dir: Path, state: str, **extra: Any) -> None:
+    (run_dir / "status.json").write_text(json.dumps({"state": state, **extra}, indent=2))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from fedrlhf_ray.clients_data import build_clients
+    from fedrlhf_ray.driver import DriverActor
+
+    cfg, resume_dir = _run_config(args)
+    build_clients(cfg)  # data problems surface here, before anything is created
+    if resume_dir is None:
+        run_dir = Path(args.out) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    else:
+        run_dir = resume_dir
+    run_dir = run_dir.resolve()
+    started_fresh = resume_dir is None
+    try:
+        _init_ray(cfg, args.address)
+        # The driver writes the run directory, so it runs on this node.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        driver = DriverActor.options(num_cpus=0, scheduling_strategy=here).remote(
+            cfg, str(run_dir), resume=not started_fresh
+        )
+        _write_status(run_dir, "running")
+        summary = _federated_loop(cfg, driver, run_dir, started_fresh)
+    except BaseException as err:
+        has_round = (run_dir / "checkpoint.pkl").exists()
+        if started_fresh and not has_round:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
+        else:
+            _write_status(run_dir, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                          error=str(err)[:500])
+            print(f"fedrlhf: run stopped; resume with: fedrlhf run --resume {run_dir}", file=sys.stderr)
+        raise
+    _write_status(run_dir, "completed", rounds=cfg.federation.rounds)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+SUMMARY_METRICS = (
+    ("engagement_rate", "engagement"),
+    ("ndcg", "NDCG"),
+    ("spearman", "Spearman ρ"),
+    ("accuracy", "accuracy (liked)"),
+)
+
+
+def _federated_loop(cfg: ExperimentConfig, driver, run_dir: Path, fresh: bool) -> dict[str, Any]:
+    import ray
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    console = Console()
+    fed = cfg.federation
+    done = ray.get(driver.completed_rounds.remote())
+    console.print(
+        f"[bold]{fed.baseline}[/bold] RLHF · env={cfg.env.name} · K={cfg.clients.num_clients} "
+        f"clients · strategy={fed.strategy} · personalization={fed.personalization} · "
+        f"{fed.rounds} rounds · run dir {run_dir}"
+    )
+    first = ray.get(driver.initial_evaluation.remote()) if fresh else _read_round(run_dir, 0)
+    last: dict[str, float] = first
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console, transient=False,
+    ) as progress:
+        task = progress.add_task("", total=fed.rounds, completed=done)
+        for _ in range(done, fed.rounds):
+            metrics = ray.get(driver.run_round.remote())
+            if "eval/liked_hit_rate/mean" in metrics:
+                last = metrics
+            progress.update(
+                task, advance=1,
+                description=(
+                    f"clients {int(metrics['fed/clients_aggregated'])}/{int(metrics['fed/clients_sampled'])}"
+                    f" · liked-hit {last.get('eval/liked_hit_rate/mean', float('nan')):.3f}"
+                    f" (worst decile {last.get('eval/liked_hit_rate/worst_decile', float('nan')):.3f})"
+                    f" · RM acc {metrics.get('reward_model/heldout_pair_accuracy/mean', float('nan')):.3f}"
+                    f" · {metrics['fed/round_seconds']:.1f}s"
+                ),
+            )
+    table = Table(title=f"held-out evaluation over {cfg.clients.num_clients} clients (mean · worst decile)")
+    for col in ("metric", "random", "round 0", f"round {fed.rounds}", "oracle"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+
+    def cell(m: dict[str, float], key: str) -> str:
+        return f"{m.get(f'eval/{key}/mean', float('nan')):.3f} · {m.get(f'eval/{key}/worst_decile', float('nan')):.3f}"
+
+    table.add_row(
+        "liked-hit rate", f"{last['eval/random_hit_rate/mean']:.3f}", cell(first, "liked_hit_rate"),
+        cell(last, "liked_hit_rate"), f"{last['eval/oracle_hit_rate/mean']:.3f}",
+    )
+    for key, label in SUMMARY_METRICS:
+        table.add_row(label, "", cell(first, key), cell(last, key), "")
+    console.print(table)
+    gap = last["eval/oracle_hit_rate/mean"] - last["eval/random_hit_rate/mean"]
+    closed = (last["eval/liked_hit_rate/mean"] - last["eval/random_hit_rate/mean"]) / gap if gap > 0 else float("nan")
+    console.print(
+        f"closed {closed:.0%} of the random→oracle gap in mean liked-hit rate; "
+        f"{time.perf_counter() - start:.0f}s for {fed.rounds - done} rounds"
+    )
+    return {"initial": first, "final": last, "gap_closed": closed}
+
+
+def _read_round(run_dir: Path, round_index: int) -> dict[str, float]:
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("round") == round_index:
+            return row
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
@@ -253,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_config(args)
         if args.command == "data":
             return cmd_data_info(args)
+        if args.command == "run":
+            return cmd_run(args)
         return cmd_train(args)
     except (ConfigError, UserError) as err:
         print(f"fedrlhf: error: {err}", file=sys.stderr)
