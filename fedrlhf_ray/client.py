@@ -66,6 +66,30 @@ class ClientHost:
         self.records[client_id] = ClientRecord(self.trainer.save_client(), personal)
         return ClientUpdate(client_id, shared, int(num_samples), {k: float(v) for k, v in metrics.items()})
 
+    def train_clients(
+        self, round_index: int, client_ids: list[int], global_weights: Weights, proximal: bool = False
+    ):
+        """The round's clients of this host, one after the other, streamed back as they finish.
+
+        One remote call per host and round instead of one per client: Ray's per-call cost
+        (~1 ms) is what dominated the engine's overhead with light local training.
+        """
+        for client_id in client_ids:
+            yield self.train_client(round_index, client_id, global_weights, proximal)
+
+    def train_batch(
+        self, round_index: int, client_ids: list[int], global_weights: Weights, proximal: bool = False
+    ) -> list[ClientUpdate]:
+        """Like :meth:`train_clients` but in one reply (no straggler deadline to honour)."""
+        return list(self.train_clients(round_index, client_ids, global_weights, proximal))
+
+    def evaluate_clients(
+        self, round_index: int, client_ids: list[int], global_weights: Weights, finetune_iterations: int = 0
+    ) -> list[dict[str, float]]:
+        return [
+            self.evaluate_client(round_index, c, global_weights, finetune_iterations) for c in client_ids
+        ]
+
     def evaluate_client(
         self, round_index: int, client_id: int, global_weights: Weights, finetune_iterations: int = 0
     ) -> dict[str, float]:

@@ -68,8 +68,6 @@ class FederatedDriver:
         resume: bool = False,
         trainer_factory: HostTrainerFactory | None = None,
     ) -> None:
-        from fedrlhf_ray.rlhf_trainer import RLHFTrainerFactory
-
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         fed = cfg.federation
@@ -79,7 +77,12 @@ class FederatedDriver:
             [self.num_clients] if fed.baseline == "centralized" else list(range(self.num_clients))
         )
         self.num_hosts = num_workers(cfg, self.num_clients)
-        factory = trainer_factory or (lambda w, n: RLHFTrainerFactory(cfg.to_dict(), w, n))
+        if trainer_factory is None:
+            from fedrlhf_ray.rlhf_trainer import RLHFTrainerFactory  # imports RLlib: only when used
+
+            cfg_dict = cfg.to_dict()
+            trainer_factory = lambda w, n: RLHFTrainerFactory(cfg_dict, w, n)  # noqa: E731
+        factory = trainer_factory
         self.prefixes = personal_prefixes(cfg)
         self.hosts = [
             ClientActor.options(num_cpus=cfg.ray.cpus_per_worker).remote(
@@ -117,17 +120,8 @@ class FederatedDriver:
         start = time.perf_counter()
         sampled = self.sample_clients(r)
         global_ref = ray.put(self.global_weights)
-        proximal = fed.strategy == "fedprox"
-        futures = {
-            self.host_of(c).train_client.remote(r, c, global_ref, proximal): c for c in sampled
-        }
-        ready, pending = ray.wait(
-            list(futures), num_returns=len(futures), timeout=fed.straggler_timeout_s
-        )
-        if len(ready) < fed.min_results and pending:
-            more, pending = ray.wait(pending, num_returns=min(fed.min_results - len(ready), len(pending)))
-            ready += more
-        updates: list[ClientUpdate] = ray.get(ready)
+        updates = self._collect_updates(r, sampled, global_ref, fed.strategy == "fedprox")
+        pending = len(sampled) - len(updates)
         train_seconds = time.perf_counter() - start
 
         if updates and fed.baseline != "local":
@@ -142,7 +136,7 @@ class FederatedDriver:
             "round": float(r),
             "fed/clients_sampled": float(len(sampled)),
             "fed/clients_aggregated": float(len(updates)),
-            "fed/stragglers": float(len(pending)),
+            "fed/stragglers": float(pending),
             "fed/env_steps": float(sum(u.num_samples for u in updates)),
             "fed/train_seconds": train_seconds,
         }
@@ -162,15 +156,62 @@ class FederatedDriver:
         self._checkpoint()
         return metrics
 
+    def _collect_updates(
+        self, round_index: int, sampled: list[int], global_ref, proximal: bool
+    ) -> list[ClientUpdate]:
+        """Updates that arrive before the straggler deadline (or the first ``min_results``).
+
+        Each host streams its clients' updates back from one call. A client still training
+        at the deadline is left out of this round's aggregate; its host finishes it (and its
+        record advances, as a real client's local state would) before serving anything else.
+        """
+        fed = self.cfg.federation
+        groups = self._by_host(sampled)
+        if fed.straggler_timeout_s is None:  # nothing to time out: one reply per host is cheapest
+            batches = ray.get([
+                self.hosts[h].train_batch.remote(round_index, ids, global_ref, proximal)
+                for h, ids in groups.items()
+            ])
+            return sorted((u for batch in batches for u in batch), key=lambda u: u.client_id)
+        streams = [
+            self.hosts[h].train_clients.remote(round_index, ids, global_ref, proximal)
+            for h, ids in groups.items()
+        ]
+        deadline = None if fed.straggler_timeout_s is None else time.monotonic() + fed.straggler_timeout_s
+        needed = min(fed.min_results, len(sampled))
+        updates: list[ClientUpdate] = []
+        while streams:
+            timeout = None
+            if deadline is not None and len(updates) >= needed:
+                timeout = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(streams, num_returns=1, timeout=timeout)
+            if not ready:
+                break  # deadline passed with enough results
+            try:
+                updates.append(ray.get(next(ready[0])))
+            except StopIteration:
+                streams.remove(ready[0])
+        # Aggregation order must not depend on which host finished first.
+        return sorted(updates, key=lambda u: u.client_id)
+
+    def _by_host(self, client_ids: list[int]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for c in client_ids:
+            groups.setdefault(c % self.num_hosts, []).append(c)
+        return groups
+
     def evaluate(self, round_index: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Every client's held-out metrics for the current global model, and their summary."""
         fed = self.cfg.federation
         finetune = fed.finetune_iterations if fed.personalization == "finetune" else 0
         global_ref = ray.put(self.global_weights)
-        clients = list(range(self.num_clients))
-        per_client = ray.get(
-            [self.host_of(c).evaluate_client.remote(round_index, c, global_ref, finetune) for c in clients]
+        groups = self._by_host(list(range(self.num_clients)))
+        results = ray.get(
+            [self.hosts[h].evaluate_clients.remote(round_index, ids, global_ref, finetune) for h, ids in groups.items()]
         )
+        by_client = {c: m for ids, ms in zip(groups.values(), results, strict=True) for c, m in zip(ids, ms, strict=True)}
+        clients = sorted(by_client)
+        per_client = [by_client[c] for c in clients]
         summary: dict[str, float] = {}
         for key in sorted({name for m in per_client for name in m}):
             summary.update(summarize([m.get(key, float("nan")) for m in per_client], key))
