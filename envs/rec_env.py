@@ -119,8 +119,12 @@ class SlateRecEnv(gym.Env):
             items[: recent.size] = recent
             ratings[: recent.size] = (user.train_ratings[-self.history_length :] - lo) / (hi - lo)
             self._history.append((items, ratings, self._features[items]))
+            # What the env may know depends on the mode: a training session knows only the
+            # training split (a later-watched item may be shown as unwatched, as it was then);
+            # a held-out session knows both splits, so no watched item poses as a negative.
+            known_items = user.train_items if self.mode == "train" else user.rated_items()
             rated = np.zeros(self._n_items + 1, dtype=bool)
-            rated[user.rated_items()] = True
+            rated[known_items] = True
             rated[PAD_ITEM] = True
             if (~rated).sum() < self.slate_size:
                 raise ValueError(
@@ -133,7 +137,8 @@ class SlateRecEnv(gym.Env):
             else:
                 lookup = np.full(self._n_items + 1, UNKNOWN_RATING, dtype=np.float32)
                 lookup[user.train_items] = user.train_ratings
-                lookup[user.heldout_items] = user.heldout_ratings
+                if self.mode == "heldout":
+                    lookup[user.heldout_items] = user.heldout_ratings
             self._ratings.append(lookup)
         self._user_index = 0
 

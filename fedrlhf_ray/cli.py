@@ -131,6 +131,11 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def gap_closed(value: float, random: float, oracle: float) -> float:
+    """Fraction of the random→oracle gap a policy's liked-hit rate closes."""
+    return (value - random) / (oracle - random) if oracle > random else float("nan")
+
+
 def _atomic_run_dir(parent: Path, name: str) -> tuple[Path, Path]:
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -168,13 +173,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     clients = build_clients(cfg)
     tmp, final = _atomic_run_dir(Path(args.out), cfg.name)
     try:
-        summary = _train_single(cfg, clients[args.client], cfg.client_lambdas()[args.client], tmp)
+        _train_single(cfg, clients[args.client], cfg.client_lambdas()[args.client], tmp)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"run directory: {final}")
-    return 0 if summary else 1
+    return 0
 
 
 def _train_single(cfg: ExperimentConfig, client, lam: float, run_dir: Path) -> dict[str, Any]:
@@ -211,7 +216,7 @@ def _train_single(cfg: ExperimentConfig, client, lam: float, run_dir: Path) -> d
     with (run_dir / "metrics.jsonl").open("w") as log:
         for rnd in range(1, cfg.federation.rounds + 1):
             steps, metrics = trainer.train(rnd)
-            if rnd % cfg.evaluation.every_n_rounds == 0 or rnd == cfg.federation.rounds:
+            if cfg.evaluation_due(rnd):
                 metrics.update(trainer.evaluate(rnd))
             metrics["round"] = rnd
             rows.append(metrics)
@@ -243,8 +248,9 @@ def _train_single(cfg: ExperimentConfig, client, lam: float, run_dir: Path) -> d
             f"{final['eval/' + key]:.3f}", "",
         )
     console.print(table)
-    gap = final["eval/oracle_hit_rate"] - random_eval["liked_hit_rate"]
-    closed = (final["eval/liked_hit_rate"] - random_eval["liked_hit_rate"]) / gap if gap > 0 else float("nan")
+    closed = gap_closed(
+        final["eval/liked_hit_rate"], random_eval["liked_hit_rate"], final["eval/oracle_hit_rate"]
+    )
     console.print(
         f"closed {closed:.0%} of the random→oracle gap in liked-hit rate "
         f"in {time.perf_counter() - start:.0f}s"
@@ -261,16 +267,30 @@ def _train_single(cfg: ExperimentConfig, client, lam: float, run_dir: Path) -> d
     return summary
 
 
+RESUMABLE_OVERRIDES = ("federation.rounds",)
+
+
 def _run_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path | None]:
     if args.resume:
         run_dir = Path(args.resume)
         for needed in ("config.yaml", "checkpoint.pkl"):
             if not (run_dir / needed).is_file():
                 raise UserError(f"--resume {run_dir}: no {needed} there (not a run directory, or no round finished)")
+        for text in args.overrides:
+            if text.partition("=")[0].strip() not in RESUMABLE_OVERRIDES:
+                raise UserError(
+                    f"--set {text!r}: a resumed run keeps its config; only {', '.join(RESUMABLE_OVERRIDES)} may change"
+                )
         return load_config(run_dir / "config.yaml", args.overrides), run_dir
     if not args.config:
         raise UserError("run: give an experiment file, or --resume RUN_DIR")
     return load_config(args.config, args.overrides), None
+
+
+def _write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")
 
 
 def _write_status(run_dir: Path, state: str, **extra: Any) -> None:
@@ -289,9 +309,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if resume_dir is None:
         run_dir = Path(args.out) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
         run_dir.mkdir(parents=True, exist_ok=False)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     else:
         run_dir = resume_dir
+    _write_config(run_dir, cfg)  # on resume: a raised federation.rounds is kept
     run_dir = run_dir.resolve()
     started_fresh = resume_dir is None
     try:
@@ -341,7 +361,7 @@ def _federated_loop(cfg: ExperimentConfig, driver, run_dir: Path, fresh: bool) -
         f"{fed.rounds} rounds · run dir {run_dir}"
     )
     first = ray.get(driver.initial_evaluation.remote()) if fresh else _read_round(run_dir, 0)
-    last: dict[str, float] = first
+    last = _last_evaluated(run_dir)
     start = time.perf_counter()
     with Progress(
         TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
@@ -376,8 +396,9 @@ def _federated_loop(cfg: ExperimentConfig, driver, run_dir: Path, fresh: bool) -
     for key, label in SUMMARY_METRICS:
         table.add_row(label, "", cell(first, key), cell(last, key), "")
     console.print(table)
-    gap = last["eval/oracle_hit_rate/mean"] - last["eval/random_hit_rate/mean"]
-    closed = (last["eval/liked_hit_rate/mean"] - last["eval/random_hit_rate/mean"]) / gap if gap > 0 else float("nan")
+    closed = gap_closed(
+        last["eval/liked_hit_rate/mean"], last["eval/random_hit_rate/mean"], last["eval/oracle_hit_rate/mean"]
+    )
     console.print(
         f"closed {closed:.0%} of the random→oracle gap in mean liked-hit rate; "
         f"{time.perf_counter() - start:.0f}s for {fed.rounds - done} rounds"
@@ -385,12 +406,16 @@ def _federated_loop(cfg: ExperimentConfig, driver, run_dir: Path, fresh: bool) -
     return {"initial": first, "final": last, "gap_closed": closed}
 
 
+def _metric_rows(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
 def _read_round(run_dir: Path, round_index: int) -> dict[str, float]:
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row.get("round") == round_index:
-            return row
-    return {}
+    return next((row for row in _metric_rows(run_dir) if row.get("round") == round_index), {})
+
+
+def _last_evaluated(run_dir: Path) -> dict[str, float]:
+    return [row for row in _metric_rows(run_dir) if "eval/liked_hit_rate/mean" in row][-1]
 
 
 def main(argv: list[str] | None = None) -> int:

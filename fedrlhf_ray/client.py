@@ -59,9 +59,14 @@ class ClientHost:
     ) -> ClientUpdate:
         """One local round; returns only shared weights, the sample count and scalars."""
         self._swap_in(client_id, global_weights)
-        num_samples, metrics = self.trainer.train(
-            round_index, global_weights if proximal else None
+        # The proximal anchor is the shared model only: personal parameters are not pulled
+        # towards the global copy, which nobody trains.
+        anchor = (
+            {k: v for k, v in global_weights.items() if not k.startswith(self.personal_prefixes)}
+            if proximal
+            else None
         )
+        num_samples, metrics = self.trainer.train(round_index, anchor)
         shared, personal = split_personal(self.trainer.get_weights(), self.personal_prefixes)
         self.records[client_id] = ClientRecord(self.trainer.save_client(), personal)
         return ClientUpdate(client_id, shared, int(num_samples), {k: float(v) for k, v in metrics.items()})

@@ -10,6 +10,7 @@ the field, the bad value and what is allowed, e.g.::
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -218,9 +219,9 @@ class EvaluationConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """MLflow tracking."""
+    """MLflow tracking (validated now; runs are logged to MLflow from the next release)."""
 
-    enabled: bool = Field(True, description="Log the run to MLflow.")
+    enabled: bool = Field(True, description="Log the run to MLflow (not wired up yet: the next milestone).")
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
     )
@@ -279,6 +280,18 @@ class ExperimentConfig(_Section):
         if isinstance(lam, list):
             return [float(x) for x in lam]
         return [float(lam)] * k
+
+    def clients_per_round_count(self, pool: int) -> int:
+        """Clients sampled per round out of ``pool`` (a count, or a fraction rounded up)."""
+        per_round = self.federation.clients_per_round
+        if per_round > 1.0:
+            return min(int(per_round), pool)
+        # 1e-9 keeps e.g. 0.07 × 100 = 7.000000000000001 from rounding up to 8.
+        return min(pool, max(1, math.ceil(per_round * pool - 1e-9)))
+
+    def evaluation_due(self, round_index: int) -> bool:
+        """Whether round ``round_index`` ends with an evaluation (always the last one)."""
+        return round_index % self.evaluation.every_n_rounds == 0 or round_index == self.federation.rounds
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

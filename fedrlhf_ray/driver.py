@@ -14,7 +14,6 @@ it holds no data of any client.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import time
@@ -98,19 +97,11 @@ class FederatedDriver:
             self._restore()
 
     # -- helpers -----------------------------------------------------------------------------
-    def host_of(self, client_id: int):
-        return self.hosts[client_id % self.num_hosts]
-
     def sample_clients(self, round_index: int) -> list[int]:
         pool = self.training_clients
-        per_round = self.cfg.federation.clients_per_round
-        m = int(per_round) if per_round > 1.0 else max(1, math.ceil(per_round * len(pool)))
+        m = self.cfg.clients_per_round_count(len(pool))
         rng = derive_rng(self.cfg.seed, "sample", round_index)
-        return sorted(int(c) for c in rng.choice(pool, size=min(m, len(pool)), replace=False))
-
-    def _due_for_evaluation(self, round_index: int) -> bool:
-        every = self.cfg.evaluation.every_n_rounds
-        return round_index == 0 or round_index % every == 0 or round_index == self.cfg.federation.rounds
+        return sorted(int(c) for c in rng.choice(pool, size=m, replace=False))
 
     # -- the round ---------------------------------------------------------------------------
     def run_round(self) -> dict[str, float]:
@@ -120,7 +111,9 @@ class FederatedDriver:
         start = time.perf_counter()
         sampled = self.sample_clients(r)
         global_ref = ray.put(self.global_weights)
-        updates = self._collect_updates(r, sampled, global_ref, fed.strategy == "fedprox")
+        # The local baseline has no global model to stay close to.
+        proximal = self.strategy.proximal_mu > 0 and fed.baseline != "local"
+        updates = self._collect_updates(r, sampled, global_ref, proximal)
         pending = len(sampled) - len(updates)
         train_seconds = time.perf_counter() - start
 
@@ -146,7 +139,7 @@ class FederatedDriver:
         client_rows = [
             {"round": r, "client": u.client_id, "kind": "train", **u.metrics} for u in updates
         ]
-        if self._due_for_evaluation(r):
+        if self.cfg.evaluation_due(r):
             eval_metrics, eval_rows = self.evaluate(r)
             metrics.update(eval_metrics)
             client_rows += eval_rows
@@ -182,7 +175,7 @@ class FederatedDriver:
         updates: list[ClientUpdate] = []
         while streams:
             timeout = None
-            if deadline is not None and len(updates) >= needed:
+            if len(updates) >= needed:
                 timeout = max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(streams, num_returns=1, timeout=timeout)
             if not ready:
@@ -195,6 +188,7 @@ class FederatedDriver:
         return sorted(updates, key=lambda u: u.client_id)
 
     def _by_host(self, client_ids: list[int]) -> dict[int, list[int]]:
+        """Clients grouped by the host that keeps their records (client k on host k mod W)."""
         groups: dict[int, list[int]] = {}
         for c in client_ids:
             groups.setdefault(c % self.num_hosts, []).append(c)
@@ -236,13 +230,14 @@ class FederatedDriver:
                 f.write(json.dumps(row) + "\n")
 
     def _checkpoint(self) -> None:
-        records = ray.get([h.get_records.remote() for h in self.hosts])
+        records = {}
+        for host_records in ray.get([h.get_records.remote() for h in self.hosts]):
+            records.update(host_records)
         state = {
             "round": self.round,
             "global_weights": self.global_weights,
             "strategy": self.strategy.state(),
-            "records": records,
-            "num_hosts": self.num_hosts,
+            "records": records,  # by client id, so a resume may use another number of hosts
         }
         tmp = self.run_dir / (CHECKPOINT + ".tmp")
         with tmp.open("wb") as f:
@@ -250,23 +245,22 @@ class FederatedDriver:
         os.replace(tmp, self.run_dir / CHECKPOINT)
 
     def _restore(self) -> None:
-        path = self.run_dir / CHECKPOINT
-        with path.open("rb") as f:
+        with (self.run_dir / CHECKPOINT).open("rb") as f:
             state = pickle.load(f)
-        if state["num_hosts"] != self.num_hosts:
-            raise ValueError(
-                f"{path}: written with {state['num_hosts']} client actors, resuming with "
-                f"{self.num_hosts}; set ray.num_workers={state['num_hosts']}"
-            )
         self.round = int(state["round"])
         self.global_weights = state["global_weights"]
-        ray.get([h.set_records.remote(rec) for h, rec in zip(self.hosts, state["records"], strict=True)])
+        per_host: list[dict] = [{} for _ in self.hosts]
+        for client_id, record in state["records"].items():
+            per_host[client_id % self.num_hosts][client_id] = record
+        ray.get([h.set_records.remote(rec) for h, rec in zip(self.hosts, per_host, strict=True)])
         # Rows past the checkpoint come from a round that crashed before it was saved.
         for name in (METRICS, CLIENT_METRICS):
             file = self.run_dir / name
             if file.exists():
                 rows = [json.loads(line) for line in file.read_text().splitlines() if line]
-                file.write_text("".join(json.dumps(x) + "\n" for x in rows if x["round"] <= self.round))
+                tmp = file.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(x) + "\n" for x in rows if x["round"] <= self.round))
+                os.replace(tmp, file)
 
     def completed_rounds(self) -> int:
         return self.round

@@ -18,9 +18,6 @@ from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
-DEFAULT_MODEL_CONFIG = {"hidden": 64, "embedding_dim": 16}
-
-
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
@@ -72,12 +69,12 @@ class SlateScorer(nn.Module):
 class SlatePolicyModule(TorchRLModule, ValueFunctionAPI):
     """PPO-ready RLModule around :class:`SlateScorer`.
 
-    ``model_config`` keys: ``hidden``, ``embedding_dim``, ``n_items``, ``n_features``
-    (the last two are filled in from the env's observation space when missing).
+    ``model_config`` keys: ``hidden``, ``embedding_dim`` (from ``PPOSettings``), ``n_items``,
+    ``n_features`` (filled in from the env's observation space when missing).
     """
 
     def setup(self) -> None:
-        cfg = {**DEFAULT_MODEL_CONFIG, **(self.model_config or {})}
+        cfg = self.model_config
         space = self.observation_space
         n_items = int(cfg.get("n_items") or space["candidate_items"].high.max())
         n_features = int(cfg.get("n_features") or space["candidate_features"].shape[-1])

@@ -42,7 +42,6 @@ class RLHFClientRecord:
     feedback: FeedbackLog
     reward_model: dict[str, Any]
     optimizer: dict[str, Any]
-    rounds_done: int
 
 
 class RLHFTrainer:
@@ -111,13 +110,11 @@ class RLHFTrainer:
         self.reward_model = self._new_reward_model(client)
         if state is None:
             self.feedback = FeedbackLog.empty()
-            self.rounds_done = 0
             rllib_ppo.set_optimizer_state(self.algo, self._fresh_optimizer)
         else:
             self.human.set_state(state.human_rng)
             self.feedback = state.feedback
             self.reward_model.load_state_dict(state.reward_model)
-            self.rounds_done = state.rounds_done
             rllib_ppo.set_optimizer_state(self.algo, state.optimizer)
         self.reward_table = (
             self.reward_model.reward_table(client) if self.reward_model.is_fitted else None
@@ -136,7 +133,6 @@ class RLHFTrainer:
             feedback=self.feedback,
             reward_model=self.reward_model.state_dict(),
             optimizer=rllib_ppo.get_optimizer_state(self.algo),
-            rounds_done=self.rounds_done,
         )
 
     # -- weights -----------------------------------------------------------------------------
@@ -177,9 +173,7 @@ class RLHFTrainer:
             ),
         }
 
-    def train(
-        self, round_index: int, anchor: Weights | None = None, iterations: int | None = None
-    ) -> tuple[int, dict[str, float]]:
+    def train(self, round_index: int, anchor: Weights | None = None) -> tuple[int, dict[str, float]]:
         """One local round: feedback and reward model, then E PPO iterations.
 
         Returns the env steps sampled and scalar metrics — nothing else leaves the client.
@@ -189,14 +183,11 @@ class RLHFTrainer:
         metrics = self.update_reward_model()
         rllib_ppo.set_prox_anchor(self.algo, anchor)
         scale = self.budget_scale.get(self.client.client_id, 1)
-        steps, ppo_metrics = rllib_ppo.train_iterations(
-            self.algo, iterations or self.cfg.ppo.local_iterations * scale
-        )
+        steps, ppo_metrics = rllib_ppo.train_iterations(self.algo, self.cfg.ppo.local_iterations * scale)
         rllib_ppo.set_prox_anchor(self.algo, None)
         metrics.update({f"train/{k}": v for k, v in ppo_metrics.items()})
         metrics["train/env_steps"] = float(steps)
         metrics["train/seconds"] = time.perf_counter() - start
-        self.rounds_done += 1
         return steps, metrics
 
     def finetune(self, round_index: int, iterations: int) -> None:
@@ -261,6 +252,5 @@ class RLHFTrainerFactory:
         if cfg.federation.baseline == "centralized" and k % self.num_hosts == self.host_index:
             mine.append(pool_clients(clients, k))
             lams.append(np.concatenate([[lambdas[c.client_id]] * len(c.users) for c in clients]))
-            per_round = cfg.federation.clients_per_round
-            scale[k] = int(per_round) if per_round > 1.0 else max(1, int(np.ceil(per_round * k)))
+            scale[k] = cfg.clients_per_round_count(k)
         return RLHFTrainer(cfg, mine, lams, budget_scale=scale)

@@ -6,6 +6,7 @@ Nothing outside this module touches RLlib types; the rest of the platform sees w
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from typing import Any
@@ -169,8 +170,15 @@ def set_prox_anchor(algo: Algorithm, weights: dict[str, np.ndarray] | None) -> N
 
 
 def get_optimizer_state(algo: Algorithm) -> dict[str, Any]:
-    """The learner's optimizer state (Adam moments, step counts): part of a client's record."""
-    return algo.learner_group.get_state(components="learner/optimizer")
+    """The learner's optimizer state (Adam moments, step counts): part of a client's record.
+
+    Only the optimizer: RLlib adds the learner's ``weights_seq_no`` to any learner state, and
+    restoring an older one makes the env runner reject the next weight syncs (it only takes
+    newer numbers), so a swapped-in client would act with stale weights from its second PPO
+    iteration on. The arrays are copied: RLlib hands out views of the live tensors.
+    """
+    learner = algo.learner_group.get_state(components="learner/optimizer")["learner"]
+    return {"learner": {"optimizer": copy.deepcopy(learner["optimizer"])}}
 
 
 def set_optimizer_state(algo: Algorithm, state: dict[str, Any]) -> None:
@@ -234,7 +242,6 @@ def train_iterations(algo: Algorithm, iterations: int) -> tuple[int, dict[str, f
             "policy_loss": float(learner.get("policy_loss", np.nan)),
             "vf_loss": float(learner.get("vf_loss", np.nan)),
             "entropy": float(learner.get("entropy", np.nan)),
-            "mean_kl": float(learner.get("mean_kl_loss", np.nan)),
         }
     return steps, metrics
 

@@ -258,3 +258,60 @@ def test_client_sampling_is_seeded_per_round(new_driver, tmp_path):
             trained.setdefault(row["round"], []).append(row["client"])
     assert {r: sorted(c) for r, c in trained.items()} == {1: picks[1], 2: picks[2]}
     assert_weights(drv.final_weights(), plain_rounds({1: picks[1], 2: picks[2]}, 10))
+
+
+def test_personal_head_never_leaves_the_client(new_driver, tmp_path):
+    cfg = make_cfg(4, 2, personalization="personal_head", personal_layers=["4."])
+    drv = new_driver(cfg, tmp_path)
+    initial = {k: v.copy() for k, v in drv.global_weights.items()}
+    import ray
+
+    update = ray.get(drv.hosts[0].train_batch.remote(1, [0], ray.put(initial)))[0]
+    assert not any(k.startswith("4.") for k in update.weights)
+    assert set(update.weights) == {k for k in initial if not k.startswith("4.")}
+    records = ray.get(drv.hosts[0].get_records.remote())
+    assert set(records[0].personal) == {"4.weight", "4.bias"}
+    assert not np.allclose(records[0].personal["4.weight"], initial["4.weight"])
+    drv.run_round()
+    # The aggregate never touches the personal head: the global copy stays at its initial value.
+    np.testing.assert_array_equal(drv.global_weights["4.weight"], initial["4.weight"])
+    assert not np.allclose(drv.global_weights["0.weight"], initial["0.weight"])
+
+
+def test_finetune_evaluates_global_and_personalised_without_changing_records(new_driver, tmp_path):
+    cfg = make_cfg(2, 1, personalization="finetune", finetune_iterations=3, every=1)
+    drv = new_driver(cfg, tmp_path)
+    drv.run_round()
+    import ray
+
+    before = pickle.dumps(ray.get(drv.hosts[0].get_records.remote()))
+    metrics, rows = drv.evaluate(1)
+    assert pickle.dumps(ray.get(drv.hosts[0].get_records.remote())) == before
+    assert metrics["eval/loss/mean"] < metrics["eval_global/loss/mean"]
+    assert {"eval/accuracy", "eval_global/accuracy"} <= set(rows[0])
+
+
+def test_local_baseline_never_aggregates(new_driver, tmp_path):
+    cfg = make_cfg(3, 2, baseline="local", every=1)
+    drv = new_driver(cfg, tmp_path)
+    initial = {k: v.copy() for k, v in drv.global_weights.items()}
+    drv.run_round()
+    drv.run_round()
+    for name, value in initial.items():
+        np.testing.assert_array_equal(drv.global_weights[name], value)
+    import ray
+
+    records = {c: r for h in drv.hosts for c, r in ray.get(h.get_records.remote()).items()}
+    assert set(records) == {0, 1, 2}
+    own = [records[c].personal["0.weight"] for c in range(3)]
+    assert not np.allclose(own[0], own[1]) and not np.allclose(own[1], own[2])
+
+
+def test_centralized_baseline_trains_one_pooled_client_and_evaluates_all(new_driver, tmp_path):
+    cfg = make_cfg(4, 2, baseline="centralized", every=1)
+    drv = new_driver(cfg, tmp_path)
+    assert drv.training_clients == [4]
+    metrics = drv.run_round()
+    assert metrics["fed/clients_sampled"] == 1 and metrics["fed/clients_aggregated"] == 1
+    evals = [r for r in read_rows(tmp_path / CLIENT_METRICS) if r["kind"] == "eval"]
+    assert sorted(r["client"] for r in evals) == [0, 1, 2, 3]

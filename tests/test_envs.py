@@ -203,8 +203,9 @@ def test_vector_env_sub_envs_get_distinct_seeds():
 def check_slates(env: SlateRecEnv, episodes: int, positives: int) -> tuple[int, int]:
     """Walk ``episodes`` sessions picking every position in turn; returns (engaged, steps).
 
-    Asserts: exactly ``positives`` candidates per slate are items the user rated, all from the
-    env's mode's split; the others were never rated; engaged ⇔ the picked item is from that
+    Asserts: exactly ``positives`` candidates per slate are items the env knows the user rated
+    (train mode knows the training split only; held-out mode both), all from the env's mode's
+    split; a held-out session shows no training item; engaged ⇔ the picked item is from that
     split; the history holds only training items.
     """
     engaged_total, steps = 0, 0
@@ -218,10 +219,12 @@ def check_slates(env: SlateRecEnv, episodes: int, positives: int) -> tuple[int, 
         done, t = False, 0
         while not done:
             cands = obs["candidate_items"]
-            rated = np.isin(cands, user.rated_items())
+            known = user.train_items if env.mode == "train" else user.rated_items()
+            rated = np.isin(cands, known)
             assert rated.sum() == min(positives, pool.size)
             assert np.isin(cands[rated], pool).all()
-            assert not np.isin(cands, other).any()
+            if env.mode == "heldout":
+                assert not np.isin(cands, other).any()
             action = (t + ep) % env.slate_size
             obs, reward, done, _, info = env.step(action)
             assert info["item"] == cands[action]
@@ -280,7 +283,8 @@ def check_info(env: SlateRecEnv, episodes: int, rng: np.random.Generator) -> Non
         known = {}
         if user.true_ratings is None:
             known = dict(zip(user.train_items.tolist(), user.train_ratings.tolist()))
-            known.update(zip(user.heldout_items.tolist(), user.heldout_ratings.tolist()))
+            if env.mode == "heldout":  # a training session never sees a held-out rating
+                known.update(zip(user.heldout_items.tolist(), user.heldout_ratings.tolist()))
         done = False
         while not done:
             cands = obs["candidate_items"]

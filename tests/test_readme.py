@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedrlhf_ray.cli import build_parser
-from fedrlhf_ray.config import reference_rows
+from fedrlhf_ray.config import reference_markdown, reference_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -17,6 +17,12 @@ README = (ROOT / "README.md").read_text()
 def test_every_config_field_is_documented():
     missing = [key for key, _, _ in reference_rows() if f"`{key}`" not in README]
     assert missing == []
+
+
+def test_config_reference_is_current():
+    start = README.index("<!-- config-reference")
+    table = README[README.index("\n", start) + 1 : README.index("<!-- /config-reference -->")]
+    assert table.strip() == reference_markdown().strip(), "regenerate with `fedrlhf config reference`"
 
 
 def test_every_named_repo_file_exists():
@@ -29,16 +35,16 @@ def test_quickstart_commands_are_the_ci_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     test_cmd = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
     assert test_cmd in README and test_cmd in ci
-    assert "pip install torch==2.13.0 && pip install -e . && fedrlhf train tune_configs/quickstart.yaml" in README
+    assert "pip install torch==2.13.0 && pip install -e . && fedrlhf run tune_configs/quickstart.yaml" in README
 
 
 @pytest.mark.parametrize(
-    "command", sorted(set(re.findall(r"`fedrlhf ((?:config|data) \w+|train)\b", README)))
+    "command", sorted(set(re.findall(r"`fedrlhf ((?:config|data) \w+|train|run)\b", README)))
 )
 def test_documented_subcommands_parse(command):
     parser = build_parser()
     words = command.split()
     extra = {"config show": ["x.yaml"], "config check": ["x.yaml"], "data info": ["--dataset", "ml-100k"],
-             "train": ["x.yaml"]}.get(command, [])
+             "train": ["x.yaml"], "run": ["x.yaml"]}.get(command, [])
     args = parser.parse_args(words + extra)
     assert args.command == words[0]

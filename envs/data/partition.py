@@ -2,8 +2,8 @@
 
 Per user, ratings are split in time: the earliest ``1 - heldout_fraction`` go to training and
 feedback, the latest to held-out evaluation. Item features are public catalogue information
-(genres, year) plus popularity and mean rating computed from the *training* split only, so no
-held-out rating leaks into any feature.
+(genres, year) plus popularity and mean rating computed from the training ratings of users who
+are not clients, so neither a held-out rating nor another client's rating reaches a feature.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def temporal_split(
 def build_catalog(movies: pd.DataFrame, genre_names: tuple[str, ...], train: pd.DataFrame):
     """Item features: genre flags, scaled year, log-popularity and centred mean rating.
 
+    ``train`` holds the ratings the statistics are computed from (possibly none).
+
     Returns the catalogue and a mapping from the dataset's movie id to the dense item index.
     """
     movies = movies.sort_values("item").reset_index(drop=True)
@@ -64,7 +66,7 @@ def build_catalog(movies: pd.DataFrame, genre_names: tuple[str, ...], train: pd.
     stats = train.groupby("item")["rating"].agg(["size", "mean"])
     counts = stats["size"].reindex(movies["item"]).fillna(0).to_numpy()
     means = stats["mean"].reindex(movies["item"]).to_numpy()
-    global_mean = float(train["rating"].mean())
+    global_mean = float(train["rating"].mean()) if len(train) else 0.0
     year = movies["year"].to_numpy(dtype=np.float64)
     year = np.where(np.isnan(year), np.nanmedian(year), year)
 
@@ -135,9 +137,6 @@ def form_clients(
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     per_client = 1 if formation == "user" else users_per_client
     split = temporal_split(ratings, heldout_fraction, min_ratings)
-    # Popularity and mean rating are public catalogue statistics: computed on every eligible
-    # user's training split (never on held-out ratings) so they are stable for small K.
-    catalog, index_of = build_catalog(movies, genre_names, split.train)
     needed = num_clients * per_client
     if needed > split.users.size:
         raise ValueError(
@@ -147,6 +146,10 @@ def form_clients(
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC11E]))
     chosen = np.sort(rng.choice(split.users, size=needed, replace=False))
     keep = split.train["user"].isin(chosen)
+    # Popularity and mean rating are public catalogue statistics, so they come from the
+    # training ratings of users who are NOT clients: no client's rating reaches another
+    # client through a feature (with every user a client they are all zero).
+    catalog, index_of = build_catalog(movies, genre_names, split.train[~keep])
     split = TemporalSplit(
         train=split.train[keep],
         heldout=split.heldout[split.heldout["user"].isin(chosen)],

@@ -1,0 +1,71 @@
+"""`fedrlhf run` end to end in a subprocess: a run, its resume, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "tune_configs" / "quickstart.yaml"
+SMALL = [
+    "--set", "clients.num_clients=2",
+    "--set", "ppo.train_batch_size=400",
+    "--set", "ppo.minibatch_size=200",
+    "--set", "ppo.local_iterations=1",
+    "--set", "ray.num_workers=1",
+    "--set", "evaluation.episodes_per_user=1",
+]
+
+
+def fedrlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "fedrlhf_ray.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def rounds_logged(run_dir: Path) -> list[int]:
+    return [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_run_then_resume_with_more_rounds(tmp_path):
+    out = tmp_path / "runs"
+    first = fedrlhf("run", str(QUICKSTART), *SMALL, "--set", "federation.rounds=1", "--out", str(out), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run_dir,) = list(out.iterdir())
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert rounds_logged(run_dir) == [0, 1]
+    assert (run_dir / "checkpoint.pkl").is_file()
+    assert "closed" in first.stdout and "liked-hit rate" in first.stdout
+
+    refused = fedrlhf("run", "--resume", str(run_dir), "--set", "seed=5", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "only federation.rounds" in refused.stderr
+
+    resumed = fedrlhf("run", "--resume", str(run_dir), "--set", "federation.rounds=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert rounds_logged(run_dir) == [0, 1, 2]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["federation"]["rounds"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["round"] == 2.0
+    assert len(list(out.iterdir())) == 1  # resuming never creates a second run directory
+
+
+def test_run_with_missing_data_leaves_nothing(tmp_path):
+    out = tmp_path / "runs"
+    proc = fedrlhf(
+        "run", str(QUICKSTART), "--set", "env.name=movielens",
+        "--set", f"env.data.path={tmp_path / 'nowhere'}", "--out", str(out), cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("fedrlhf: error:") and "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
