@@ -241,8 +241,7 @@ def _train_single(cfg: ExperimentConfig, client, lam: float, run_dir: Path) -> d
         f"{final['eval/liked_hit_rate']:.3f}",
         f"{final['eval/oracle_hit_rate']:.3f}",
     )
-    for key, label in (("engagement_rate", "engagement"), ("ndcg", f"NDCG@{cfg.evaluation.ndcg_k}"),
-                       ("spearman", "Spearman ρ"), ("accuracy", "accuracy (liked)")):
+    for key, label in SUMMARY_METRICS:
         table.add_row(
             label, f"{random_eval[key]:.3f}", f"{initial['eval/' + key]:.3f}",
             f"{final['eval/' + key]:.3f}", "",
@@ -340,7 +339,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 SUMMARY_METRICS = (
     ("engagement_rate", "engagement"),
-    ("ndcg", "NDCG"),
+    ("ndcg", "NDCG@k"),
     ("spearman", "Spearman ρ"),
     ("accuracy", "accuracy (liked)"),
 )
