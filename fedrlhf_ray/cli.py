@@ -151,7 +151,10 @@ def _init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        except ConnectionError as err:
+            raise UserError(f"--address {address}: no Ray cluster reachable ({err})") from None
         return
     ray.init(
         num_cpus=cfg.ray.num_cpus,
