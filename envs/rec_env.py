@@ -19,7 +19,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.types import PAD_ITEM, ClientData
+from envs.types import PAD_ITEM, ClientData, recent_history
 
 MODES = ("train", "heldout")
 # Rating reported for candidates whose rating is unknown (MovieLens items the user never
@@ -98,7 +98,6 @@ class SlateRecEnv(gym.Env):
         if client.catalog.features.shape != self._features.shape:
             raise ValueError("a swapped-in client must share the env's item catalogue")
         self.client = client
-        lo, hi = client.rating_scale
         # User indices must match the rows of the client's reward table, so a user without
         # interactions in this split is an error rather than silently skipped.
         self._users = list(client.users)
@@ -113,11 +112,7 @@ class SlateRecEnv(gym.Env):
         self._rated = []
         self._ratings = []
         for user in self._users:
-            items = np.zeros(self.history_length, dtype=np.int64)
-            ratings = np.zeros(self.history_length, dtype=np.float32)
-            recent = user.train_items[-self.history_length :]
-            items[: recent.size] = recent
-            ratings[: recent.size] = (user.train_ratings[-self.history_length :] - lo) / (hi - lo)
+            items, ratings = recent_history(user, self.history_length, client.rating_scale)
             self._history.append((items, ratings, self._features[items]))
             # What the env may know depends on the mode: a training session knows only the
             # training split (a later-watched item may be shown as unwatched, as it was then);

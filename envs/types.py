@@ -100,3 +100,20 @@ class ClientData:
     @property
     def n_heldout(self) -> int:
         return sum(u.n_heldout for u in self.users)
+
+
+def recent_history(
+    user: UserRecord, history_length: int, rating_scale: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The user's ``history_length`` most recent training items and their ratings scaled to
+    [0, 1]: oldest first, right-padded with item 0 and rating 0.
+
+    The policy's observation and the reward model's user context are both built from it.
+    """
+    lo, hi = rating_scale
+    items = np.zeros(history_length, dtype=np.int64)
+    ratings = np.zeros(history_length, dtype=np.float32)
+    recent = user.train_items[-history_length:]
+    items[: recent.size] = recent
+    ratings[: recent.size] = (user.train_ratings[-history_length:] - lo) / (hi - lo)
+    return items, ratings

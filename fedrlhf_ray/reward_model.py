@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from envs.types import ClientData, ItemCatalog
+from envs.types import ClientData, ItemCatalog, recent_history
 from fedrlhf_ray.feedback import FeedbackLog
 
 
@@ -36,13 +36,9 @@ def user_histories(client: ClientData, history_length: int) -> tuple[np.ndarray,
     ``history_ratings``: oldest first, right-padded with item 0 and rating 0.
     Returns ``(items (U, H) int64, ratings (U, H) float32)``.
     """
-    lo, hi = client.rating_scale
-    items = np.zeros((len(client.users), history_length), dtype=np.int64)
-    ratings = np.zeros((len(client.users), history_length), dtype=np.float32)
-    for row, user in enumerate(client.users):
-        recent = user.train_items[-history_length:]
-        items[row, : recent.size] = recent
-        ratings[row, : recent.size] = (user.train_ratings[-history_length:] - lo) / (hi - lo)
+    rows = [recent_history(user, history_length, client.rating_scale) for user in client.users]
+    items = np.stack([r[0] for r in rows]).reshape(len(rows), history_length)
+    ratings = np.stack([r[1] for r in rows]).reshape(len(rows), history_length)
     return items, ratings
 
 
