@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
+    run.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: tracking.tracking_uri, $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
 
     train = sub.add_parser("train", help="single-client RLHF (feedback → reward model → PPO)")
     _add_config_args(train)
@@ -299,6 +304,67 @@ def _write_status(run_dir: Path, state: str, **extra: Any) -> None:
     (run_dir / "status.json").write_text(json.dumps({"state": state, **extra}, indent=2))
 
 
+def _start_tracking(cfg: ExperimentConfig, run_dir: Path, resume: bool, cli_uri: str | None):
+    """The MLflow run of this run directory: a new one, or on resume the one it already has."""
+    from fedrlhf_ray import tracking
+
+    if not cfg.tracking.enabled:
+        return None
+    previous = tracking.load_tracker(run_dir, cfg.tracking.per_client) if resume else None
+    uri = tracking.resolve_tracking_uri(cfg, cli_uri or (previous.tracking_uri if previous else None))
+    check_tracking_uri(uri)
+    if previous is not None and previous.tracking_uri == uri:
+        previous.reopen()
+        return previous
+    return tracking.start_run(cfg, run_dir, uri)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail in one line, at once, on a tracking server that does not answer (MLflow's own
+    client would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as reply:
+            if reply.status == 200:
+                return
+            problem = f"HTTP {reply.status}"
+    except (urllib.error.URLError, OSError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise UserError(f"--tracking-uri {uri}: no MLflow server answers ({problem})")
+
+
+def _finish_tracking(tracker, run_dir: Path, status: str, driver=None, cfg: ExperimentConfig | None = None) -> None:
+    """Artifacts (config, metrics files, plots, final global model) and the terminal status."""
+    import ray
+
+    from fedrlhf_ray.driver import CLIENT_METRICS, METRICS
+    from fedrlhf_ray.tracking import plot_learning_curves
+
+    try:
+        names = ["config.yaml", METRICS, CLIENT_METRICS, "summary.json", "status.json"]
+        if (run_dir / METRICS).exists():
+            plot_learning_curves(run_dir, run_dir / "learning_curves.png", cfg.name if cfg else run_dir.name)
+            names.append("learning_curves.png")
+        if driver is not None:
+            ray.get(driver.save_global_weights.remote(str(run_dir / "global_weights.npz")))
+            tracker.log_artifacts(run_dir, ["global_weights.npz"], "model")
+        tracker.log_artifacts(run_dir, names)
+    finally:
+        tracker.finish(status)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run is marked interrupted (MLflow: KILLED)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -313,29 +379,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=False)
     else:
         run_dir = resume_dir
-    _write_config(run_dir, cfg)  # on resume: a raised federation.rounds is kept
     run_dir = run_dir.resolve()
     started_fresh = resume_dir is None
+    tracker = driver = None
     try:
+        _write_config(run_dir, cfg)  # on resume: a raised federation.rounds is kept
+        tracker = _start_tracking(cfg, run_dir, not started_fresh, args.tracking_uri)
+        if tracker is not None and not started_fresh:
+            tracker.backfill(run_dir)
         _init_ray(cfg, args.address)
+        signal.signal(signal.SIGTERM, _raise_terminated)  # after ray.init, which sets its own
         # The driver writes the run directory, so it runs on this node.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         driver = DriverActor.options(num_cpus=0, scheduling_strategy=here).remote(
-            cfg, str(run_dir), resume=not started_fresh
+            cfg, str(run_dir), resume=not started_fresh, tracker=tracker
         )
-        _write_status(run_dir, "running")
+        placement = ray.get(driver.placement.remote())
+        _write_status(run_dir, "running", placement=placement)
+        if tracker is not None:
+            tracker.set_tags({"fedrlhf.ray_nodes": str(len({p["node_id"] for p in placement}))})
         summary = _federated_loop(cfg, driver, run_dir, started_fresh)
     except BaseException as err:
+        interrupted = isinstance(err, KeyboardInterrupt)
         has_round = (run_dir / "checkpoint.pkl").exists()
         if started_fresh and not has_round:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
+            if tracker is not None:
+                tracker.finish("KILLED" if interrupted else "FAILED")
+                tracker.client().delete_run(tracker.run_id)
         else:
-            _write_status(run_dir, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                          error=str(err)[:500])
+            _write_status(run_dir, "interrupted" if interrupted else "failed", error=str(err)[:500])
+            if tracker is not None:
+                _finish_tracking(tracker, run_dir, "KILLED" if interrupted else "FAILED", cfg=cfg)
             print(f"fedrlhf: run stopped; resume with: fedrlhf run --resume {run_dir}", file=sys.stderr)
         raise
     _write_status(run_dir, "completed", rounds=cfg.federation.rounds)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if tracker is not None:
+        _finish_tracking(tracker, run_dir, "FINISHED", driver, cfg)
+        print(f"MLflow run {tracker.run_id} in {tracker.tracking_uri}")
     print(f"run directory: {run_dir}")
     return 0
 
@@ -441,9 +523,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedrlhf: error: {err}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("fedrlhf: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")
         return 0

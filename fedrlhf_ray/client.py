@@ -42,6 +42,12 @@ class ClientHost:
     def ready(self) -> bool:
         return True
 
+    def node_id(self) -> str:
+        """The Ray node this host runs on (``"local"`` outside Ray)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
     def initial_weights(self) -> Weights:
         """The freshly built policy's parameters (every host builds the same ones)."""
         return self.trainer.get_weights()

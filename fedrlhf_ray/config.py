@@ -219,13 +219,15 @@ class EvaluationConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """MLflow tracking (validated now; runs are logged to MLflow from the next release)."""
+    """MLflow tracking: every run (and every Tune trial) is one MLflow run."""
 
-    enabled: bool = Field(True, description="Log the run to MLflow (not wired up yet: the next milestone).")
+    enabled: bool = Field(True, description="Log the run to MLflow.")
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
+        None,
+        description="MLflow tracking URI; `--tracking-uri` wins over it, it wins over $MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db, artifacts in mlartifacts/ beside it).",
     )
-    experiment: str = Field("fedrlhf", description="MLflow experiment name.")
+    experiment: str = Field("fedrlhf", min_length=1, description="MLflow experiment name.")
+    per_client: bool = Field(True, description="Also log every client's series as `client/<id>/<metric>`.")
 
 
 class RayConfig(_Section):

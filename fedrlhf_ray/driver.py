@@ -30,6 +30,7 @@ from fedrlhf_ray.evaluation import summarize
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, Weights
 from fedrlhf_ray.seeding import derive_rng
 from fedrlhf_ray.strategies import make_strategy, merge, sparse_keys_of, split_personal
+from fedrlhf_ray.tracking import RunTracker
 
 CHECKPOINT = "checkpoint.pkl"
 METRICS = "metrics.jsonl"
@@ -66,8 +67,10 @@ class FederatedDriver:
         *,
         resume: bool = False,
         trainer_factory: HostTrainerFactory | None = None,
+        tracker: RunTracker | None = None,
     ) -> None:
         self.cfg = cfg
+        self.tracker = tracker
         self.run_dir = Path(run_dir)
         fed = cfg.federation
         self.num_clients = cfg.clients.num_clients
@@ -147,6 +150,8 @@ class FederatedDriver:
         self._append(METRICS, [metrics])
         self._append(CLIENT_METRICS, client_rows)
         self._checkpoint()
+        if self.tracker is not None:  # after the checkpoint: a logged round is a resumable round
+            self.tracker.log_round(r, metrics, client_rows)
         return metrics
 
     def _collect_updates(
@@ -221,6 +226,8 @@ class FederatedDriver:
         metrics["round"] = 0.0
         self._append(METRICS, [metrics])
         self._append(CLIENT_METRICS, rows)
+        if self.tracker is not None:
+            self.tracker.log_round(0, metrics, rows)
         return metrics
 
     # -- persistence -------------------------------------------------------------------------
@@ -267,6 +274,17 @@ class FederatedDriver:
 
     def final_weights(self) -> Weights:
         return self.global_weights
+
+    def save_global_weights(self, path: str) -> str:
+        """The final global model as a NumPy ``.npz`` (parameter name → array): no pickle."""
+        np.savez(path, **self.global_weights)
+        return path
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Which Ray node runs each client host, and which clients it serves."""
+        nodes = ray.get([h.node_id.remote() for h in self.hosts])
+        groups = self._by_host(self.training_clients)
+        return [{"host": i, "node_id": n, "clients": groups.get(i, [])} for i, n in enumerate(nodes)]
 
 
 DriverActor = ray.remote(FederatedDriver)

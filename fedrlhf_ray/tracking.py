@@ -1,0 +1,302 @@
+"""MLflow tracking: one MLflow run per federated run (and per Tune trial).
+
+Everything goes through ``MlflowClient`` with an explicit run id, never through MLflow's
+process-global "active run": a Tune worker may hold several trials, and the federated driver
+logs from a Ray actor while the CLI owns the run's start and end.
+
+Where runs go: ``--tracking-uri`` > ``tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI`` >
+``sqlite:///mlflow.db`` in the working directory, with artifacts in ``mlartifacts/`` beside the
+database, so ``mlflow ui`` (or ``fedrlhf ui``) in that folder shows them.
+
+Per round, the driver logs one batch: the global aggregates under their own names
+(``eval/liked_hit_rate/mean``, ``fed/round_seconds``, ...) and, when ``tracking.per_client`` is
+on, every client's series as ``client/<id>/<metric>``, all with ``step`` = round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedrlhf_ray.config import ExperimentConfig
+
+DEFAULT_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+RUN_FILE = "mlflow_run.json"  # in the run directory: which MLflow run a resume continues
+
+# MLflow's per-request limits for log_batch.
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+
+# Round-metric keys that are bookkeeping, not series.
+_NOT_METRICS = {"round", "client", "kind"}
+ROUND_METRIC = "fed/round"  # logged with every round (0 = the initial evaluation)
+
+
+def resolve_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> str:
+    """Where this run is tracked; a relative SQLite path is made absolute now, so actors that
+    run in another working directory write to the same store."""
+    uri = cli_uri or cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """``mlartifacts/`` beside a SQLite store (None for a server, which chooses its own)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config → ``{"ppo.lr": 0.001, ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_params(cfg: ExperimentConfig) -> dict[str, str]:
+    """MLflow params: the flattened resolved config, values as strings (lists as JSON)."""
+    params = {}
+    for key, value in flatten(cfg.to_dict()).items():
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        params[key] = text[:MAX_PARAM_LENGTH]
+    return params
+
+
+def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """Tags the MLflow UI filters and groups by."""
+    fed = cfg.federation
+    tags = {
+        "fedrlhf.env": cfg.env.name,
+        "fedrlhf.dataset": cfg.env.data.dataset if cfg.env.name == "movielens" else "synthetic",
+        "fedrlhf.strategy": fed.strategy,
+        "fedrlhf.baseline": fed.baseline,
+        "fedrlhf.personalization": fed.personalization,
+        "fedrlhf.num_clients": str(cfg.clients.num_clients),
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def git_commit() -> str | None:
+    """This project's commit when it runs from a git checkout (not from a wheel)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def round_metrics(metrics: dict[str, float], client_rows: Iterable[dict[str, Any]], per_client: bool) -> dict[str, float]:
+    """One round's MLflow metrics: the aggregates and, optionally, ``client/<id>/...`` series."""
+    out = {k: float(v) for k, v in metrics.items() if k not in _NOT_METRICS}
+    out[ROUND_METRIC] = float(metrics["round"])
+    if per_client:
+        for row in client_rows:
+            prefix = f"client/{int(row['client']):03d}/"
+            for key, value in row.items():
+                if key not in _NOT_METRICS and isinstance(value, (int, float)):
+                    out[prefix + key] = float(value)
+    return out
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclass
+class RunTracker:
+    """A handle on one MLflow run; picklable, so the driver actor logs with it directly."""
+
+    tracking_uri: str
+    run_id: str
+    per_client: bool = True
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    # -- metrics -------------------------------------------------------------------------------
+    def log_round(self, round_index: int, metrics: dict[str, float], client_rows: Iterable[dict[str, Any]] = ()) -> None:
+        """Everything of one round in as few requests as MLflow allows (≤ 1000 metrics each)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = round_metrics(metrics, client_rows, self.per_client)
+        batch = [Metric(key, value, now, round_index) for key, value in sorted(values.items())]
+        client = self.client()
+        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+            client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def logged_rounds(self) -> set[int]:
+        """Rounds already in MLflow, so a resume logs each round exactly once."""
+        return {m.step for m in self.client().get_metric_history(self.run_id, ROUND_METRIC)}
+
+    def backfill(self, run_dir: Path) -> int:
+        """Log the rounds the run directory has and MLflow lacks (a run killed between its
+        checkpoint and its MLflow batch); returns how many."""
+        from fedrlhf_ray.driver import CLIENT_METRICS, METRICS
+
+        rows = _read_jsonl(run_dir / METRICS)
+        client_rows = _read_jsonl(run_dir / CLIENT_METRICS)
+        logged = self.logged_rounds()
+        missing = sorted({int(r["round"]) for r in rows} - logged)
+        for rnd in missing:
+            metrics = next(r for r in rows if int(r["round"]) == rnd)
+            self.log_round(rnd, metrics, [r for r in client_rows if int(r["round"]) == rnd])
+        return len(missing)
+
+    # -- the run's life --------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
+        client = self.client()
+        for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
+            client.log_batch(self.run_id, params=chunk, synchronous=True)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def log_artifacts(self, run_dir: Path, names: Iterable[str], artifact_path: str | None = None) -> None:
+        client = self.client()
+        for name in names:
+            path = run_dir / name
+            if path.exists():
+                client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str) -> None:
+        """``FINISHED``, ``FAILED`` or ``KILLED``: a tracked run never stays RUNNING."""
+        self.client().set_terminated(self.run_id, status=status)
+
+    def reopen(self) -> None:
+        """A resumed run is RUNNING again (MLflow keeps its end time until then)."""
+        self.client().update_run(self.run_id, status="RUNNING")
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id}))
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created if missing (with local artifacts beside a SQLite store).
+
+    Two trials may race to create it; the loser reads the winner's."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    root = local_artifact_root(tracking_uri)
+    try:
+        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def start_run(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    tracking_uri: str,
+    *,
+    extra_tags: dict[str, str] | None = None,
+) -> RunTracker:
+    """Create the MLflow run of ``run_dir`` with its params and tags, and remember it there."""
+    from mlflow.tracking import MlflowClient
+
+    exp = experiment_id(tracking_uri, cfg.tracking.experiment)
+    tags = {**run_tags(cfg), "fedrlhf.run_dir": str(run_dir), **(extra_tags or {})}
+    run = MlflowClient(tracking_uri).create_run(exp, run_name=cfg.name, tags=tags)
+    tracker = RunTracker(tracking_uri, run.info.run_id, cfg.tracking.per_client)
+    tracker.log_params(config_params(cfg))
+    tracker.save(run_dir)
+    return tracker
+
+
+def load_tracker(run_dir: Path, per_client: bool = True) -> RunTracker | None:
+    """The MLflow run a run directory belongs to, if it was tracked."""
+    file = run_dir / RUN_FILE
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    return RunTracker(data["tracking_uri"], data["run_id"], per_client)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+# -- plots ----------------------------------------------------------------------------------------
+CURVES = (
+    ("eval/liked_hit_rate", "held-out liked-hit rate"),
+    ("eval/ndcg", "held-out NDCG@k"),
+    ("reward_model/heldout_pair_accuracy", "reward-model pair accuracy"),
+    ("train/episode_return_mean", "training return (R⁰ + λ·H)"),
+)
+
+
+def plot_learning_curves(run_dir: Path, out: Path, title: str) -> Path:
+    """Mean and worst-decile learning curves from ``metrics.jsonl`` (one PNG, four panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from fedrlhf_ray.driver import METRICS
+
+    rows = _read_jsonl(run_dir / METRICS)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for ax, (key, label) in zip(axes.flat, CURVES, strict=True):
+        for suffix, style in (("mean", "-o"), ("worst_decile", "--s"), ("median", ":")):
+            pts = [(r["round"], r[f"{key}/{suffix}"]) for r in rows
+                   if f"{key}/{suffix}" in r and not math.isnan(r[f"{key}/{suffix}"])]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=suffix.replace("_", " "), markersize=4)
+        if key == "eval/liked_hit_rate":
+            for ref, colour in (("eval/random_hit_rate/mean", "grey"), ("eval/oracle_hit_rate/mean", "green")):
+                vals = [r[ref] for r in rows if ref in r]
+                if vals:
+                    ax.axhline(vals[-1], color=colour, linewidth=0.8, label=ref.split("/")[1].replace("_hit_rate", ""))
+        ax.set_title(label)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
