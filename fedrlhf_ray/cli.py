@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: tracking.tracking_uri, $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
 
+    tune = sub.add_parser("tune", help="a Ray Tune sweep: every trial a federated run, tracked in MLflow")
+    tune.add_argument("sweep", nargs="?", help="sweep YAML file (not needed with --resume)")
+    tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep (Tune's restore)")
+    tune.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    tune.add_argument("--tracking-uri", help="MLflow tracking URI (as for run)")
+    tune.add_argument("--out", default="runs/sweeps", help="parent folder of the sweep directory (default runs/sweeps)")
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the local tracking store")
+    ui.add_argument("--tracking-uri", help="SQLite store to show (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+
     train = sub.add_parser("train", help="single-client RLHF (feedback → reward model → PPO)")
     _add_config_args(train)
     train.add_argument("--client", type=int, default=0, help="which client to train (default 0)")
@@ -422,6 +434,96 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedrlhf_ray import tracking
+    from fedrlhf_ray.clients_data import build_clients
+    from fedrlhf_ray.tune import SWEEP_FILE, load_sweep, run_sweep, summarize_sweep
+
+    if args.resume:
+        sweep_dir = Path(args.resume).resolve()
+        if not (sweep_dir / SWEEP_FILE).is_file():
+            raise UserError(f"--resume {sweep_dir}: no {SWEEP_FILE} there (not a sweep directory)")
+        sweep = load_sweep(sweep_dir / SWEEP_FILE)
+    elif args.sweep:
+        sweep = load_sweep(args.sweep)
+        sweep_dir = None
+    else:
+        raise UserError("tune: give a sweep file, or --resume SWEEP_DIR")
+    cfg = sweep.base_config
+    build_clients(cfg)  # data problems surface here, before anything is created
+    uri = None
+    if cfg.tracking.enabled:
+        previous = tracking.load_tracker(sweep_dir) if sweep_dir else None
+        uri = tracking.resolve_tracking_uri(cfg, args.tracking_uri or (previous.tracking_uri if previous else None))
+        check_tracking_uri(uri)
+    fresh = sweep_dir is None
+    if fresh:
+        sweep_dir = (Path(args.out) / f"{sweep.settings.name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=False)
+        (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    console = Console()
+    console.print(
+        f"[bold]sweep {sweep.settings.name}[/bold] · {', '.join(sweep.settings.search_space)} · "
+        f"{sweep.settings.metric} ({sweep.settings.mode}) · sweep dir {sweep_dir}"
+    )
+    start = time.perf_counter()
+    try:
+        _init_ray(cfg, args.address)
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        results, parent = run_sweep(sweep, sweep_dir, uri, resume=not fresh)
+        summary = summarize_sweep(sweep, sweep_dir, results, parent)
+    except BaseException:
+        if fresh and not any(p.is_dir() for p in sweep_dir.iterdir()):
+            shutil.rmtree(sweep_dir, ignore_errors=True)  # no trial started: leave nothing behind
+        else:
+            print(f"fedrlhf: sweep stopped; resume with: fedrlhf tune --resume {sweep_dir}", file=sys.stderr)
+        raise
+    s = sweep.settings
+    table = Table(title=f"{len(summary['trials'])} trials, ranked by {s.metric} ({s.mode}) at their last round")
+    for col in ("trial", *s.search_space, "rounds", s.metric):
+        table.add_column(col, justify="left" if col == "trial" else "right")
+    ranked = sorted(summary["trials"], key=lambda r: r[s.metric] if r[s.metric] == r[s.metric] else float("-inf"),
+                    reverse=s.mode == "max")
+    for row in ranked:
+        table.add_row(
+            str(row["trial_id"]) + (" (error)" if row["error"] else ""),
+            *(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in s.search_space),
+            str(row["rounds"]), f"{row[s.metric]:.4f}",
+        )
+    console.print(table)
+    console.print(
+        f"best: trial {summary['trial_id']} · {s.metric} = {summary['value']:.4f} · "
+        f"{', '.join(f'{k}={v}' for k, v in summary['search_values'].items())} · "
+        f"{time.perf_counter() - start:.0f}s"
+    )
+    print(f"best config: {sweep_dir / 'best_config.yaml'}")
+    if uri is not None:
+        print(f"MLflow: experiment {s.mlflow_experiment or s.name} in {uri}")
+    print(f"sweep directory: {sweep_dir}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from fedrlhf_ray.tracking import DEFAULT_DB, local_artifact_root
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    if not uri.startswith("sqlite:///"):
+        raise UserError(f"--tracking-uri {uri}: not a local SQLite store; a tracking server already serves its UI")
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    if not db.is_file():
+        raise UserError(f"--tracking-uri {uri}: no such store ({db}); run `fedrlhf run` here first")
+    command = [
+        "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", args.host, "--port", str(args.port),
+        "--artifacts-destination", local_artifact_root(f"sqlite:///{db}"),
+    ]
+    print(f"MLflow UI on http://{args.host}:{args.port} for {db} (Ctrl-C stops it)", flush=True)
+    os.execvp(command[0], command)
+    return 0  # not reached: exec replaces this process
+
+
 SUMMARY_METRICS = (
     ("engagement_rate", "engagement"),
     ("ndcg", "NDCG@k"),
@@ -512,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_info(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "tune":
+            return cmd_tune(args)
+        if args.command == "ui":
+            return cmd_ui(args)
         return cmd_train(args)
     except (ConfigError, UserError) as err:
         print(f"fedrlhf: error: {err}", file=sys.stderr)

@@ -367,18 +367,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(
-                    f"--set {text!r}: {'.'.join(path[: i + 1])} is a value, not a section"
-                )
-            node = child
-        node[path[-1]] = value
+        _set_path(out, path, value, f"--set {text!r}")
     return out
+
+
+def with_values(raw: dict[str, Any], values: dict[str, Any], label: str = "") -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``{"dotted.key": value}`` set (a sweep's sampled values)."""
+    out = copy.deepcopy(raw)
+    for key, value in values.items():
+        _set_path(out, key.split("."), value, f"{label}{key}")
+    return out
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any, label: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{label}: {'.'.join(path[: i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

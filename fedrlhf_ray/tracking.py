@@ -141,11 +141,13 @@ class RunTracker:
     # -- metrics -------------------------------------------------------------------------------
     def log_round(self, round_index: int, metrics: dict[str, float], client_rows: Iterable[dict[str, Any]] = ()) -> None:
         """Everything of one round in as few requests as MLflow allows (≤ 1000 metrics each)."""
+        self.log_metrics(round_metrics(metrics, client_rows, self.per_client), round_index)
+
+    def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        values = round_metrics(metrics, client_rows, self.per_client)
-        batch = [Metric(key, value, now, round_index) for key, value in sorted(values.items())]
+        batch = [Metric(key, value, now, step) for key, value in sorted(values.items())]
         client = self.client()
         for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
             client.log_batch(self.run_id, metrics=chunk, synchronous=True)
