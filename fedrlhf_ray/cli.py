@@ -327,6 +327,7 @@ def _start_tracking(cfg: ExperimentConfig, run_dir: Path, resume: bool, cli_uri:
     check_tracking_uri(uri)
     if previous is not None and previous.tracking_uri == uri:
         previous.reopen()
+        previous.set_tags(tracking.run_tags(cfg))
         return previous
     return tracking.start_run(cfg, run_dir, uri)
 
@@ -373,7 +374,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the run is marked interrupted (MLflow: KILLED)."""
 
 
+_sigterm_received: list[bool] = []  # Ray may re-raise the interrupt as a plain KeyboardInterrupt
+
+
 def _raise_terminated(signum, frame) -> None:
+    _sigterm_received.append(True)
     raise Terminated()
 
 
@@ -631,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt as err:
         print("fedrlhf: interrupted", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return 143 if isinstance(err, Terminated) or _sigterm_received else 130
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")
         return 0

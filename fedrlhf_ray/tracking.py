@@ -88,6 +88,7 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
         "fedrlhf.baseline": fed.baseline,
         "fedrlhf.personalization": fed.personalization,
         "fedrlhf.num_clients": str(cfg.clients.num_clients),
+        "fedrlhf.rounds": str(fed.rounds),  # a tag, not a param: a resume may raise it
     }
     commit = git_commit()
     if commit:

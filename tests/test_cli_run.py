@@ -37,9 +37,11 @@ def rounds_logged(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_run_then_resume_with_more_rounds(tmp_path):
+def test_run_then_resume_with_more_rounds(tmp_path, mlflow_server):
+    """One MLflow run on a real tracking server, continued by the resume."""
     out = tmp_path / "runs"
-    first = fedrlhf("run", str(QUICKSTART), *SMALL, "--set", "federation.rounds=1", "--out", str(out), cwd=tmp_path)
+    first = fedrlhf("run", str(QUICKSTART), *SMALL, "--set", "federation.rounds=1", "--out", str(out),
+                    "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     (run_dir,) = list(out.iterdir())
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
@@ -58,6 +60,42 @@ def test_run_then_resume_with_more_rounds(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final"]["round"] == 2.0
     assert len(list(out.iterdir())) == 1  # resuming never creates a second run directory
+    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
+
+    from mlflow.tracking import MlflowClient
+
+    from fedrlhf_ray.config import load_config
+    from fedrlhf_ray.tracking import config_params
+
+    client = MlflowClient(mlflow_server)
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    exp_runs = client.search_runs([run.info.experiment_id], f"tags.`fedrlhf.run_dir` = '{run_dir.resolve()}'")
+    assert [r.info.run_id for r in exp_runs] == [run_id]  # the resume continued the same run
+    assert run.data.params == config_params(load_config(run_dir / "config.yaml")) | {"federation.rounds": "1"}
+    assert run.data.tags["fedrlhf.strategy"] == "fedavg" and run.data.tags["fedrlhf.baseline"] == "federated"
+    assert run.data.tags["fedrlhf.env"] == "synthetic" and "fedrlhf.dataset" in run.data.tags
+    assert run.data.tags["fedrlhf.rounds"] == "2"
+    assert len(run.data.tags.get("mlflow.source.git.commit", "0" * 40)) == 40
+    # step = round; each round logged once although the run was tracked by two processes
+    history = client.get_metric_history(run_id, "fed/round_seconds")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "eval/liked_hit_rate/mean")) == [0, 1, 2]
+    assert [m.value for m in sorted(client.get_metric_history(run_id, "eval/liked_hit_rate/mean"), key=lambda m: m.step)] == [
+        row["eval/liked_hit_rate/mean"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    ]
+    for c in ("000", "001"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, f"client/{c}/eval/liked_hit_rate")) == [0, 1, 2]
+        assert sorted(m.step for m in client.get_metric_history(run_id, f"client/{c}/reward_model/heldout_pair_accuracy")) == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "metrics.jsonl", "client_metrics.jsonl", "learning_curves.png", "summary.json", "model"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/global_weights.npz"]
+    weights = client.download_artifacts(run_id, "model/global_weights.npz", str(tmp_path))
+    import numpy as np
+
+    with np.load(weights) as saved:
+        assert len(saved.files) > 4 and all(np.isfinite(saved[k]).all() for k in saved.files)
 
 
 def test_run_with_missing_data_leaves_nothing(tmp_path):
