@@ -29,7 +29,9 @@ from fedrlhf_ray.config import ExperimentConfig
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-RUN_FILE = "mlflow_run.json"  # in the run directory: which MLflow run a resume continues
+RUN_FILE = "mlflow_run.json"
+# Without it, MLflow 3's UI opens an experiment on its GenAI (traces) pages, not on its runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # in the run directory: which MLflow run a resume continues
 
 # MLflow's per-request limits for log_batch.
 MAX_METRICS_PER_BATCH = 1000
@@ -133,6 +135,9 @@ class RunTracker:
     tracking_uri: str
     run_id: str
     per_client: bool = True
+    # Rounds MLflow had when this run was reopened: a resume from an older checkpoint repeats
+    # them (identically: resumes are exact), and each is logged once.
+    already_logged: frozenset[int] = frozenset()
 
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -142,6 +147,8 @@ class RunTracker:
     # -- metrics -------------------------------------------------------------------------------
     def log_round(self, round_index: int, metrics: dict[str, float], client_rows: Iterable[dict[str, Any]] = ()) -> None:
         """Everything of one round in as few requests as MLflow allows (≤ 1000 metrics each)."""
+        if round_index in self.already_logged:
+            return
         self.log_metrics(round_metrics(metrics, client_rows, self.per_client), round_index)
 
     def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
@@ -169,6 +176,7 @@ class RunTracker:
         for rnd in missing:
             metrics = next(r for r in rows if int(r["round"]) == rnd)
             self.log_round(rnd, metrics, [r for r in client_rows if int(r["round"]) == rnd])
+        self.already_logged = frozenset(logged | set(missing))
         return len(missing)
 
     # -- the run's life --------------------------------------------------------------------------
@@ -197,8 +205,9 @@ class RunTracker:
         self.client().set_terminated(self.run_id, status=status)
 
     def reopen(self) -> None:
-        """A resumed run is RUNNING again (MLflow keeps its end time until then)."""
+        """A resumed run is RUNNING again, and remembers which rounds it already has."""
         self.client().update_run(self.run_id, status="RUNNING")
+        self.already_logged = frozenset(self.logged_rounds())
 
     def save(self, run_dir: Path) -> None:
         (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id}))
@@ -219,7 +228,10 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return found.experiment_id
     root = local_artifact_root(tracking_uri)
     try:
-        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        return client.create_experiment(
+            name, artifact_location=f"{root}/{name}" if root else None,
+            tags={EXPERIMENT_KIND_TAG: "custom_model_development"},
+        )
     except MlflowException:
         found = client.get_experiment_by_name(name)
         if found is None:
