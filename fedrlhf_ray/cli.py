@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="a Ray Tune sweep: every trial a federated run, tracked in MLflow")
     tune.add_argument("sweep", nargs="?", help="sweep YAML file (not needed with --resume)")
+    tune.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="fix a field of the base experiment for every trial, e.g. --set env.data.path=DIR (repeatable)",
+    )
     tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep (Tune's restore)")
     tune.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     tune.add_argument("--tracking-uri", help="MLflow tracking URI (as for run)")
@@ -399,6 +403,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = run_dir.resolve()
     started_fresh = resume_dir is None
     tracker = driver = None
+    placement: list[dict[str, Any]] = []
     try:
         _write_config(run_dir, cfg)  # on resume: a raised federation.rounds is kept
         tracker = _start_tracking(cfg, run_dir, not started_fresh, args.tracking_uri)
@@ -430,7 +435,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _finish_tracking(tracker, run_dir, "KILLED" if interrupted else "FAILED", cfg=cfg)
             print(f"fedrlhf: run stopped; resume with: fedrlhf run --resume {run_dir}", file=sys.stderr)
         raise
-    _write_status(run_dir, "completed", rounds=cfg.federation.rounds)
+    _write_status(run_dir, "completed", rounds=cfg.federation.rounds, placement=placement)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if tracker is not None:
         _finish_tracking(tracker, run_dir, "FINISHED", driver, cfg)
@@ -451,9 +456,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         sweep_dir = Path(args.resume).resolve()
         if not (sweep_dir / SWEEP_FILE).is_file():
             raise UserError(f"--resume {sweep_dir}: no {SWEEP_FILE} there (not a sweep directory)")
+        if args.overrides:
+            raise UserError("--set: a resumed sweep keeps its settings")
         sweep = load_sweep(sweep_dir / SWEEP_FILE)
     elif args.sweep:
-        sweep = load_sweep(args.sweep)
+        sweep = load_sweep(args.sweep, args.overrides)
         sweep_dir = None
     else:
         raise UserError("tune: give a sweep file, or --resume SWEEP_DIR")

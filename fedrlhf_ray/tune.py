@@ -34,7 +34,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedrlhf_ray.config import ConfigError, ExperimentConfig, read_yaml, validate_config, with_values
+from fedrlhf_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    parse_override,
+    read_yaml,
+    validate_config,
+    with_values,
+)
 
 SWEEP_FILE = "sweep.yaml"
 BEST_FILE = "best.json"
@@ -174,10 +181,18 @@ class Sweep:
         return out
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file; every searched value is checked against the config."""
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read and validate a sweep file; every searched value is checked against the config.
+
+    ``overrides`` (``key=value``, from ``--set``) are added to the sweep's fixed overrides."""
     path = Path(path)
     raw = read_yaml(path)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        raw.setdefault("overrides", {})
+        if not isinstance(raw["overrides"], dict):
+            break  # reported by the validation below
+        raw["overrides"][".".join(key)] = value
     base_ref = raw.get("experiment")
     try:
         settings = SweepConfig.model_validate(

@@ -98,3 +98,56 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+TINY_OVERRIDES = {
+    "clients.num_clients": 2,
+    "ray.num_workers": 1,
+    "ppo.train_batch_size": 400,
+    "ppo.minibatch_size": 200,
+    "ppo.local_iterations": 1,
+    "evaluation.episodes_per_user": 1,
+}
+
+
+def write_sweep(path: Path, **fields) -> Path:
+    """A small sweep over the quickstart experiment (the base path is made absolute)."""
+    import yaml
+
+    sweep = {
+        "name": "tiny",
+        "experiment": str(REPO_ROOT / "tune_configs" / "quickstart.yaml"),
+        "overrides": {**TINY_OVERRIDES, "federation.rounds": 3},
+        "search_space": {"shaping.lambda": {"grid": [0.0, 2.0]}, "ppo.lr": {"choice": [0.001, 0.002]}},
+        "metric": "eval/liked_hit_rate/mean",
+        "mode": "max",
+        "num_samples": 2,
+        "max_concurrent": 2,
+        "scheduler": {"type": "asha", "grace_period": 1},
+    }
+    sweep.update(fields)
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def fedrlhf_cli(*args: str, cwd: Path, timeout: int = 600):
+    """``fedrlhf`` as a user runs it, in a subprocess with its own local Ray."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "fedrlhf_ray.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(tmp_path_factory, mlflow_server):
+    """A real 4-trial sweep (λ grid × sampled lr, ASHA) tracked on the session's MLflow server."""
+    root = tmp_path_factory.mktemp("sweep")
+    sweep_file = write_sweep(root / "tiny.yaml")
+    proc = fedrlhf_cli("tune", str(sweep_file), "--tracking-uri", mlflow_server, "--out", str(root / "sweeps"), cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = (root / "sweeps").iterdir()
+    return {"dir": sweep_dir, "stdout": proc.stdout, "uri": mlflow_server}

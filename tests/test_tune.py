@@ -1,0 +1,163 @@
+"""Ray Tune sweeps: the sweep file's validation, a real sweep and its MLflow runs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fedrlhf_ray.config import ConfigError, load_config
+from fedrlhf_ray.tune import load_sweep, trial_resources, tune_report
+from tests.conftest import REPO_ROOT, write_sweep
+
+
+def test_shipped_sweeps_validate():
+    for name in ("lambda_sweep.yaml", "movielens_lambda_sweep.yaml"):
+        sweep = load_sweep(REPO_ROOT / "tune_configs" / name)
+        assert sweep.settings.search_space and sweep.base_config.federation.rounds >= 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"search_space": {"ppo.lrr": {"choice": [0.1]}}}, "search_space.ppo.lrr=0.1: ppo.lrr: unknown field"),
+        ({"search_space": {"ppo.lr": {"uniform": [-1.0, 1.0]}}}, "search_space.ppo.lr=-1.0: ppo.lr: got -1.0"),
+        ({"search_space": {"ppo.lr": {"uniform": [0.1, 0.1]}}}, "low (0.1) must be < high (0.1)"),
+        ({"search_space": {"ppo.lr": {"loguniform": [0.0, 0.1]}}}, "loguniform: low (0.0) must be > 0"),
+        ({"search_space": {"ppo.lr": {"grid": [0.1], "choice": [0.2]}}}, "give exactly one of grid, choice"),
+        ({"search_space": {"ppo.lr": {"normal": [0, 1]}}}, "search_space.ppo.lr.normal: unknown field"),
+        ({"search_space": {}}, "search_space: "),
+        ({"metric": "liked_hit_rate"}, "metric: got 'liked_hit_rate' — must start with one of eval/"),
+        ({"metric": "eval/liked_hit_rate"}, "end it with /mean"),
+        ({"mode": "best"}, "mode: got 'best'"),
+        ({"num_samples": 0}, "num_samples: got 0"),
+        ({"search_alg": {"type": "optuna"}}, "search_space.shaping.lambda: optuna cannot search a grid — use choice"),
+        ({"scheduler": {"type": "hyperband"}}, "scheduler.type: got 'hyperband'"),
+        ({"overrides": {"federation.rounds": 0}}, "overrides: federation.rounds: got 0"),
+        ({"experiment": "missing.yaml"}, "experiment: "),
+        ({"colour": "blue"}, "colour: unknown field"),
+    ],
+)
+def test_sweep_errors_name_the_field(tmp_path, fields, message):
+    path = write_sweep(tmp_path / "s.yaml", **fields)
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    text = str(err.value)
+    assert text.startswith(str(path)) and "\n" not in text
+    assert message in text, text
+
+
+def test_cli_sweep_error_is_one_line_and_creates_nothing(tmp_path):
+    from tests.conftest import fedrlhf_cli
+
+    path = write_sweep(tmp_path / "s.yaml", search_space={"ppo.lr": {"uniform": [-1.0, 1.0]}})
+    proc = fedrlhf_cli("tune", str(path), "--out", str(tmp_path / "sweeps"), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("fedrlhf: error: ") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_trial_resources_and_reports():
+    cfg = load_config(REPO_ROOT / "tune_configs" / "quickstart.yaml", ["ray.num_workers=2", "ray.cpus_per_worker=0.5"])
+    pgf = trial_resources(cfg)
+    assert pgf.bundles == [{"CPU": 0.5}, {"CPU": 0.5}] and pgf.head_bundle_is_empty
+    assert trial_resources(load_config(REPO_ROOT / "tune_configs" / "quickstart.yaml")).bundles == [{"CPU": 1.0}]
+    # a round without evaluation still reports the last evaluated value
+    report = tune_report({"round": 3.0, "fed/round_seconds": 1.0}, {"eval/liked_hit_rate/mean": 0.5})
+    assert report == {"round": 3.0, "fed/round_seconds": 1.0, "eval/liked_hit_rate/mean": 0.5}
+
+
+@pytest.mark.slow
+def test_sweep_trials_results_and_mlflow_runs(finished_sweep):
+    from mlflow.tracking import MlflowClient
+
+    sweep_dir = finished_sweep["dir"]
+    trials = pd.read_csv(sweep_dir / "trials.csv")
+    assert len(trials) == 4 and (trials["error"].isna() | (trials["error"] == "")).all()
+    assert sorted(trials["shaping.lambda"]) == [0.0, 0.0, 2.0, 2.0]
+    assert set(trials["ppo.lr"]) <= {0.001, 0.002}
+    assert trials["rounds"].max() == 3 and trials["rounds"].min() >= 1  # ASHA may stop one after its grace round
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best["value"] == pytest.approx(trials["eval/liked_hit_rate/mean"].max())
+    best_cfg = load_config(sweep_dir / "best_config.yaml")
+    assert best_cfg.shaping.lam == best["search_values"]["shaping.lambda"]
+    assert best_cfg.ppo.lr == best["search_values"]["ppo.lr"] and best_cfg.federation.rounds == 3
+    # human feedback matters: the best trial shapes its reward with λ > 0
+    assert best["search_values"]["shaping.lambda"] == 2.0
+    assert f"best: trial {best['trial_id']}" in finished_sweep["stdout"]
+
+    client = MlflowClient(finished_sweep["uri"])
+    exp = client.get_experiment_by_name("tiny")
+    parent_id = json.loads((sweep_dir / "mlflow_run.json").read_text())["run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best/eval/liked_hit_rate/mean"] == pytest.approx(best["value"])
+    assert parent.data.tags["fedrlhf.best_run_id"] == best["mlflow_run_id"]
+    assert {a.path for a in client.list_artifacts(parent_id)} >= {"best.json", "best_config.yaml", "sweep.yaml", "trials.csv"}
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 4
+    by_trial = {r.data.tags["fedrlhf.trial_id"]: r for r in children}
+    for row in trials.itertuples():
+        run = by_trial[row.trial_id]
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["shaping.lambda"]) == trials.loc[trials.trial_id == row.trial_id, "shaping.lambda"].item()
+        history = client.get_metric_history(run.info.run_id, "eval/liked_hit_rate/mean")
+        assert sorted(m.step for m in history) == list(range(row.rounds + 1))  # round 0 + each round once
+        final = max(history, key=lambda m: m.step).value
+        assert final == pytest.approx(trials.loc[trials.trial_id == row.trial_id, "eval/liked_hit_rate/mean"].item())
+        assert len(client.get_metric_history(run.info.run_id, "client/001/eval/liked_hit_rate")) == row.rounds + 1
+        assert (run.data.tags.get("fedrlhf.stopped_early") == "true") == (row.rounds < 3)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "metrics.jsonl", "learning_curves.png"} <= artifacts
+        assert ("model" in artifacts) == (row.rounds == 3)
+
+
+@pytest.mark.slow
+def test_interrupted_optuna_sweep_resumes(tmp_path, mlflow_server):
+    """SIGTERM after the first trial checkpointed, then ``--resume``: every trial completes,
+    each MLflow round exactly once, and the sweep's parent run is the same."""
+    from mlflow.tracking import MlflowClient
+
+    path = write_sweep(
+        tmp_path / "opt.yaml", name="opt", search_space={"shaping.lambda": {"uniform": [0.0, 2.0]}},
+        search_alg={"type": "optuna"}, scheduler=None, max_concurrent=1, num_samples=2,
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "sweeps"
+    args = [sys.executable, "-m", "fedrlhf_ray.cli", "tune"]
+    proc = subprocess.Popen([*args, str(path), "--tracking-uri", mlflow_server, "--out", str(out)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/opt_*/checkpoint_*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "resume with: fedrlhf tune --resume" in err, err[-2000:]
+    (sweep_dir,) = out.iterdir()
+    parent_id = json.loads((sweep_dir / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(parent_id).info.status == "KILLED"
+
+    resumed = subprocess.run([*args, "--resume", str(sweep_dir)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = pd.read_csv(sweep_dir / "trials.csv")
+    assert len(trials) == 2 and (trials["rounds"] == 3).all()
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    exp = client.get_experiment_by_name("opt")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "fed/round")]
+        assert sorted(steps) == [0, 1, 2, 3]
+    assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["search_alg"] == {"type": "optuna"}
