@@ -354,6 +354,29 @@ def check_tracking_uri(uri: str) -> None:
     raise UserError(f"--tracking-uri {uri}: no MLflow server answers ({problem})")
 
 
+def cluster_tracking_uri(uri: str | None) -> str | None:
+    """The tracking URI as trials on any node must see it.
+
+    On a multi-node cluster a SQLite file exists on this node only, and a server on loopback
+    is this node's: the first is refused, the second is given this node's cluster address."""
+    import ray
+
+    if uri is None or sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+        return uri
+    if uri.startswith("sqlite:"):
+        raise UserError(
+            f"--tracking-uri {uri}: a SQLite store is local to this node; on a multi-node cluster "
+            "give an MLflow server, e.g. --tracking-uri http://127.0.0.1:5000 on the head of cluster.yaml"
+        )
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.hostname in ("127.0.0.1", "localhost"):
+        netloc = ray.util.get_node_ip_address() + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
 def _finish_tracking(tracker, run_dir: Path, status: str, driver=None, cfg: ExperimentConfig | None = None) -> None:
     """Artifacts (config, metrics files, plots, final global model) and the terminal status."""
     import ray
@@ -485,6 +508,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     try:
         _init_ray(cfg, args.address)
         signal.signal(signal.SIGTERM, _raise_terminated)
+        uri = cluster_tracking_uri(uri)
         results, parent = run_sweep(sweep, sweep_dir, uri, resume=not fresh)
         summary = summarize_sweep(sweep, sweep_dir, results, parent)
     except BaseException:

@@ -34,6 +34,12 @@ def test_every_node_installs_the_pinned_project_and_gets_its_code(name):
     assert 0 <= workers["min_workers"] <= workers["max_workers"] <= cfg["max_workers"]
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_head_serves_mlflow_to_the_cluster(name):
+    head = "\n".join(load(name)["head_start_ray_commands"])
+    assert "mlflow server" in head and "--host 0.0.0.0 --port 5000" in head
+
+
 def test_the_validator_rejects_a_broken_config():
     """So that the validity test above can fail."""
     broken = copy.deepcopy(load("cluster.yaml"))

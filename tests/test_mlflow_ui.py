@@ -58,7 +58,7 @@ def test_mlflow_ui_shows_the_sweep_its_trials_and_a_metric_chart(browser, finish
     chart.wait_for()
     page.get_by_text("Step", exact=True).first.wait_for()  # a line chart over rounds, not just a bar
     for name in trials:  # every trial is a series (legend entry) of that chart
-        assert page.get_by_text(f"{name} (eval/liked_hit_rate/mean)").count() == 1, name
+        page.get_by_text(f"{name} (eval/liked_hit_rate/mean)").first.wait_for(state="attached")
     assert page.locator("svg.main-svg").count() >= 2
     shot = tmp_path / "mlflow_ui_sweep.png"
     page.screenshot(path=str(shot))

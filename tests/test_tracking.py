@@ -166,3 +166,19 @@ def test_sigterm_marks_the_mlflow_run_killed(tmp_path, mlflow_server):
     (run_dir,) = out.iterdir()
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
     assert "metrics.jsonl" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_cluster_tracking_uri(monkeypatch):
+    """On a multi-node cluster: SQLite is refused, a loopback server gets this node's address."""
+    import ray
+
+    from fedrlhf_ray.cli import UserError, cluster_tracking_uri
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
+    assert cluster_tracking_uri("http://127.0.0.1:5000") == "http://10.0.0.7:5000"
+    assert cluster_tracking_uri("http://mlflow.internal:5000") == "http://mlflow.internal:5000"
+    with pytest.raises(UserError, match="SQLite store is local to this node"):
+        cluster_tracking_uri("sqlite:////tmp/mlflow.db")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
+    assert cluster_tracking_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
