@@ -381,9 +381,16 @@ def _tune_config(sweep: Sweep):
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=cfg.seed)
+        max_concurrent = s.max_concurrent
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        # Seeded, so that a sweep file always draws the same trials (Tune's default is unseeded).
+        search_alg = BasicVariantGenerator(max_concurrent=s.max_concurrent or 0, random_state=cfg.seed)
+        max_concurrent = None
     return tune.TuneConfig(
         metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
-        search_alg=search_alg, max_concurrent_trials=s.max_concurrent,
+        search_alg=search_alg, max_concurrent_trials=max_concurrent,
         trial_name_creator=lambda t: f"{s.name}_{t.trial_id}",
         trial_dirname_creator=lambda t: f"{s.name}_{t.trial_id}",
     )

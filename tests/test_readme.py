@@ -26,7 +26,7 @@ def test_config_reference_is_current():
 
 
 def test_every_named_repo_file_exists():
-    named = set(re.findall(r"\b((?:tune_configs|bench|envs|fedrlhf_ray)/[\w/]+\.(?:yaml|py)|cluster(?:-gcp)?\.yaml)", README))
+    named = set(re.findall(r"\b((?:tune_configs|bench|envs|fedrlhf_ray|docs)/[\w/]+\.(?:yaml|py|png)|cluster(?:-gcp)?\.yaml)", README))
     assert named, "the README names no project file"
     assert sorted(p for p in named if not (ROOT / p).exists()) == []
 

@@ -75,6 +75,33 @@ def test_trial_resources_and_reports():
     assert report == {"round": 3.0, "fed/round_seconds": 1.0, "eval/liked_hit_rate/mean": 0.5}
 
 
+def _drawn_trials(path, overrides=()):
+    """The trial configs Tune's search would start for a sweep file, without running them."""
+    from ray import tune
+
+    from fedrlhf_ray.tune import _tune_config
+
+    sweep = load_sweep(path, list(overrides))
+    tune.register_trainable("probe", lambda config: None)
+    search = _tune_config(sweep).search_alg
+    search.add_configurations({"probe": {"run": "probe", "config": sweep.param_space(),
+                                         "num_samples": sweep.settings.num_samples}})
+    drawn = []
+    while (trial := search.next_trial()) is not None:
+        drawn.append(trial.config)
+    return drawn
+
+
+def test_random_search_is_seeded_by_the_experiment_seed(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", max_concurrent=None, num_samples=3,
+                       search_space={"shaping.lambda": {"grid": [0.0, 1.0]}, "ppo.lr": {"loguniform": [1e-4, 1e-2]}})
+    first = _drawn_trials(path)
+    assert len(first) == 6 and sorted(t["shaping.lambda"] for t in first) == [0.0] * 3 + [1.0] * 3
+    assert len({t["ppo.lr"] for t in first}) == 6
+    assert _drawn_trials(path) == first  # the same file draws the same trials
+    assert [t["ppo.lr"] for t in _drawn_trials(path, ["seed=1"])] != [t["ppo.lr"] for t in first]
+
+
 @pytest.mark.slow
 def test_sweep_trials_results_and_mlflow_runs(finished_sweep):
     from mlflow.tracking import MlflowClient
