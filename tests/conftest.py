@@ -59,6 +59,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_mlflow(uri: str, proc, log: Path) -> None:
+    """Until the MLflow process ``proc`` answers ``/health`` (it fails the test if it dies)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"MLflow did not start at {uri}: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on loopback (SQLite store, one worker) for the whole session.
@@ -66,8 +85,6 @@ def mlflow_server(tmp_path_factory):
     Yields its URI; it takes ~25 s to answer ``/health``, hence once per session."""
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
@@ -79,18 +96,7 @@ def mlflow_server(tmp_path_factory):
         cwd=root, stdout=log, stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=5) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    wait_for_mlflow(uri, proc, root / "server.log")
     yield uri
     proc.terminate()
     try:

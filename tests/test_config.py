@@ -21,7 +21,10 @@ from fedrlhf_ray.config import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TUNE_CONFIGS = sorted((REPO_ROOT / "tune_configs").glob("*.y*ml"))
+# Experiment files; the sweep files beside them (a search_space) are tests/test_tune.py's.
+TUNE_CONFIGS = sorted(
+    p for p in (REPO_ROOT / "tune_configs").glob("*.y*ml") if "search_space" not in yaml.safe_load(p.read_text())
+)
 
 
 def config_error(raw) -> str:

@@ -1,4 +1,5 @@
-"""The MLflow UI of a finished sweep, as a user sees it, in headless Chromium.
+"""The MLflow UI as a user sees it, in headless Chromium: a finished sweep on a tracking server,
+and a local run served by ``fedrlhf ui``.
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it) and Playwright for Python; browsers
 cannot be downloaded here, so Playwright drives ``/usr/bin/chromium``.
@@ -9,8 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
+
+from tests.conftest import REPO_ROOT, TINY_OVERRIDES, fedrlhf_cli, free_port, wait_for_mlflow
 
 CHROMIUM = os.environ.get("FEDRLHF_CHROMIUM", "/usr/bin/chromium")
 
@@ -65,3 +70,54 @@ def test_mlflow_ui_shows_the_sweep_its_trials_and_a_metric_chart(browser, finish
     assert shot.stat().st_size > 20_000
     print(f"screenshot: {shot}")
     page.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_fedrlhf_ui_shows_a_local_run_its_metrics_and_artifacts(browser, tmp_path):
+    """The embedded default as a user meets it: `fedrlhf run` writes ./mlflow.db and
+    ./mlartifacts, and `fedrlhf ui` in that folder serves the run, its charts and its files."""
+    from mlflow.tracking import MlflowClient
+
+    overrides = {**TINY_OVERRIDES, "federation.rounds": 2, "tracking.experiment": "local"}
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    proc = fedrlhf_cli("run", str(REPO_ROOT / "tune_configs" / "quickstart.yaml"), *sets, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("local")
+    (run,) = client.search_runs([exp.experiment_id])
+
+    port = free_port()
+    log = tmp_path / "ui.log"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with log.open("w") as out:
+        ui = subprocess.Popen([sys.executable, "-m", "fedrlhf_ray.cli", "ui", "--port", str(port)],
+                              cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_for_mlflow(uri, ui, log)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(60_000)
+        page.goto(f"{uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/model-metrics")
+        name = run.info.run_name
+        # a chart per metric, the per-client series first, the global ones found by search
+        page.get_by_text(f"{name} (client/000/eval/liked_hit_rate)", exact=True).first.wait_for()
+        page.get_by_placeholder("Search metric charts").fill("eval/liked_hit_rate/")
+        for series in ("eval/liked_hit_rate/mean", "eval/liked_hit_rate/worst_decile"):
+            page.get_by_text(f"{name} ({series})", exact=True).first.wait_for()
+        page.goto(f"{uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/artifacts")
+        for name in ("config.yaml", "metrics.jsonl", "learning_curves.png", "model"):
+            page.get_by_text(name, exact=True).first.wait_for()
+        page.get_by_text("learning_curves.png", exact=True).first.click()
+        # the plot is read from ./mlartifacts through the UI and shown as a decoded image
+        page.get_by_text(f"Path: {(tmp_path / 'mlartifacts').as_uri()}").first.wait_for()
+        image = page.locator("img[src^='blob:'] >> visible=true").first
+        image.wait_for()
+        assert image.evaluate("img => img.complete && img.naturalWidth") > 500
+        shot = tmp_path / "mlflow_ui_run.png"
+        page.screenshot(path=str(shot))
+        print(f"screenshot: {shot}")
+        page.close()
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)

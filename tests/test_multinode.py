@@ -5,25 +5,45 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from tests.conftest import REPO_ROOT, TINY_OVERRIDES, fedrlhf_cli
 
 
+# In its own process: ``Cluster.shutdown`` resets the internal-KV client of the process it runs
+# in, which would cut this test session's Ray off its function and env registry.
+CLUSTER = """
+import json, sys
+from ray.cluster_utils import Cluster
+
+store = 150 * 1024 * 1024
+cluster = Cluster(initialize_head=True, connect=False,
+                  head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False})
+cluster.add_node(num_cpus=1, object_store_memory=store)
+cluster.wait_for_nodes()
+print(json.dumps({"address": cluster.address, "nodes": [n.node_id for n in cluster.list_all_nodes()]}), flush=True)
+sys.stdin.read()  # until the test closes stdin
+cluster.shutdown()
+"""
+
+
 @pytest.fixture
 def two_node_cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True, connect=False,
-        head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024 * 1024, "include_dashboard": False},
-    )
-    cluster.add_node(num_cpus=1, object_store_memory=150 * 1024 * 1024)
-    cluster.wait_for_nodes()
-    yield cluster
-    cluster.shutdown()
+    """A real two-node Ray cluster (one CPU per node) on this machine: its address and node ids."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", CLUSTER], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        pytest.fail("the two-node cluster did not start")
+    yield json.loads(line)
+    proc.stdin.close()
+    proc.wait(timeout=120)
 
 
 @pytest.mark.slow
@@ -34,7 +54,7 @@ def test_client_actors_on_two_nodes(two_node_cluster, mlflow_server, tmp_path):
                  "tracking.experiment": "multinode"}
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     proc = fedrlhf_cli(
-        "run", str(REPO_ROOT / "tune_configs" / "quickstart.yaml"), *sets, "--address", two_node_cluster.address,
+        "run", str(REPO_ROOT / "tune_configs" / "quickstart.yaml"), *sets, "--address", two_node_cluster["address"],
         "--tracking-uri", mlflow_server, "--out", str(tmp_path / "runs"), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,7 +68,7 @@ def test_client_actors_on_two_nodes(two_node_cluster, mlflow_server, tmp_path):
     run = client.get_run(json.loads((run_dir / "mlflow_run.json").read_text())["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["fedrlhf.ray_nodes"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "eval/liked_hit_rate/mean")) == 3
-    nodes = {n.node_id for n in two_node_cluster.list_all_nodes()}
+    nodes = set(two_node_cluster["nodes"])
     # placement was recorded while running; the completed status keeps it
     placement = json.loads((run_dir / "status.json").read_text()).get("placement")
     assert placement is not None, "status.json lost the client placement"
