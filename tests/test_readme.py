@@ -48,3 +48,16 @@ def test_documented_subcommands_parse(command):
              "train": ["x.yaml"], "run": ["x.yaml"]}.get(command, [])
     args = parser.parse_args(words + extra)
     assert args.command == words[0]
+
+
+def test_the_example_sweep_file_loads_as_written(tmp_path):
+    """The annotated sweep in "Ray Tune sweeps" is a valid sweep file, next to its base experiment."""
+    import shutil
+
+    from fedrlhf_ray.tune import load_sweep
+
+    (block,) = re.findall(r"```yaml\n(name: .*?)```", README, re.S)
+    shutil.copy(ROOT / "tune_configs" / "quickstart.yaml", tmp_path)
+    (tmp_path / "sweep.yaml").write_text(block)
+    sweep = load_sweep(tmp_path / "sweep.yaml")
+    assert set(sweep.settings.search_space) == {"shaping.lambda", "ppo.lr"} and sweep.settings.scheduler is not None
