@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from fedrlhf_ray.config import ConfigError, ExperimentConfig, load_config
+from fedrlhf_ray.tracking import read_jsonl
+from fedrlhf_ray.tune import SweepError
 
 EXIT_USER_ERROR = 2
 
@@ -164,19 +166,20 @@ def _atomic_run_dir(parent: Path, name: str) -> tuple[Path, Path]:
     return tmp, final
 
 
-def _init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
-    """Connect to ``address`` (or $RAY_ADDRESS) if given, else start a local Ray."""
+def _init_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
+    """Connect to ``address`` (or $RAY_ADDRESS) if given, else start a local Ray; True when
+    an existing cluster was joined."""
     import ray
 
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return bool(address)
     if address:
         try:
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         except ConnectionError as err:
             raise UserError(f"--address {address}: no Ray cluster reachable ({err})") from None
-        return
+        return True
     ray.init(
         num_cpus=cfg.ray.num_cpus,
         object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
@@ -184,6 +187,7 @@ def _init_ray(cfg: ExperimentConfig, address: str | None = None) -> None:
         log_to_driver=False,
         logging_level="ERROR",
     )
+    return False
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -354,27 +358,37 @@ def check_tracking_uri(uri: str) -> None:
     raise UserError(f"--tracking-uri {uri}: no MLflow server answers ({problem})")
 
 
-def cluster_tracking_uri(uri: str | None) -> str | None:
+def cluster_tracking_uri(uri: str | None, joined: bool) -> str | None:
     """The tracking URI as trials on any node must see it.
 
-    On a multi-node cluster a SQLite file exists on this node only, and a server on loopback
-    is this node's: the first is refused, the second is given this node's cluster address."""
+    On a cluster that was joined (``--address``; an autoscaler may add nodes at any time) or
+    that has several nodes, a SQLite file exists on this node only and a server on loopback is
+    this node's: the first is refused, the second is given this node's cluster address, where
+    it must answer too."""
     import ray
 
-    if uri is None or sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+    if uri is None or (not joined and sum(1 for n in ray.nodes() if n["Alive"]) < 2):
         return uri
     if uri.startswith("sqlite:"):
         raise UserError(
-            f"--tracking-uri {uri}: a SQLite store is local to this node; on a multi-node cluster "
-            "give an MLflow server, e.g. --tracking-uri http://127.0.0.1:5000 on the head of cluster.yaml"
+            f"--tracking-uri {uri}: a SQLite store is local to this node; on a Ray cluster give an "
+            "MLflow server, e.g. --tracking-uri http://127.0.0.1:5000 on the head of cluster.yaml"
         )
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(uri)
-    if parts.hostname in ("127.0.0.1", "localhost"):
-        netloc = ray.util.get_node_ip_address() + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
+    if parts.hostname not in ("127.0.0.1", "localhost"):
+        return uri
+    netloc = ray.util.get_node_ip_address() + (f":{parts.port}" if parts.port else "")
+    shared = urlunsplit(parts._replace(netloc=netloc))
+    try:
+        check_tracking_uri(shared)
+    except UserError:
+        raise UserError(
+            f"--tracking-uri {uri}: trials on other nodes would reach it as {shared}, where no MLflow "
+            "server answers; start it with --host 0.0.0.0 (as cluster.yaml's head does)"
+        ) from None
+    return shared
 
 
 def _finish_tracking(tracker, run_dir: Path, status: str, driver=None, cfg: ExperimentConfig | None = None) -> None:
@@ -447,16 +461,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BaseException as err:
         interrupted = isinstance(err, KeyboardInterrupt)
         has_round = (run_dir / "checkpoint.pkl").exists()
+        status = "KILLED" if interrupted else "FAILED"
         if started_fresh and not has_round:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
-            if tracker is not None:
-                tracker.finish("KILLED" if interrupted else "FAILED")
-                tracker.client().delete_run(tracker.run_id)
         else:
             _write_status(run_dir, "interrupted" if interrupted else "failed", error=str(err)[:500])
-            if tracker is not None:
-                _finish_tracking(tracker, run_dir, "KILLED" if interrupted else "FAILED", cfg=cfg)
             print(f"fedrlhf: run stopped; resume with: fedrlhf run --resume {run_dir}", file=sys.stderr)
+        if tracker is not None:
+            try:  # the error may be the tracking server's own: it must not hide the run's error
+                if started_fresh and not has_round:
+                    tracker.finish(status)
+                    tracker.client().delete_run(tracker.run_id)
+                else:
+                    _finish_tracking(tracker, run_dir, status, cfg=cfg)
+            except Exception as tracking_err:  # noqa: BLE001
+                print(f"fedrlhf: could not close MLflow run {tracker.run_id}: {tracking_err}", file=sys.stderr)
         raise
     _write_status(run_dir, "completed", rounds=cfg.federation.rounds, placement=placement)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -473,7 +492,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from fedrlhf_ray import tracking
     from fedrlhf_ray.clients_data import build_clients
-    from fedrlhf_ray.tune import SWEEP_FILE, load_sweep, run_sweep, summarize_sweep
+    from fedrlhf_ray.tune import BEST_CONFIG, SWEEP_FILE, load_sweep, run_sweep, summarize_sweep
 
     if args.resume:
         sweep_dir = Path(args.resume).resolve()
@@ -505,12 +524,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"{sweep.settings.metric} ({sweep.settings.mode}) · sweep dir {sweep_dir}"
     )
     start = time.perf_counter()
+    # Tune's own Ctrl-C handler ends fit() as if the sweep were done: let it interrupt instead,
+    # like SIGTERM, so that the sweep is marked KILLED and can be resumed.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        _init_ray(cfg, args.address)
+        joined = _init_ray(cfg, args.address)
         signal.signal(signal.SIGTERM, _raise_terminated)
-        uri = cluster_tracking_uri(uri)
+        uri = cluster_tracking_uri(uri, joined)
         results, parent = run_sweep(sweep, sweep_dir, uri, resume=not fresh)
         summary = summarize_sweep(sweep, sweep_dir, results, parent)
+    except SweepError:
+        raise  # it ran to the end: nothing to resume
     except BaseException:
         if fresh and not any(p.is_dir() for p in sweep_dir.iterdir()):
             shutil.rmtree(sweep_dir, ignore_errors=True)  # no trial started: leave nothing behind
@@ -521,8 +545,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     table = Table(title=f"{len(summary['trials'])} trials, ranked by {s.metric} ({s.mode}) at their last round")
     for col in ("trial", *s.search_space, "rounds", s.metric):
         table.add_column(col, justify="left" if col == "trial" else "right")
-    ranked = sorted(summary["trials"], key=lambda r: r[s.metric] if r[s.metric] == r[s.metric] else float("-inf"),
-                    reverse=s.mode == "max")
+    sign = 1 if s.mode == "max" else -1  # best first; a trial without the metric (NaN) last
+    ranked = sorted(summary["trials"], key=lambda r: sign * r[s.metric] if r[s.metric] == r[s.metric] else float("-inf"),
+                    reverse=True)
     for row in ranked:
         table.add_row(
             str(row["trial_id"]) + (" (error)" if row["error"] else ""),
@@ -535,7 +560,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"{', '.join(f'{k}={v}' for k, v in summary['search_values'].items())} · "
         f"{time.perf_counter() - start:.0f}s"
     )
-    print(f"best config: {sweep_dir / 'best_config.yaml'}")
+    print(f"best config: {sweep_dir / BEST_CONFIG}")
     if uri is not None:
         print(f"MLflow: experiment {s.mlflow_experiment or s.name} in {uri}")
     print(f"sweep directory: {sweep_dir}")
@@ -629,16 +654,12 @@ def _federated_loop(cfg: ExperimentConfig, driver, run_dir: Path, fresh: bool) -
     return {"initial": first, "final": last, "gap_closed": closed}
 
 
-def _metric_rows(run_dir: Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-
-
 def _read_round(run_dir: Path, round_index: int) -> dict[str, float]:
-    return next((row for row in _metric_rows(run_dir) if row.get("round") == round_index), {})
+    return next((row for row in read_jsonl(run_dir / "metrics.jsonl") if row.get("round") == round_index), {})
 
 
 def _last_evaluated(run_dir: Path) -> dict[str, float]:
-    return [row for row in _metric_rows(run_dir) if "eval/liked_hit_rate/mean" in row][-1]
+    return [row for row in read_jsonl(run_dir / "metrics.jsonl") if "eval/liked_hit_rate/mean" in row][-1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -659,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as err:
         print(f"fedrlhf: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except SweepError as err:
+        print(f"fedrlhf: error: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:
         from envs.data.movielens import DatasetError
 

@@ -29,9 +29,9 @@ from fedrlhf_ray.config import ExperimentConfig
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-RUN_FILE = "mlflow_run.json"
+RUN_FILE = "mlflow_run.json"  # in the run directory: which MLflow run a resume continues
 # Without it, MLflow 3's UI opens an experiment on its GenAI (traces) pages, not on its runs.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # in the run directory: which MLflow run a resume continues
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 # MLflow's per-request limits for log_batch.
 MAX_METRICS_PER_BATCH = 1000
@@ -169,8 +169,8 @@ class RunTracker:
         checkpoint and its MLflow batch); returns how many."""
         from fedrlhf_ray.driver import CLIENT_METRICS, METRICS
 
-        rows = _read_jsonl(run_dir / METRICS)
-        client_rows = _read_jsonl(run_dir / CLIENT_METRICS)
+        rows = read_jsonl(run_dir / METRICS)
+        client_rows = read_jsonl(run_dir / CLIENT_METRICS)
         logged = self.logged_rounds()
         missing = sorted({int(r["round"]) for r in rows} - logged)
         for rnd in missing:
@@ -267,7 +267,8 @@ def load_tracker(run_dir: Path, per_client: bool = True) -> RunTracker | None:
     return RunTracker(data["tracking_uri"], data["run_id"], per_client)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run directory's ``*.jsonl`` file (none if it is missing)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -292,7 +293,7 @@ def plot_learning_curves(run_dir: Path, out: Path, title: str) -> Path:
 
     from fedrlhf_ray.driver import METRICS
 
-    rows = _read_jsonl(run_dir / METRICS)
+    rows = read_jsonl(run_dir / METRICS)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     for ax, (key, label) in zip(axes.flat, CURVES, strict=True):
         for suffix, style in (("mean", "-o"), ("worst_decile", "--s"), ("median", ":")):

@@ -152,13 +152,16 @@ class SweepConfig(_Strict):
         return self
 
 
-class Sweep:
-    """A validated sweep: its settings, the sweep file's folder and the base experiment."""
+class SweepError(RuntimeError):
+    """A sweep that ran but gave no result (every trial failed)."""
 
-    def __init__(self, settings: SweepConfig, base: dict[str, Any], source: Path) -> None:
+
+class Sweep:
+    """A validated sweep: its settings and the base experiment."""
+
+    def __init__(self, settings: SweepConfig, base: dict[str, Any]) -> None:
         self.settings = settings
         self.base = base  # raw base experiment with the fixed overrides applied
-        self.source = source
 
     @property
     def base_config(self) -> ExperimentConfig:
@@ -213,7 +216,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         validate_config(base)
     except ConfigError as err:
         raise ConfigError(f"{path}: overrides: {err}") from None
-    sweep = Sweep(settings, base, path)
+    sweep = Sweep(settings, base)
     firsts = {k: d.representatives()[0] for k, d in settings.search_space.items()}
     for key, dim in settings.search_space.items():
         for value in dim.representatives():
@@ -330,8 +333,9 @@ def log_run_files(tracker, run_dir: Path, title: str) -> None:
 
 def _last_eval(run_dir: Path) -> dict[str, float]:
     from fedrlhf_ray.driver import METRICS
+    from fedrlhf_ray.tracking import read_jsonl
 
-    rows = [json.loads(x) for x in (run_dir / METRICS).read_text().splitlines() if x]
+    rows = read_jsonl(run_dir / METRICS)
     evaluated = [r for r in rows if any(k.startswith("eval/") for k in r)]
     return {k: v for k, v in evaluated[-1].items() if k.startswith("eval/")} if evaluated else {}
 
@@ -360,7 +364,7 @@ def _trainable(sweep: Sweep, tracking_uri: str | None, parent_run_id: str | None
         parent_run_id=parent_run_id,
         mlflow_experiment=settings.mlflow_experiment or settings.name,
     )
-    return tune.with_resources(fn, trial_resources(sweep.base_config))
+    return tune.with_resources(fn, lambda values: trial_resources(sweep.trial_config(values)))
 
 
 def _tune_config(sweep: Sweep):
@@ -418,26 +422,27 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str | None, *, resume
     elif parent is not None:
         parent.reopen()
     trainable = _trainable(sweep, parent.tracking_uri if parent else None, parent.run_id if parent else None)
-    if resume:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=sweep.param_space(),
-            tune_config=_tune_config(sweep),
-            run_config=tune.RunConfig(
-                name=sweep_dir.name, storage_path=str(sweep_dir.parent),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=1,
-            ),
-        )
     try:
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=sweep.param_space(),
+                tune_config=_tune_config(sweep),
+                run_config=tune.RunConfig(
+                    name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    verbose=1,
+                ),
+            )
         results = tuner.fit()
-    except BaseException:
+    except BaseException as err:
         if parent is not None:
-            close_trial_runs(parent, sweep, None, "KILLED")
-            parent.finish("KILLED")
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            close_trial_runs(parent, sweep, None, status)
+            parent.finish(status)
         raise
     return results, parent
 
@@ -495,7 +500,11 @@ def summarize_sweep(sweep: Sweep, sweep_dir: Path, results, parent) -> dict[str,
         })
     with_metric = [r for r in results if r.error is None and r.metrics and s.metric in r.metrics]
     if not with_metric:
-        raise RuntimeError(f"sweep {s.name}: no trial reported {s.metric}")
+        if parent is not None:
+            close_trial_runs(parent, sweep, results, "FAILED")
+            parent.finish("FAILED")
+        errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
+        raise SweepError(f"sweep {s.name}: no trial reported {s.metric}" + (f"; first trial error: {errors[0]}" if errors else ""))
     sign = 1 if s.mode == "max" else -1
     best = max(with_metric, key=lambda r: sign * r.metrics[s.metric])
     best_cfg = sweep.trial_config(best.config)

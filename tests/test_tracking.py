@@ -169,16 +169,33 @@ def test_sigterm_marks_the_mlflow_run_killed(tmp_path, mlflow_server):
 
 
 def test_cluster_tracking_uri(monkeypatch):
-    """On a multi-node cluster: SQLite is refused, a loopback server gets this node's address."""
+    """On a joined or multi-node cluster: SQLite is refused, a loopback server gets this node's
+    address and must answer there; a local one-node Ray keeps the URI."""
     import ray
 
+    from fedrlhf_ray import cli
     from fedrlhf_ray.cli import UserError, cluster_tracking_uri
 
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    answering = {"http://10.0.0.7:5000"}
+
+    def check(uri):
+        if uri not in answering:
+            raise UserError(f"--tracking-uri {uri}: no MLflow server answers")
+
+    monkeypatch.setattr(cli, "check_tracking_uri", check)
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
-    assert cluster_tracking_uri("http://127.0.0.1:5000") == "http://10.0.0.7:5000"
-    assert cluster_tracking_uri("http://mlflow.internal:5000") == "http://mlflow.internal:5000"
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    # a laptop's own Ray: as given
+    assert cluster_tracking_uri("sqlite:////tmp/mlflow.db", joined=False) == "sqlite:////tmp/mlflow.db"
+    assert cluster_tracking_uri("http://127.0.0.1:5000", joined=False) == "http://127.0.0.1:5000"
+    # a joined cluster, even while it has only its head (the autoscaler adds workers later)
+    assert cluster_tracking_uri("http://127.0.0.1:5000", joined=True) == "http://10.0.0.7:5000"
+    assert cluster_tracking_uri("http://mlflow.internal:5000", joined=True) == "http://mlflow.internal:5000"
     with pytest.raises(UserError, match="SQLite store is local to this node"):
-        cluster_tracking_uri("sqlite:////tmp/mlflow.db")
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
-    assert cluster_tracking_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+        cluster_tracking_uri("sqlite:////tmp/mlflow.db", joined=True)
+    with pytest.raises(UserError, match=r"reach it as http://10.0.0.7:5001.*--host 0.0.0.0"):
+        cluster_tracking_uri("http://localhost:5001", joined=True)
+    # several nodes of a local Ray
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    with pytest.raises(UserError, match="SQLite store is local to this node"):
+        cluster_tracking_uri("sqlite:////tmp/mlflow.db", joined=False)

@@ -75,6 +75,16 @@ def test_trial_resources_and_reports():
     assert report == {"round": 3.0, "fed/round_seconds": 1.0, "eval/liked_hit_rate/mean": 0.5}
 
 
+def test_each_trial_gets_the_placement_group_of_its_own_config(tmp_path):
+    """Searching the client actors per trial sizes each trial's placement group."""
+    from fedrlhf_ray.tune import _trainable
+
+    path = write_sweep(tmp_path / "s.yaml", search_space={"ray.num_workers": {"grid": [1, 2]}})
+    resources = _trainable(load_sweep(path), None, None)._resources  # what Tune asks per trial
+    assert resources({"ray.num_workers": 2}).bundles == [{"CPU": 1.0}] * 2
+    assert resources({"ray.num_workers": 1}).bundles == [{"CPU": 1.0}]
+
+
 def _drawn_trials(path, overrides=()):
     """The trial configs Tune's search would start for a sweep file, without running them."""
     from ray import tune
@@ -149,7 +159,7 @@ def test_sweep_trials_results_and_mlflow_runs(finished_sweep):
 
 @pytest.mark.slow
 def test_interrupted_optuna_sweep_resumes(tmp_path, mlflow_server):
-    """SIGTERM after the first trial checkpointed, then ``--resume``: every trial completes,
+    """Ctrl-C after the first trial checkpointed, then ``--resume``: every trial completes,
     each MLflow round exactly once, and the sweep's parent run is the same."""
     from mlflow.tracking import MlflowClient
 
@@ -167,9 +177,13 @@ def test_interrupted_optuna_sweep_resumes(tmp_path, mlflow_server):
     while not list(out.glob("*/opt_*/checkpoint_*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "resume with: fedrlhf tune --resume" in err, err[-2000:]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C; SIGTERM takes the same path (tests/test_tracking.py)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "resume with: fedrlhf tune --resume" in err, err[-2000:]
+    assert not list(out.glob("*/best.json")), "an interrupted sweep has no result"
     (sweep_dir,) = out.iterdir()
     parent_id = json.loads((sweep_dir / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(mlflow_server)
@@ -188,3 +202,33 @@ def test_interrupted_optuna_sweep_resumes(tmp_path, mlflow_server):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "fed/round")]
         assert sorted(steps) == [0, 1, 2, 3]
     assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["search_alg"] == {"type": "optuna"}
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_trials_all_fail_is_one_line_and_closes_its_runs(tmp_path, mlflow_server, shared_data):
+    """The base experiment is sound, but every trial's data path is not: exit 1 with one line,
+    and the sweep's parent run and every trial run end FAILED, none left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import fedrlhf_cli
+
+    real = shared_data / "ml-latest-small"
+    path = write_sweep(
+        tmp_path / "bad.yaml", name="bad", scheduler=None, num_samples=1,
+        overrides={"env.name": "movielens", "env.data.dataset": "ml-latest-small", "env.data.path": str(real),
+                   "clients.num_clients": 2, "ray.num_workers": 1, "federation.rounds": 1},
+        search_space={"env.data.path": {"choice": [str(tmp_path / "missing")]}},
+    )
+    proc = fedrlhf_cli("tune", str(path), "--tracking-uri", mlflow_server, "--out", str(tmp_path / "sweeps"),
+                       cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedrlhf: error: sweep bad: no trial reported eval/liked_hit_rate/mean"), last
+    assert "resume with" not in proc.stderr  # it ran to the end
+    (sweep_dir,) = (tmp_path / "sweeps").iterdir()
+    client = MlflowClient(mlflow_server)
+    parent_id = json.loads((sweep_dir / "mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(parent_id).info.status == "FAILED"
+    exp = client.get_experiment_by_name("bad")
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert runs and all(r.info.status == "FAILED" for r in runs)
