@@ -148,18 +148,21 @@ def test_sigterm_marks_the_mlflow_run_killed(tmp_path, mlflow_server):
         "--tracking-uri", mlflow_server, "--out", str(out), cwd=tmp_path,
     )
     client = MlflowClient(mlflow_server)
-    deadline = time.monotonic() + 240
-    run_id = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        files = list(out.glob("*/mlflow_run.json"))
-        if files:
-            run_id = json.loads(files[0].read_text())["run_id"]
-            if client.get_metric_history(run_id, "fed/round_seconds"):
-                break
-        time.sleep(0.5)
-    assert proc.poll() is None and run_id, "the run never logged a round"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        run_id = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            files = list(out.glob("*/mlflow_run.json"))
+            if files:
+                run_id = json.loads(files[0].read_text())["run_id"]
+                if client.get_metric_history(run_id, "fed/round_seconds"):
+                    break
+            time.sleep(0.5)
+        assert proc.poll() is None and run_id, "the run never logged a round"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # whatever failed above, no 50-round run outlives the test
     assert proc.returncode == 143, err[-2000:]
     assert "resume with: fedrlhf run --resume" in err
     assert client.get_run(run_id).info.status == "KILLED"

@@ -173,15 +173,15 @@ def test_interrupted_optuna_sweep_resumes(tmp_path, mlflow_server):
     args = [sys.executable, "-m", "fedrlhf_ray.cli", "tune"]
     proc = subprocess.Popen([*args, str(path), "--tracking-uri", mlflow_server, "--out", str(out)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list(out.glob("*/opt_*/checkpoint_*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert proc.poll() is None, "the sweep ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)  # Ctrl-C; SIGTERM takes the same path (tests/test_tracking.py)
     try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("*/opt_*/checkpoint_*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C; SIGTERM takes the same path (tests/test_tracking.py)
         _, err = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        proc.kill()  # whatever failed above, no sweep outlives the test
     assert proc.returncode == 130 and "resume with: fedrlhf tune --resume" in err, err[-2000:]
     assert not list(out.glob("*/best.json")), "an interrupted sweep has no result"
     (sweep_dir,) = out.iterdir()
