@@ -462,14 +462,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         interrupted = isinstance(err, KeyboardInterrupt)
         has_round = (run_dir / "checkpoint.pkl").exists()
         status = "KILLED" if interrupted else "FAILED"
-        if started_fresh and not has_round:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave nothing behind
+        nothing_to_resume = started_fresh and not has_round
+        if nothing_to_resume:
+            shutil.rmtree(run_dir, ignore_errors=True)  # leave nothing behind
         else:
             _write_status(run_dir, "interrupted" if interrupted else "failed", error=str(err)[:500])
             print(f"fedrlhf: run stopped; resume with: fedrlhf run --resume {run_dir}", file=sys.stderr)
         if tracker is not None:
             try:  # the error may be the tracking server's own: it must not hide the run's error
-                if started_fresh and not has_round:
+                if nothing_to_resume:
                     tracker.finish(status)
                     tracker.client().delete_run(tracker.run_id)
                 else:
