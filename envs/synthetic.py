@@ -48,6 +48,12 @@ def make_synthetic_clients(
     """
     if items_per_user >= n_items:
         raise ValueError(f"items_per_user ({items_per_user}) must be below n_items ({n_items})")
+    # The latest heldout_fraction of each user's items, at least one, is held out.
+    n_held = max(1, round(heldout_fraction * items_per_user))
+    if n_held >= items_per_user:
+        raise ValueError(
+            f"heldout_fraction ({heldout_fraction}) holds out all {items_per_user} items per user: none left for training"
+        )
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
 
     item_latent = rng.normal(size=(n_items, latent_dim)) / np.sqrt(latent_dim)
@@ -90,7 +96,6 @@ def make_synthetic_clients(
             )
             rng.shuffle(watched)  # the order a user watched in is the time order of the split
             items = watched.astype(np.int64) + 1
-            n_held = max(1, int(round(heldout_fraction * items_per_user)))
             users.append(
                 UserRecord(
                     user_id=user_id,

@@ -1,30 +1,33 @@
 """Client actors: each hosts a pool of virtual clients over one local trainer.
 
-A :class:`ClientHost` keeps, per virtual client it has served, one :class:`ClientRecord`: the
-trainer's record (reward model, feedback, human RNG, optimizer state) and the parameters that
-never leave the client (a personal head, or the whole model for the local-only baseline).
-Memory therefore grows with the clients' records, not with K processes or K RLlib algorithms.
-Clients are pinned to hosts (``client_id % W``) so a record never moves.
+A :class:`ClientHost` serves the clients pinned to it (``client_id % W``). Per client it keeps
+one record: the trainer's state (reward model, feedback, human RNG, optimizer state) and the
+parameters that never leave the client (a personal head, or the whole model for the local-only
+baseline). The host alone writes and reads those records, in its client-side state store
+(:class:`~fedrlhf_ray.client_store.ClientStore`), after every round a client trains; what it
+returns to the driver is shared weights, sample counts and scalar metrics, nothing else.
+
+A host that dies (its process killed) is restarted by Ray and rebuilds its records lazily from
+the store, as of the round the driver asks for: a client's round is a function of (seed, round,
+client, record), so retrying it on the restarted host gives exactly the lost result.
 
 ``ClientActor`` is the same class as a Ray actor; tests can use the plain class.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import ray
 
-from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, Weights
+from fedrlhf_ray.client_store import ClientStore
+from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, RoundInstructions, Weights
+from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import split_personal
 
-
-@dataclass
-class ClientRecord:
-    trainer_state: Any = None
-    personal: Weights = field(default_factory=dict)
+EVERYTHING = ("",)  # the prefix of every parameter name: nothing is shared
 
 
 class ClientHost:
@@ -33,73 +36,97 @@ class ClientHost:
     def __init__(
         self,
         trainer_factory: Callable[[], LocalTrainer],
+        store_root: str,
         personal_prefixes: Collection[str] = (),
     ) -> None:
         self.trainer = trainer_factory()
+        self.store = ClientStore(store_root)
         self.personal_prefixes = tuple(personal_prefixes)
-        self.records: dict[int, ClientRecord] = {}
+        # In-memory copies of the stored records, filled lazily: {client: (trainer state, personal)}.
+        self.records: dict[int, dict[str, Any]] = {}
 
     def ready(self) -> bool:
         return True
 
     def node_id(self) -> str:
         """The Ray node this host runs on (``"local"`` outside Ray)."""
-        import ray
-
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def initial_weights(self) -> Weights:
         """The freshly built policy's parameters (every host builds the same ones)."""
         return self.trainer.get_weights()
 
-    def _swap_in(self, client_id: int, global_weights: Weights) -> ClientRecord:
-        record = self.records.get(client_id, ClientRecord())
-        self.trainer.load_client(client_id, record.trainer_state)
-        # Personal parameters (a head, or everything for the local baseline) override the
-        # global ones: they are this client's own.
-        self.trainer.set_weights({**global_weights, **record.personal})
-        return record
+    # -- records -------------------------------------------------------------------------------
+    def _record(self, client_id: int, as_of: int) -> dict[str, Any] | None:
+        """The client's record as of round ``as_of`` (None: it has not trained yet)."""
+        if client_id not in self.records:
+            record = self.store.load(client_id, upto=as_of)
+            if record is None:
+                return None
+            self.records[client_id] = record
+        return self.records[client_id]
 
+    def restore(self, round_index: int, client_ids: list[int]) -> list[int]:
+        """Reload these clients' records as of ``round_index``; returns the ids whose record is
+        damaged (the driver then falls back to an older checkpoint)."""
+        self.records = {}
+        damaged = []
+        for client_id in client_ids:
+            try:
+                self._record(client_id, round_index)
+            except StateFileError:
+                damaged.append(client_id)
+        return damaged
+
+    def _swap_in(self, client_id: int, global_weights: Weights, as_of: int) -> None:
+        record = self._record(client_id, as_of)
+        self.trainer.load_client(client_id, None if record is None else record["trainer"])
+        # Personal parameters override the global ones: they are this client's own.
+        personal = {} if record is None else record["personal"]
+        self.trainer.set_weights({**global_weights, **personal})
+
+    # -- training ------------------------------------------------------------------------------
     def train_client(
-        self, round_index: int, client_id: int, global_weights: Weights, proximal: bool = False
+        self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions
     ) -> ClientUpdate:
         """One local round; returns only shared weights, the sample count and scalars."""
-        self._swap_in(client_id, global_weights)
+        self._swap_in(client_id, global_weights, round_index - 1)
+        prefixes = EVERYTHING if instructions.keep_local else self.personal_prefixes
+        mu = instructions.proximal_mu
         # The proximal anchor is the shared model only: personal parameters are not pulled
         # towards the global copy, which nobody trains.
-        anchor = (
-            {k: v for k, v in global_weights.items() if not k.startswith(self.personal_prefixes)}
-            if proximal
-            else None
-        )
-        num_samples, metrics = self.trainer.train(round_index, anchor)
-        shared, personal = split_personal(self.trainer.get_weights(), self.personal_prefixes)
-        self.records[client_id] = ClientRecord(self.trainer.save_client(), personal)
+        anchor = {k: v for k, v in global_weights.items() if not k.startswith(prefixes)} if mu > 0 else None
+        num_samples, metrics = self.trainer.train(round_index, anchor, mu)
+        shared, personal = split_personal(self.trainer.get_weights(), prefixes)
+        record = {"trainer": self.trainer.save_client(), "personal": personal}
+        start = time.perf_counter()
+        size = self.store.save(client_id, round_index, record, keep_from=instructions.keep_from)
+        self.records[client_id] = record
+        metrics = {**metrics, "store/record_bytes": size, "store/save_ms": 1e3 * (time.perf_counter() - start)}
         return ClientUpdate(client_id, shared, int(num_samples), {k: float(v) for k, v in metrics.items()})
 
     def train_clients(
-        self, round_index: int, client_ids: list[int], global_weights: Weights, proximal: bool = False
-    ):
+        self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions
+    ) -> Iterator[ClientUpdate]:
         """The round's clients of this host, one after the other, streamed back as they finish.
 
         One remote call per host and round instead of one per client: Ray's per-call cost
         (~1 ms) is what dominated the engine's overhead with light local training.
         """
         for client_id in client_ids:
-            yield self.train_client(round_index, client_id, global_weights, proximal)
+            yield self.train_client(round_index, client_id, global_weights, instructions)
 
     def train_batch(
-        self, round_index: int, client_ids: list[int], global_weights: Weights, proximal: bool = False
+        self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions
     ) -> list[ClientUpdate]:
         """Like :meth:`train_clients` but in one reply (no straggler deadline to honour)."""
-        return list(self.train_clients(round_index, client_ids, global_weights, proximal))
+        return list(self.train_clients(round_index, client_ids, global_weights, instructions))
 
+    # -- evaluation ----------------------------------------------------------------------------
     def evaluate_clients(
         self, round_index: int, client_ids: list[int], global_weights: Weights, finetune_iterations: int = 0
     ) -> list[dict[str, float]]:
-        return [
-            self.evaluate_client(round_index, c, global_weights, finetune_iterations) for c in client_ids
-        ]
+        return [self.evaluate_client(round_index, c, global_weights, finetune_iterations) for c in client_ids]
 
     def evaluate_client(
         self, round_index: int, client_id: int, global_weights: Weights, finetune_iterations: int = 0
@@ -109,19 +136,13 @@ class ClientHost:
         With fine-tuning, also the plain global model's (``eval_global/...``); fine-tuning
         happens on a throw-away copy: the client's record is not touched.
         """
-        self._swap_in(client_id, global_weights)
+        self._swap_in(client_id, global_weights, round_index)
         if finetune_iterations <= 0:
             return self.trainer.evaluate(round_index)
         before = self.trainer.evaluate(round_index)
         self.trainer.finetune(round_index, finetune_iterations)
         after = self.trainer.evaluate(round_index)
         return {**{k.replace("eval/", "eval_global/", 1): v for k, v in before.items()}, **after}
-
-    def get_records(self) -> dict[int, ClientRecord]:
-        return self.records
-
-    def set_records(self, records: dict[int, ClientRecord]) -> None:
-        self.records = dict(records)
 
 
 ClientActor = ray.remote(ClientHost)

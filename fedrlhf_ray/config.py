@@ -5,47 +5,86 @@ same text) and is validated before anything runs. Errors are reported in one lin
 the field, the bad value and what is allowed, e.g.::
 
     federation.rounds: got 0 — must be >= 1
+
+Integer fields take numbers only (3 or 3.0, not ``true`` or ``"3"``), float fields finite
+numbers only (no ``.nan``/``.inf``), and a YAML key may not repeat. Whether the machine can
+host the local Ray is :func:`check_machine`'s question, asked only when one is started here.
 """
 
 from __future__ import annotations
 
+import codecs
 import copy
 import math
+import numbers
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from fedrlhf_ray.errors import ConfigError
 
 DATASETS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-25m")
 
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; its message is one line."""
+def _whole_number(value: Any) -> Any:
+    # Lax pydantic turns true/false and "3" into integers; in a config they are mistakes (a
+    # flag in the wrong place, a quoted number). 3.0 passes: it is the number 3.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise PydanticCustomError("whole_number", "must be an integer such as 3 (or 3.0), not true/false or a quoted string")
+    return value
+
+
+def _number(value: Any) -> Any:
+    # Strings stay accepted: PyYAML (YAML 1.1) reads 1e-3 as the string "1e-3".
+    if isinstance(value, bool):
+        raise PydanticCustomError("number", "must be a number such as 0.5, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_whole_number)]
+Float = Annotated[float, BeforeValidator(_number)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # allow_inf_nan=False refuses .nan/.inf (and "nan", "inf" strings) in every float field,
+    # list items included: a NaN learning rate or λ would only show up as NaN metrics.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(_Section):
     """The synthetic world (used when ``env.name`` is ``synthetic``)."""
 
-    n_items: int = Field(300, ge=20, description="Items in the catalogue.")
-    latent_dim: int = Field(8, ge=1, description="Dimension of user and item taste vectors.")
-    n_clusters: int = Field(4, ge=1, description="Preference clusters; each client has a home cluster, assigned round-robin.")
-    home_cluster_prob: float = Field(
+    n_items: Int = Field(300, ge=20, description="Items in the catalogue.")
+    latent_dim: Int = Field(8, ge=1, description="Dimension of user and item taste vectors.")
+    n_clusters: Int = Field(4, ge=1, description="Preference clusters; each client has a home cluster, assigned round-robin.")
+    home_cluster_prob: Float = Field(
         0.5, ge=0.0, le=1.0,
         description="Probability that a user comes from the client's home cluster (else a random cluster); 1 = clients with a single taste.",
     )
-    heterogeneity: float = Field(
+    heterogeneity: Float = Field(
         0.7, ge=0.0, le=1.0,
         description="0: all clients share one taste distribution; 1: clusters are unrelated.",
     )
-    feature_noise: float = Field(0.1, ge=0.0, description="Noise on the observed item features.")
-    items_per_user: int = Field(60, ge=4, description="Items each user watched (their interactions).")
-    popularity_weight: float = Field(1.5, ge=0.0, description="How much popularity drives what users watch (engagement).")
-    taste_weight: float = Field(
+    feature_noise: Float = Field(0.1, ge=0.0, description="Noise on the observed item features.")
+    items_per_user: Int = Field(60, ge=4, description="Items each user watched (their interactions).")
+    popularity_weight: Float = Field(1.5, ge=0.0, description="How much popularity drives what users watch (engagement).")
+    taste_weight: Float = Field(
         0.2, ge=0.0,
         description="How much personal taste drives what users watch; low values make engagement and taste disagree, so human feedback matters.",
     )
@@ -56,25 +95,28 @@ class DataConfig(_Section):
 
     dataset: Literal[DATASETS] = Field("ml-latest-small", description="MovieLens release.")
     path: str | None = Field(
-        None, description="Extracted folder or official zip; default: the cache directory."
+        None, min_length=1, description="Extracted folder or official zip; default: the cache directory."
     )
-    cache_dir: str | None = Field(None, description="Cache directory (default $FEDRLHF_CACHE or ~/.cache/fedrlhf).")
+    cache_dir: str | None = Field(
+        None, min_length=1, description="Cache directory (default $FEDRLHF_CACHE or ~/.cache/fedrlhf)."
+    )
     download: bool = Field(False, description="Download the official archive if no copy is found.")
-    min_ratings: int = Field(20, ge=2, description="Users with fewer ratings are not eligible as clients.")
+    min_ratings: Int = Field(20, ge=2, description="Users with fewer ratings are not eligible as clients.")
 
 
 class EnvConfig(_Section):
     """The recommendation environment."""
 
     name: Literal["synthetic", "movielens"] = Field("synthetic", description="Which environment.")
-    slate_size: int = Field(10, ge=2, le=100, description="Candidates shown per step (M).")
-    session_length: int = Field(10, ge=1, le=1000, description="Steps per episode (one session).")
-    history_length: int = Field(10, ge=1, le=200, description="Recent training items in the observation.")
-    positives_per_slate: int = Field(3, ge=0, description="Watched items among the M candidates.")
-    heldout_fraction: float = Field(
+    slate_size: Int = Field(10, ge=2, le=100, description="Candidates shown per step (M).")
+    session_length: Int = Field(10, ge=1, le=1000, description="Steps per episode (one session).")
+    history_length: Int = Field(10, ge=1, le=200, description="Recent training items in the observation.")
+    positives_per_slate: Int = Field(3, ge=0, description="Watched items among the M candidates.")
+    heldout_fraction: Float = Field(
         0.2, gt=0.0, lt=1.0, description="Latest fraction of each user's interactions held out for evaluation."
     )
-    like_threshold: float = Field(4.0, description="A rating at or above this is 'liked'.")
+    # Every environment rates on a scale up to 5: a higher threshold would like nothing.
+    like_threshold: Float = Field(4.0, gt=0.0, le=5.0, description="A rating at or above this is 'liked'.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     data: DataConfig = Field(default_factory=DataConfig)
 
@@ -90,11 +132,11 @@ class EnvConfig(_Section):
 class ClientsConfig(_Section):
     """How clients are formed."""
 
-    num_clients: int = Field(5, ge=1, description="K, the number of clients.")
+    num_clients: Int = Field(5, ge=1, description="K, the number of clients.")
     formation: Literal["user", "group"] = Field(
         "user", description="'user': one user per client (paper); 'group': several users per client (cross-silo)."
     )
-    users_per_client: int = Field(1, ge=1, description="Users per client when formation is 'group'.")
+    users_per_client: Int = Field(1, ge=1, description="Users per client when formation is 'group'.")
     grouping: Literal["random", "taste"] = Field(
         "random", description="Group users at random or by taste (more heterogeneous clients)."
     )
@@ -106,37 +148,52 @@ class FeedbackConfig(_Section):
     kind: Literal["pairwise", "rating", "both"] = Field(
         "pairwise", description="Pairwise comparisons, direct noisy ratings, or half of each."
     )
-    beta: float = Field(2.0, ge=0.0, description="Bradley–Terry rationality β (0 = random answers).")
-    rating_noise: float = Field(0.5, ge=0.0, description="Std of the noise on direct ratings.")
-    budget_per_round: int = Field(100, ge=1, description="Queries a client may ask per round.")
+    beta: Float = Field(2.0, ge=0.0, description="Bradley–Terry rationality β (0 = random answers).")
+    rating_noise: Float = Field(0.5, ge=0.0, description="Std of the noise on direct ratings.")
+    budget_per_round: Int = Field(100, ge=1, description="Queries a client may ask per round.")
     query_strategy: Literal["random", "uncertainty"] = Field(
         "random", description="How queries are chosen; 'uncertainty' asks where the reward model is least sure."
     )
-    pool_factor: int = Field(5, ge=1, description="Candidate pool size for active queries, as a multiple of the budget.")
+    pool_factor: Int = Field(5, ge=1, description="Candidate pool size for active queries, as a multiple of the budget.")
 
 
 class RewardModelConfig(_Section):
     """The client-local reward model H_k."""
 
-    hidden: int = Field(32, ge=1, description="Hidden units.")
-    embedding_dim: int = Field(0, ge=0, description="Learned item embedding size (0 = features only).")
-    lr: float = Field(3e-3, gt=0.0, description="Adam learning rate.")
-    weight_decay: float = Field(1e-4, ge=0.0, description="Adam weight decay.")
-    epochs: int = Field(10, ge=1, description="Epochs over all accumulated feedback per fit.")
-    batch_size: int = Field(64, ge=1, description="Mini-batch size.")
+    hidden: Int = Field(32, ge=1, description="Hidden units.")
+    embedding_dim: Int = Field(0, ge=0, description="Learned item embedding size (0 = features only).")
+    lr: Float = Field(3e-3, gt=0.0, description="Adam learning rate.")
+    weight_decay: Float = Field(1e-4, ge=0.0, description="Adam weight decay.")
+    epochs: Int = Field(10, ge=1, description="Epochs over all accumulated feedback per fit.")
+    batch_size: Int = Field(64, ge=1, description="Mini-batch size.")
 
 
 class LambdaSpread(_Section):
     """λ_k spread linearly over clients, as in the paper (0.1 → 0.9)."""
 
-    low: float = Field(0.1, ge=0.0, description="λ of the first client.")
-    high: float = Field(0.9, ge=0.0, description="λ of the last client.")
+    low: Float = Field(0.1, ge=0.0, description="λ of the first client.")
+    high: Float = Field(0.9, ge=0.0, description="λ of the last client.")
+
+
+def _lambda_form(value: Any) -> str:
+    if isinstance(value, dict | LambdaSpread):
+        return "spread"
+    return "list" if isinstance(value, list) else "scalar"
+
+
+# Tags of λ's forms; they appear in error locations and are left out of the field names.
+_LAMBDA_FORMS = ("scalar", "list", "spread")
 
 
 class ShapingConfig(_Section):
     """Reward shaping R = R⁰ + λ·H."""
 
-    lam: float | list[Annotated[float, Field(ge=0.0)]] | LambdaSpread = Field(
+    lam: Annotated[
+        Annotated[Float, Tag("scalar")]
+        | Annotated[list[Annotated[Float, Field(ge=0.0)]], Tag("list")]
+        | Annotated[LambdaSpread, Tag("spread")],
+        Discriminator(_lambda_form),
+    ] = Field(
         1.0, alias="lambda",
         description="λ: one value for all clients, a list with one value per client, or {low, high} spread.",
     )
@@ -151,19 +208,19 @@ class ShapingConfig(_Section):
 class PPOSettings(_Section):
     """RLlib PPO settings used by every client."""
 
-    lr: float = Field(1e-3, gt=0.0, description="Learning rate.")
-    gamma: float = Field(0.0, ge=0.0, le=1.0, description="Discount (0: picks in a session are independent).")
-    lambda_gae: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
-    clip_param: float = Field(0.2, gt=0.0, description="PPO clip.")
-    entropy_coeff: float = Field(0.01, ge=0.0, description="Entropy bonus.")
-    vf_loss_coeff: float = Field(0.5, ge=0.0, description="Value loss weight.")
-    train_batch_size: int = Field(1000, ge=16, description="Env steps per PPO iteration.")
-    minibatch_size: int = Field(250, ge=8, description="SGD mini-batch size.")
-    num_epochs: int = Field(4, ge=1, description="SGD epochs per iteration.")
-    local_iterations: int = Field(3, ge=1, description="E: PPO iterations per client per round.")
-    hidden: int = Field(64, ge=4, description="Hidden units of the slate scorer.")
-    embedding_dim: int = Field(16, ge=0, description="Learned item embedding size (0 = features only).")
-    num_envs: int = Field(8, ge=1, description="Vectorised envs per client (batches the policy's forward passes).")
+    lr: Float = Field(1e-3, gt=0.0, description="Learning rate.")
+    gamma: Float = Field(0.0, ge=0.0, le=1.0, description="Discount (0: picks in a session are independent).")
+    lambda_gae: Float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
+    clip_param: Float = Field(0.2, gt=0.0, description="PPO clip.")
+    entropy_coeff: Float = Field(0.01, ge=0.0, description="Entropy bonus.")
+    vf_loss_coeff: Float = Field(0.5, ge=0.0, description="Value loss weight.")
+    train_batch_size: Int = Field(1000, ge=16, description="Env steps per PPO iteration.")
+    minibatch_size: Int = Field(250, ge=8, description="SGD mini-batch size.")
+    num_epochs: Int = Field(4, ge=1, description="SGD epochs per iteration.")
+    local_iterations: Int = Field(3, ge=1, description="E: PPO iterations per client per round.")
+    hidden: Int = Field(64, ge=4, description="Hidden units of the slate scorer.")
+    embedding_dim: Int = Field(16, ge=0, description="Learned item embedding size (0 = features only).")
+    num_envs: Int = Field(8, ge=1, description="Vectorised envs per client (batches the policy's forward passes).")
 
     @model_validator(mode="after")
     def _minibatch_fits(self) -> PPOSettings:
@@ -177,29 +234,35 @@ class PPOSettings(_Section):
 class FederationConfig(_Section):
     """The federated round loop."""
 
-    rounds: int = Field(5, ge=1, description="Federated rounds T.")
-    clients_per_round: float = Field(
+    rounds: Int = Field(5, ge=1, description="Federated rounds T.")
+    clients_per_round: Float = Field(
         1.0, gt=0.0,
         description="Clients sampled per round: a fraction if <= 1.0, a count if an integer > 1.",
     )
     strategy: Literal["fedavg", "fedprox", "median", "trimmed_mean"] = Field(
         "fedavg", description="Aggregation strategy."
     )
-    fedprox_mu: float = Field(0.01, ge=0.0, description="FedProx proximal term μ.")
-    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Fraction trimmed at each end (trimmed_mean).")
+    fedprox_mu: Float = Field(0.01, ge=0.0, description="FedProx proximal term μ.")
+    trim_fraction: Float = Field(0.1, ge=0.0, lt=0.5, description="Fraction trimmed at each end (trimmed_mean).")
     personalization: Literal["none", "finetune", "personal_head"] = Field(
         "none", description="How clients personalise the global model before evaluation."
     )
-    finetune_iterations: int = Field(1, ge=0, description="Local PPO iterations for 'finetune'.")
-    personal_layers: list[str] = Field(
+    finetune_iterations: Int = Field(1, ge=0, description="Local PPO iterations for 'finetune'.")
+    personal_layers: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=lambda: ["scorer.score_head."],
         description="Parameter-name prefixes that never leave a client under 'personal_head' (FedPer).",
     )
     baseline: Literal["federated", "centralized", "local"] = Field(
         "federated", description="Federated RLHF, or the centralized / local-only baseline on the same data."
     )
-    straggler_timeout_s: float | None = Field(None, gt=0.0, description="Drop clients slower than this (seconds).")
-    min_results: int = Field(1, ge=1, description="Fewest client results a round needs to aggregate.")
+    straggler_timeout_s: Float | None = Field(None, gt=0.0, description="Drop clients slower than this (seconds).")
+    min_results: Int = Field(1, ge=1, description="Fewest client results a round needs to aggregate.")
+    client_state_dir: str | None = Field(
+        None, min_length=1,
+        description="Where client actors keep their clients' private records (one folder per client): "
+        "default `<run dir>/clients/`; on a cluster, a path on storage every node shares, or a "
+        "node-local path when each client actor stays on its node. The driver never reads it.",
+    )
 
     @model_validator(mode="after")
     def _count_is_integral(self) -> FederationConfig:
@@ -213,9 +276,9 @@ class FederationConfig(_Section):
 class EvaluationConfig(_Section):
     """Held-out evaluation."""
 
-    episodes_per_user: int = Field(5, ge=1, description="Held-out sessions per user.")
-    every_n_rounds: int = Field(1, ge=1, description="Evaluate every n rounds (and after the last).")
-    ndcg_k: int = Field(10, ge=1, description="Cut-off of NDCG.")
+    episodes_per_user: Int = Field(5, ge=1, description="Held-out sessions per user.")
+    every_n_rounds: Int = Field(1, ge=1, description="Evaluate every n rounds (and after the last).")
+    ndcg_k: Int = Field(10, ge=1, description="Cut-off of NDCG.")
 
 
 class TrackingConfig(_Section):
@@ -226,27 +289,44 @@ class TrackingConfig(_Section):
         None,
         description="MLflow tracking URI; `--tracking-uri` wins over it, it wins over $MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db, artifacts in mlartifacts/ beside it).",
     )
-    experiment: str = Field("fedrlhf", min_length=1, description="MLflow experiment name.")
+    experiment: str = Field("fedrlhf", description="MLflow experiment name.")
     per_client: bool = Field(True, description="Also log every client's series as `client/<id>/<metric>`.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_store(cls, uri: str | None) -> str | None:
+        problem = None if uri is None else tracking_uri_problem(uri)
+        if problem:
+            raise ValueError(problem)
+        return uri
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_named(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("must name an MLflow experiment, e.g. fedrlhf")
+        return name
 
 
 class RayConfig(_Section):
     """Ray resources."""
 
-    num_workers: int | None = Field(
+    num_workers: Int | None = Field(
         None, ge=1,
         description="Client actors W (default: one per CPU, at most K); W = K is the cross-silo layout.",
     )
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved by each client actor.")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
-    object_store_mb: int = Field(512, ge=64, description="Object store size for a local Ray, MB.")
+    cpus_per_worker: Float = Field(1.0, gt=0.0, description="CPUs reserved by each client actor.")
+    num_cpus: Int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
+    object_store_mb: Int = Field(512, ge=64, description="Object store size for a local Ray, MB.")
 
 
 class ExperimentConfig(_Section):
     """One experiment. Every other seed is derived from ``seed``."""
 
-    name: str = Field("experiment", description="Experiment name (run directory and MLflow run name).")
-    seed: int = Field(0, ge=0, description="The root seed.")
+    name: str = Field(
+        "experiment", max_length=200, description="Experiment name (run directory and MLflow run name)."
+    )
+    seed: Int = Field(0, ge=0, description="The root seed.")
     env: EnvConfig = Field(default_factory=EnvConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
@@ -258,6 +338,14 @@ class ExperimentConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _usable_as_directory(cls, name: str) -> str:
+        # The name becomes the run directory under --out (and the MLflow run name).
+        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+            raise ValueError("must be usable as a directory name: not empty, '.' or '..', no '/', '\\' or control character")
+        return name
+
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
         lam = self.shaping.lam
@@ -265,10 +353,54 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"shaping.lambda lists {len(lam)} values but clients.num_clients is {self.clients.num_clients}"
             )
-        per_round = self.federation.clients_per_round
-        if per_round > 1.0 and per_round > self.clients.num_clients:
+        fed, k = self.federation, self.clients.num_clients
+        per_round = fed.clients_per_round
+        if per_round > 1.0 and per_round > k:
+            raise ValueError(f"federation.clients_per_round ({int(per_round)}) exceeds clients.num_clients ({k})")
+        # The centralized baseline trains one pooled client, so min_results is moot there.
+        sampled = self.clients_per_round_count(k)
+        if fed.baseline != "centralized" and fed.min_results > sampled:
             raise ValueError(
-                f"federation.clients_per_round ({int(per_round)}) exceeds clients.num_clients ({self.clients.num_clients})"
+                f"federation.min_results: got {fed.min_results} — at most the {sampled} clients sampled per round "
+                f"(federation.clients_per_round {per_round:g} of clients.num_clients {k})"
+            )
+        if fed.personalization == "finetune" and fed.finetune_iterations == 0:
+            raise ValueError(
+                "federation.finetune_iterations: got 0 — must be >= 1 under personalization 'finetune' "
+                "(or set federation.personalization: none)"
+            )
+        if fed.personalization == "personal_head" and not fed.personal_layers:
+            raise ValueError(
+                "federation.personal_layers: got [] — personalization 'personal_head' needs at least one "
+                "parameter-name prefix to keep on the clients, e.g. scorer.score_head."
+            )
+        if self.ray.num_cpus is not None:
+            shortfall = _cpu_shortfall(self, self.ray.num_cpus, "ray.num_cpus")
+            if shortfall:
+                raise ValueError(shortfall)
+        return self
+
+    @model_validator(mode="after")
+    def _synthetic_world_fits(self) -> ExperimentConfig:
+        env, syn = self.env, self.env.synthetic
+        if env.name != "synthetic":
+            return self
+        most = syn.n_items - env.slate_size
+        if syn.items_per_user > most:
+            raise ValueError(
+                f"env.synthetic.items_per_user: got {syn.items_per_user} — at most env.synthetic.n_items "
+                f"({syn.n_items}) - env.slate_size ({env.slate_size}) = {most}: a slate is filled with items "
+                "the user never watched"
+            )
+        n_held = max(1, round(env.heldout_fraction * syn.items_per_user))  # as envs.synthetic splits
+        n_train = syn.items_per_user - n_held
+        needed = 1 if self.feedback.kind == "rating" else 2
+        if n_train < needed:
+            why = "a pairwise query compares two" if needed == 2 else "training needs one"
+            raise ValueError(
+                f"env.heldout_fraction: got {env.heldout_fraction:g} — holds out {n_held} of the "
+                f"{syn.items_per_user} items per user (env.synthetic.items_per_user), leaving {n_train} "
+                f"for training; at least {needed} must remain ({why})"
             )
         return self
 
@@ -299,26 +431,155 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json", by_alias=True)
 
 
-_UNION_TAGS = ("float", "list[constrained-float]", "list[float]", "LambdaSpread")
+def _cpu_shortfall(cfg: ExperimentConfig, cpus: float, what: str) -> str | None:
+    """Why the client actors cannot all be placed on ``cpus`` CPUs (Ray would wait forever), or None."""
+    ray_cfg = cfg.ray
+    per_worker = ray_cfg.cpus_per_worker
+    if per_worker > cpus:
+        return f"ray.cpus_per_worker: got {per_worker:g} — at most {what} ({cpus:g}), or no client actor can start"
+    if ray_cfg.num_workers is not None:
+        workers = min(ray_cfg.num_workers, cfg.clients.num_clients)  # as many actors as the driver starts
+        needed = workers * per_worker
+        if needed > cpus + 1e-9:  # 1e-9: e.g. 3 × 0.1 CPUs is 0.30000000000000004
+            return (
+                f"ray.num_workers: got {ray_cfg.num_workers} — {workers} client actors × ray.cpus_per_worker "
+                f"{per_worker:g} = {needed:g} CPUs, more than {what} ({cpus:g})"
+            )
+    return None
+
+
+# MLflow's built-in tracking stores (mlflow.tracking._tracking_service.utils); the SQLAlchemy
+# databases may name a driver, e.g. postgresql+psycopg2://.
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_TRACKING_SCHEMES = ("file", "http", "https", "databricks", "databricks-uc", "uc", *_DATABASE_SCHEMES)
+_TRACKING_ALLOWED = "a path, file://, sqlite:///, http(s)://, postgresql://, mysql://, mssql:// or databricks://"
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """What is wrong with an MLflow tracking URI (and what is allowed), or None if MLflow can use it."""
+    if not uri.strip():
+        return f"must be {_TRACKING_ALLOWED} (leave it unset for the default)"
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return f"is not a valid URI; use {_TRACKING_ALLOWED}"
+    scheme = parts.scheme.lower()
+    if len(scheme) <= 1:  # a plain path; a one-letter scheme is a Windows drive
+        return None
+    base = scheme.split("+", 1)[0]
+    if base not in _TRACKING_SCHEMES:
+        return f"{scheme}:// is not an MLflow tracking store; use {_TRACKING_ALLOWED}"
+    if base in ("http", "https") and not parts.netloc:
+        return f"{scheme}:// needs a host, e.g. http://127.0.0.1:5000"
+    if base == "sqlite" and not (uri.partition(":")[2].startswith("///") and len(parts.path) > 1):
+        return "a SQLite store is sqlite:///<file>, e.g. sqlite:///mlflow.db"
+    return None
+
+
+def _memory_bytes() -> int:
+    """Memory a local Ray may use: the machine's, or a lower cgroup (container) limit, as Ray reads it."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def _shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm, where a local Ray on Linux keeps its object store; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stats.f_bsize * stats.f_bavail
+
+
+def _machine_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# Ray refuses an object store larger than /dev/shm above this size (ray_constants.REQUIRE_SHM_SIZE_THRESHOLD)
+# unless RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE is set; below it, it falls back to (slow) /tmp.
+_RAY_SHM_REQUIRED_ABOVE = 10**10
+_MB = 1024 * 1024
+
+
+def check_machine(cfg: ExperimentConfig) -> list[str]:
+    """Check ``cfg.ray`` against this machine before starting a local Ray on it.
+
+    Raises a one-line ConfigError when Ray could not start, or could never place the client
+    actors; returns one-line warnings for what would only run slowly. Not for a joined cluster
+    or a Tune trial: their resources are elsewhere.
+    """
+    ray_cfg = cfg.ray
+    if ray_cfg.num_cpus is None:  # a set num_cpus is checked by validation (Ray oversubscribes it)
+        shortfall = _cpu_shortfall(cfg, _machine_cpus(), "this machine's CPUs")
+        if shortfall:
+            raise ConfigError(shortfall)
+    store = ray_cfg.object_store_mb * _MB
+    memory = _memory_bytes()
+    if store > memory:
+        raise ConfigError(
+            f"ray.object_store_mb: got {ray_cfg.object_store_mb} — more than this machine's memory ({memory // _MB} MB)"
+        )
+    shm = _shm_free_bytes()
+    if shm is None or store <= shm:
+        return []
+    if store > _RAY_SHM_REQUIRED_ABOVE and not os.environ.get("RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE"):
+        raise ConfigError(
+            f"ray.object_store_mb: got {ray_cfg.object_store_mb} — more than /dev/shm's free {shm // _MB} MB "
+            "(enlarge /dev/shm, e.g. docker run --shm-size, or lower it)"
+        )
+    slow = (
+        f"ray.object_store_mb: {ray_cfg.object_store_mb} MB is more than /dev/shm's free {shm // _MB} MB: "
+        "Ray keeps the object store in /tmp instead, which is slower"
+    )
+    return [slow]
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _model_at(loc: list[str]) -> type[BaseModel]:
+    """The section at ``loc`` (field names and λ's form tags), whose fields an unknown key is listed with."""
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        if part == "spread":
+            model = LambdaSpread
+            continue
+        for name, field in model.model_fields.items():
+            if part in (name, field.alias) and isinstance(field.annotation, type) and issubclass(
+                field.annotation, BaseModel
+            ):
+                model = field.annotation
+    return model
 
 
 def _format_error(err: ValidationError) -> str:
-    # A union field (λ) reports one error per member; the deepest one is about the member
-    # the user meant (a list item, a spread key), not "should be a number".
-    first = max(err.errors(), key=lambda e: len(e["loc"]))
-    loc = ".".join(str(p) for p in first["loc"] if str(p) not in _UNION_TAGS)
-    msg = first["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    first = err.errors()[0]
+    parts = [str(p) for p in first["loc"]]
+    names = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "lambda" and p in _LAMBDA_FORMS)]
+    loc = ".".join(names)
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        if "LambdaSpread" in [str(p) for p in first["loc"]]:
-            return f"{loc}: unknown field — allowed: {', '.join(_allowed_fields(LambdaSpread))}"
-        return f"{loc}: unknown field"
+        return f"{loc}: unknown field — allowed: {', '.join(_allowed_fields(_model_at(parts[:-1])))}"
     value = first.get("input")
     if isinstance(value, dict) and first["type"] not in ("model_type", "dict_type"):
         return f"{loc}: {msg}" if loc else msg
     if loc and "input" in first:
-        return f"{loc}: got {value!r} — {msg}"
+        return f"{loc}: got {_short_repr(value)} — {msg}"
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -333,17 +594,6 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        if first["type"] == "extra_forbidden":
-            model = ExperimentConfig
-            for part in first["loc"][:-1]:
-                annotation = model.model_fields[str(part)].annotation
-                if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                    model = annotation
-            loc = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(
-                f"{loc}: unknown field — allowed: {', '.join(_allowed_fields(model))}"
-            ) from None
         raise ConfigError(_format_error(err)) from None
 
 
@@ -356,9 +606,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: the key must be a dotted field path, e.g. ppo.lr")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
+        parsed = _load_yaml(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({_yaml_problem(err, value)[1]})") from None
     return key.split("."), parsed
 
 
@@ -391,20 +641,84 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any, label: str) -> 
     node[path[-1]] = value
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only: no tag builds a Python object) that refuses a key
+    given twice in one mapping; PyYAML itself silently keeps the last one."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}, first given on line {first.line + 1}", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: plain data only
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> tuple[int | None, str]:
+    """(1-based line or None, the problem in one line) of a PyYAML error while reading ``text``."""
+    if isinstance(err, yaml.reader.ReaderError):  # a character YAML does not allow; no mark
+        line = text.count("\n", 0, err.position) + 1
+        return line, f"character #x{err.character:04x} is not allowed in YAML"
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    return (mark.line + 1 if mark is not None else None), " ".join(problem.split())
+
+
+# An experiment or sweep file is a few KB; anything this big is another file given by mistake.
+_MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; any other content is a one-line ConfigError."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, not a config file")
+    if not p.exists():
         raise ConfigError(f"{p}: config file not found")
+    if not p.is_file():
+        raise ConfigError(f"{p}: is not a regular file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        size = p.stat().st_size
+        if size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: is {size:,} bytes — not a config file (at most {_MAX_CONFIG_BYTES:,})")
+        data = p.read_bytes()
+    except PermissionError:
+        raise ConfigError(f"{p}: cannot be read (permission denied)") from None
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot be read ({err.strerror or err})") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)):  # UTF-32-LE's is UTF-16-LE's + 00 00
+        raise ConfigError(f"{p}: is UTF-16 or UTF-32 text — save it as UTF-8")
+    if b"\0" in data:
+        raise ConfigError(f"{p}: holds NUL bytes — binary data, not a UTF-8 YAML file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{p}: is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}) — save it as UTF-8"
+        ) from None
+    try:
+        raw = _load_yaml(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+        line, problem = _yaml_problem(err, text)
+        where = f" line {line}" if line is not None else ""
+        raise ConfigError(f"{p}:{where} invalid YAML ({problem})") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"{p}: holds no settings (it is empty or only comments) — write {{}} for all defaults")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
 
 

@@ -1,43 +1,53 @@
-"""The federated driver: owns the global weights and the round loop.
+"""The federated driver: owns the global weights and the round.
 
-Each round: sample clients (seeded per round), broadcast the global weights with one
-``ray.put``, collect client updates with ``ray.wait`` under a straggler timeout, aggregate
-with the configured strategy, evaluate every client on held-out data, append the metrics and
-write a checkpoint (atomically) that holds everything a resume needs: the round, the global
-weights, the strategy state and every virtual client's record.
+Each round: sample clients (seeded per round), ask the strategy for the round's instructions,
+broadcast the global weights with one ``ray.put``, collect the client updates under a
+straggler timeout, aggregate with the strategy, and evaluate every client on held-out data.
+The driver's checkpoint holds the round, the global weights and the strategy's state — never a
+client's record: client actors keep those in their own store, and the driver never asks for
+them. Everything the driver receives from a client actor passes through :meth:`_received`:
+shared weights, sample counts and scalar metrics.
 
-Every random stream is derived from ``(seed, round, client)``, so a resumed run repeats an
-uninterrupted one exactly. The driver runs as a Ray actor (``DriverActor``) in ``fedrlhf run``;
-it holds no data of any client.
+A client actor that dies mid-round is restarted by Ray; the driver retries the lost clients'
+round once on it (the actor restores them from its store as of the last completed round, so
+the retry reproduces the lost result exactly). If the retry fails too, the round aggregates
+what arrived when at least ``federation.min_results`` did.
+
+Every random stream is derived from ``(seed, round, client)``, so a resumed or retried run
+repeats an uninterrupted one exactly. The driver runs in the experiment's process (the Ray
+driver) and holds no data of any client.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import RayActorError
 
 from fedrlhf_ray.client import ClientActor
 from fedrlhf_ray.config import ExperimentConfig
+from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.evaluation import summarize
-from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, Weights
+from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, RoundInstructions, Weights
+from fedrlhf_ray.rundir import CLIENT_STORE, RunDir, warn
 from fedrlhf_ray.seeding import derive_rng
+from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import make_strategy, merge, sparse_keys_of, split_personal
-from fedrlhf_ray.tracking import RunTracker
-
-CHECKPOINT = "checkpoint.pkl"
-METRICS = "metrics.jsonl"
-CLIENT_METRICS = "client_metrics.jsonl"
 
 # (host index, number of hosts) -> a picklable zero-argument factory run inside the actor.
 HostTrainerFactory = Callable[[int, int], Callable[[], LocalTrainer]]
+# Building a client actor loads its clients' data and an RLlib algorithm: seconds, not minutes.
+ACTOR_START_TIMEOUT_S = 300.0
+
+
+class RoundFailed(RuntimeError):
+    """Too few clients answered a round, even after retrying the lost ones."""
 
 
 def num_workers(cfg: ExperimentConfig, num_training_clients: int) -> int:
@@ -49,78 +59,143 @@ def num_workers(cfg: ExperimentConfig, num_training_clients: int) -> int:
 
 
 def personal_prefixes(cfg: ExperimentConfig) -> tuple[str, ...]:
-    """Parameter-name prefixes that stay on the client."""
-    if cfg.federation.baseline == "local":
-        return ("",)  # every parameter: each client trains alone
+    """Parameter-name prefixes that stay on the client under ``personal_head``."""
     if cfg.federation.personalization == "personal_head":
         return tuple(cfg.federation.personal_layers)
     return ()
 
 
+def client_store_root(cfg: ExperimentConfig, run_dir: RunDir) -> Path:
+    """Where the client actors keep their records: ``<run dir>/clients``, or a folder named
+    after the run directory under ``federation.client_state_dir``."""
+    configured = cfg.federation.client_state_dir
+    if configured is None:
+        return (run_dir.path / CLIENT_STORE).resolve()
+    return (Path(configured).expanduser() / run_dir.path.name).resolve()
+
+
 class FederatedDriver:
-    """See the module docstring. ``trainer_factory`` defaults to the RLHF trainer."""
+    """See the module docstring. ``trainer_factory`` defaults to the RLHF trainer;
+    ``only_clients`` restricts training and evaluation to those clients (``fedrlhf train``)."""
 
     def __init__(
         self,
         cfg: ExperimentConfig,
-        run_dir: str | os.PathLike,
+        run_dir: RunDir | str | Path,
         *,
-        resume: bool = False,
         trainer_factory: HostTrainerFactory | None = None,
-        tracker: RunTracker | None = None,
+        only_clients: Sequence[int] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.tracker = tracker
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         fed = cfg.federation
         self.num_clients = cfg.clients.num_clients
+        self.eval_clients = sorted(only_clients) if only_clients is not None else list(range(self.num_clients))
         # The centralized baseline trains one pooled client, id K, on everyone's data.
-        self.training_clients = (
-            [self.num_clients] if fed.baseline == "centralized" else list(range(self.num_clients))
-        )
-        self.num_hosts = num_workers(cfg, self.num_clients)
+        if fed.baseline == "centralized":
+            self.training_clients = [self.num_clients]
+        else:
+            self.training_clients = list(self.eval_clients)
+        self.num_hosts = num_workers(cfg, len(self.eval_clients)) if only_clients is None else 1
         if trainer_factory is None:
             from fedrlhf_ray.rlhf_trainer import RLHFTrainerFactory  # imports RLlib: only when used
 
             cfg_dict = cfg.to_dict()
             trainer_factory = lambda w, n: RLHFTrainerFactory(cfg_dict, w, n)  # noqa: E731
-        factory = trainer_factory
+        self.store_root = client_store_root(cfg, self.run_dir)
         self.prefixes = personal_prefixes(cfg)
         self.hosts = [
-            ClientActor.options(num_cpus=cfg.ray.cpus_per_worker).remote(
-                factory(w, self.num_hosts), self.prefixes
+            # Ray restarts a host whose process dies; its calls are not retried blindly: the
+            # driver decides what to retry (see _call_hosts).
+            ClientActor.options(num_cpus=cfg.ray.cpus_per_worker, max_restarts=-1, max_task_retries=0).remote(
+                trainer_factory(w, self.num_hosts), str(self.store_root), self.prefixes
             )
             for w in range(self.num_hosts)
         ]
-        ray.get([h.ready.remote() for h in self.hosts])
-        self.global_weights: Weights = ray.get(self.hosts[0].initial_weights.remote())
+        self._wait_ready()
+        self.global_weights: Weights = self._received(ray.get(self.hosts[0].initial_weights.remote()))
         self.strategy = make_strategy(fed, sparse_keys=sparse_keys_of(self.global_weights))
         self.round = 0
-        if resume:
-            self._restore()
+        self.actor_restarts = 0
+        self.retried_clients = 0
 
-    # -- helpers -----------------------------------------------------------------------------
+    def _wait_ready(self) -> None:
+        refs = [h.ready.remote() for h in self.hosts]
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=ACTOR_START_TIMEOUT_S)
+        if pending:
+            self.shutdown()
+            raise UserError(
+                f"{len(pending)} of {len(refs)} client actors did not start within {ACTOR_START_TIMEOUT_S:.0f}s: "
+                f"the cluster lacks {self.cfg.ray.cpus_per_worker:g} free CPU(s) per actor; lower "
+                "ray.num_workers or ray.cpus_per_worker, or free the cluster"
+            )
+        ray.get(done)
+
+    def shutdown(self) -> None:
+        for host in self.hosts:
+            ray.kill(host)
+
+    # -- what crosses from the clients -----------------------------------------------------------
+    def _received(self, obj: Any) -> Any:
+        """Every object the driver receives from a client actor passes here (tests record it)."""
+        return obj
+
+    # -- helpers -------------------------------------------------------------------------------
     def sample_clients(self, round_index: int) -> list[int]:
         pool = self.training_clients
         m = self.cfg.clients_per_round_count(len(pool))
         rng = derive_rng(self.cfg.seed, "sample", round_index)
         return sorted(int(c) for c in rng.choice(pool, size=m, replace=False))
 
-    # -- the round ---------------------------------------------------------------------------
-    def run_round(self) -> dict[str, float]:
-        """Train, aggregate, evaluate and checkpoint round ``self.round + 1``."""
-        fed = self.cfg.federation
+    def _by_host(self, client_ids: list[int]) -> dict[int, list[int]]:
+        """Clients grouped by the host that serves them (client k on host k mod W)."""
+        groups: dict[int, list[int]] = {}
+        for c in client_ids:
+            groups.setdefault(c % self.num_hosts, []).append(c)
+        return groups
+
+    def _call_hosts(self, method: str, groups: dict[int, list[int]], *args: Any) -> tuple[dict[int, Any], list[int]]:
+        """``host.method(ids, *args)`` on every host of ``groups``; a host that dies is retried
+        once after Ray restarted it. Returns the replies by host and the hosts lost twice."""
+        refs = {h: getattr(self.hosts[h], method).remote(*args[:1], ids, *args[1:]) for h, ids in groups.items()}
+        replies: dict[int, Any] = {}
+        lost: list[int] = []
+        for h, ref in refs.items():
+            try:
+                replies[h] = self._received(ray.get(ref))
+            except RayActorError:
+                lost.append(h)
+        failed = []
+        for h in lost:
+            self.actor_restarts += 1
+            self.retried_clients += len(groups[h])
+            warn(f"client actor {h} died in round {args[0]}; retrying its {len(groups[h])} client(s) on its restart")
+            try:
+                replies[h] = self._received(ray.get(getattr(self.hosts[h], method).remote(*args[:1], groups[h], *args[1:])))
+            except RayActorError:
+                failed.append(h)
+        return replies, failed
+
+    # -- the round -----------------------------------------------------------------------------
+    def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Train, aggregate and evaluate round ``self.round + 1``: its metrics and client rows.
+
+        The caller checkpoints (:meth:`checkpoint`) once the rows are written."""
         r = self.round + 1
         start = time.perf_counter()
+        restarts, retried = self.actor_restarts, self.retried_clients
         sampled = self.sample_clients(r)
+        instructions = dataclasses.replace(
+            self.strategy.configure_train(r), keep_from=self.run_dir.oldest_kept_checkpoint()
+        )
         global_ref = ray.put(self.global_weights)
-        # The local baseline has no global model to stay close to.
-        proximal = self.strategy.proximal_mu > 0 and fed.baseline != "local"
-        updates = self._collect_updates(r, sampled, global_ref, proximal)
-        pending = len(sampled) - len(updates)
+        updates = self._collect_updates(r, sampled, global_ref, instructions)
         train_seconds = time.perf_counter() - start
-
-        if updates and fed.baseline != "local":
+        if len(updates) < min(self.cfg.federation.min_results, len(sampled)):
+            raise RoundFailed(
+                f"round {r}: {len(updates)} of {len(sampled)} clients answered, fewer than federation.min_results"
+            )
+        if updates:
             shared, personal = split_personal(self.global_weights, self.prefixes)
             aggregated = self.strategy.aggregate(
                 shared, [u.weights for u in updates], [u.num_samples for u in updates]
@@ -132,83 +207,83 @@ class FederatedDriver:
             "round": float(r),
             "fed/clients_sampled": float(len(sampled)),
             "fed/clients_aggregated": float(len(updates)),
-            "fed/stragglers": float(pending),
+            "fed/stragglers": float(len(sampled) - len(updates)),
             "fed/env_steps": float(sum(u.num_samples for u in updates)),
+            "fed/update_bytes": float(sum(a.nbytes for u in updates for a in u.weights.values())),
             "fed/train_seconds": train_seconds,
         }
         for key in sorted({name for u in updates for name in u.metrics}):
             values = [u.metrics[key] for u in updates if key in u.metrics]
             metrics[f"{key}/mean"] = float(np.nanmean(values)) if values else float("nan")
-        client_rows = [
+        client_rows: list[dict[str, Any]] = [
             {"round": r, "client": u.client_id, "kind": "train", **u.metrics} for u in updates
         ]
         if self.cfg.evaluation_due(r):
             eval_metrics, eval_rows = self.evaluate(r)
             metrics.update(eval_metrics)
             client_rows += eval_rows
+        metrics["fed/actor_restarts"] = float(self.actor_restarts - restarts)
+        metrics["fed/retried_clients"] = float(self.retried_clients - retried)
         metrics["fed/round_seconds"] = time.perf_counter() - start
-        self._append(METRICS, [metrics])
-        self._append(CLIENT_METRICS, client_rows)
-        self._checkpoint()
-        if self.tracker is not None:  # after the checkpoint: a logged round is a resumable round
-            self.tracker.log_round(r, metrics, client_rows)
-        return metrics
+        return metrics, client_rows
 
     def _collect_updates(
-        self, round_index: int, sampled: list[int], global_ref, proximal: bool
+        self, round_index: int, sampled: list[int], global_ref: Any, instructions: RoundInstructions
     ) -> list[ClientUpdate]:
         """Updates that arrive before the straggler deadline (or the first ``min_results``).
 
-        Each host streams its clients' updates back from one call. A client still training
-        at the deadline is left out of this round's aggregate; its host finishes it (and its
-        record advances, as a real client's local state would) before serving anything else.
+        Each host streams its clients' updates back from one call. A client still training at
+        the deadline is left out of this round's aggregate; its host finishes it (and its record
+        advances, as a real client's local state would) before serving anything else.
         """
         fed = self.cfg.federation
         groups = self._by_host(sampled)
         if fed.straggler_timeout_s is None:  # nothing to time out: one reply per host is cheapest
-            batches = ray.get([
-                self.hosts[h].train_batch.remote(round_index, ids, global_ref, proximal)
-                for h, ids in groups.items()
-            ])
-            return sorted((u for batch in batches for u in batch), key=lambda u: u.client_id)
-        streams = [
-            self.hosts[h].train_clients.remote(round_index, ids, global_ref, proximal)
-            for h, ids in groups.items()
-        ]
-        deadline = None if fed.straggler_timeout_s is None else time.monotonic() + fed.straggler_timeout_s
+            replies, _ = self._call_hosts("train_batch", groups, round_index, global_ref, instructions)
+            return sorted((u for batch in replies.values() for u in batch), key=lambda u: u.client_id)
+        deadline = time.monotonic() + fed.straggler_timeout_s
         needed = min(fed.min_results, len(sampled))
+        streams = {
+            self.hosts[h].train_clients.remote(round_index, ids, global_ref, instructions): (h, ids, True)
+            for h, ids in groups.items()
+        }
         updates: list[ClientUpdate] = []
         while streams:
-            timeout = None
-            if len(updates) >= needed:
-                timeout = max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(streams, num_returns=1, timeout=timeout)
+            timeout = None if len(updates) < needed else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(streams), num_returns=1, timeout=timeout)
             if not ready:
                 break  # deadline passed with enough results
+            stream = ready[0]
+            h, ids, first_try = streams[stream]
             try:
-                updates.append(ray.get(next(ready[0])))
+                update = self._received(ray.get(next(stream)))
             except StopIteration:
-                streams.remove(ready[0])
+                del streams[stream]
+                continue
+            except RayActorError:
+                del streams[stream]
+                missing = [c for c in ids if c not in {u.client_id for u in updates}]
+                if first_try and missing:
+                    self.actor_restarts += 1
+                    self.retried_clients += len(missing)
+                    warn(f"client actor {h} died in round {round_index}; retrying {len(missing)} client(s) on its restart")
+                    retry = self.hosts[h].train_clients.remote(round_index, missing, global_ref, instructions)
+                    streams[retry] = (h, missing, False)
+                continue
+            updates.append(update)
         # Aggregation order must not depend on which host finished first.
         return sorted(updates, key=lambda u: u.client_id)
-
-    def _by_host(self, client_ids: list[int]) -> dict[int, list[int]]:
-        """Clients grouped by the host that keeps their records (client k on host k mod W)."""
-        groups: dict[int, list[int]] = {}
-        for c in client_ids:
-            groups.setdefault(c % self.num_hosts, []).append(c)
-        return groups
 
     def evaluate(self, round_index: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Every client's held-out metrics for the current global model, and their summary."""
         fed = self.cfg.federation
         finetune = fed.finetune_iterations if fed.personalization == "finetune" else 0
         global_ref = ray.put(self.global_weights)
-        groups = self._by_host(list(range(self.num_clients)))
-        results = ray.get(
-            [self.hosts[h].evaluate_clients.remote(round_index, ids, global_ref, finetune) for h, ids in groups.items()]
-        )
-        by_client = {c: m for ids, ms in zip(groups.values(), results, strict=True) for c, m in zip(ids, ms, strict=True)}
+        groups = self._by_host(self.eval_clients)
+        replies, failed = self._call_hosts("evaluate_clients", groups, round_index, global_ref, finetune)
+        if failed:
+            raise RoundFailed(f"round {round_index}: client actors {failed} died twice while evaluating")
+        by_client = {c: m for h, ms in replies.items() for c, m in zip(groups[h], ms, strict=True)}
         clients = sorted(by_client)
         per_client = [by_client[c] for c in clients]
         summary: dict[str, float] = {}
@@ -220,71 +295,45 @@ class FederatedDriver:
         ]
         return summary, rows
 
-    def initial_evaluation(self) -> dict[str, float]:
-        """Round-0 metrics of the untrained global model (logged once per run)."""
+    def initial_evaluation(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Round-0 metrics of the untrained global model."""
         metrics, rows = self.evaluate(0)
-        metrics["round"] = 0.0
-        self._append(METRICS, [metrics])
-        self._append(CLIENT_METRICS, rows)
-        if self.tracker is not None:
-            self.tracker.log_round(0, metrics, rows)
-        return metrics
+        return {"round": 0.0, **metrics}, rows
 
-    # -- persistence -------------------------------------------------------------------------
-    def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
-        with (self.run_dir / name).open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    # -- the driver's checkpoint ---------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Round, global weights and strategy state; the client actors saved their own records."""
+        self.run_dir.save_checkpoint(
+            self.round,
+            {"round": self.round, "global_weights": self.global_weights, "strategy": self.strategy.state()},
+        )
 
-    def _checkpoint(self) -> None:
-        records = {}
-        for host_records in ray.get([h.get_records.remote() for h in self.hosts]):
-            records.update(host_records)
-        state = {
-            "round": self.round,
-            "global_weights": self.global_weights,
-            "strategy": self.strategy.state(),
-            "records": records,  # by client id, so a resume may use another number of hosts
-        }
-        tmp = self.run_dir / (CHECKPOINT + ".tmp")
-        with tmp.open("wb") as f:
-            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, self.run_dir / CHECKPOINT)
-
-    def _restore(self) -> None:
-        with (self.run_dir / CHECKPOINT).open("rb") as f:
-            state = pickle.load(f)
-        self.round = int(state["round"])
-        self.global_weights = state["global_weights"]
-        per_host: list[dict] = [{} for _ in self.hosts]
-        for client_id, record in state["records"].items():
-            per_host[client_id % self.num_hosts][client_id] = record
-        ray.get([h.set_records.remote(rec) for h, rec in zip(self.hosts, per_host, strict=True)])
-        # Rows past the checkpoint come from a round that crashed before it was saved.
-        for name in (METRICS, CLIENT_METRICS):
-            file = self.run_dir / name
-            if file.exists():
-                rows = [json.loads(line) for line in file.read_text().splitlines() if line]
-                tmp = file.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(x) + "\n" for x in rows if x["round"] <= self.round))
-                os.replace(tmp, file)
-
-    def completed_rounds(self) -> int:
-        return self.round
-
-    def final_weights(self) -> Weights:
-        return self.global_weights
-
-    def save_global_weights(self, path: str) -> str:
-        """The final global model as a NumPy ``.npz`` (parameter name → array): no pickle."""
-        np.savez(path, **self.global_weights)
-        return path
+    def restore(self) -> int:
+        """Continue from the newest checkpoint that the client stores agree with; a damaged one
+        falls back to the one before, with a warning. Returns the round restored."""
+        rounds = self.run_dir.checkpoint_rounds()
+        for r in rounds:
+            try:
+                state = self.run_dir.load_checkpoint(r)
+            except StateFileError as err:
+                warn(f"the checkpoint of round {r} is damaged ({err}); falling back to the one before")
+                continue
+            groups = self._by_host(self.training_clients)
+            replies, failed = self._call_hosts("restore", groups, r)
+            damaged = sorted(c for ids in replies.values() for c in ids)
+            if damaged or failed:
+                warn(f"client records of round {r} are damaged (clients {damaged[:5]}); falling back to the one before")
+                continue
+            self.round = r
+            self.global_weights = {k: np.asarray(v) for k, v in state["global_weights"].items()}
+            self.strategy.load_state(state["strategy"])
+            self.run_dir.truncate_metrics(r)
+            return r
+        what = f"{len(rounds)} checkpoint(s), none usable" if rounds else "no checkpoint"
+        raise UserError(f"--resume {self.run_dir}: {what}; start the run again")
 
     def placement(self) -> list[dict[str, Any]]:
         """Which Ray node runs each client host, and which clients it serves."""
         nodes = ray.get([h.node_id.remote() for h in self.hosts])
         groups = self._by_host(self.training_clients)
         return [{"host": i, "node_id": n, "clients": groups.get(i, [])} for i, n in enumerate(nodes)]
-
-
-DriverActor = ray.remote(FederatedDriver)

@@ -4,7 +4,9 @@ The engine (client actors, driver, strategies, checkpoints) knows nothing of RLl
 any :class:`LocalTrainer`. One trainer instance lives in each client actor and serves many
 virtual clients in turn: :meth:`LocalTrainer.load_client` swaps a client's record in,
 :meth:`LocalTrainer.save_client` swaps it out. Everything that must persist across rounds for
-a client is in that record, so it is also exactly what a checkpoint stores.
+a client is in that record, which the client actor keeps in its client-side store: a tree of
+dicts, lists, scalars, NumPy arrays and torch tensors (see ``state_codec``), never an object
+that would need pickle.
 """
 
 from __future__ import annotations
@@ -15,6 +17,21 @@ from typing import Any, Protocol
 import numpy as np
 
 Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    """What the strategy tells the round's clients (Flower's ``configure_train``).
+
+    ``proximal_mu``: FedProx's μ of the local term μ/2·‖θ − θ_global‖² (0: none).
+    ``keep_local``: the client shares nothing (local-only baseline).
+    ``keep_from``: the oldest round the driver may still restore, so the client store keeps
+    the records a fall back to it needs.
+    """
+
+    proximal_mu: float = 0.0
+    keep_local: bool = False
+    keep_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,9 +62,12 @@ class LocalTrainer(Protocol):
     def set_weights(self, weights: Weights) -> None:
         """Load policy parameters (a full or a partial set of names)."""
 
-    def train(self, round_index: int, anchor: Weights | None) -> tuple[int, dict[str, float]]:
-        """One local round from the current weights; ``anchor`` is the round's global model
-        (for proximal terms). Returns (samples used, scalar metrics)."""
+    def train(
+        self, round_index: int, anchor: Weights | None, proximal_mu: float = 0.0
+    ) -> tuple[int, dict[str, float]]:
+        """One local round from the current weights; with ``proximal_mu > 0`` the loss adds
+        μ/2·‖θ − anchor‖² (``anchor``: the round's shared global model). Returns (samples used,
+        scalar metrics)."""
 
     def finetune(self, round_index: int, iterations: int) -> None:
         """A few local steps before evaluation (personalisation 'finetune')."""

@@ -10,9 +10,9 @@ model never leave this object.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,16 +32,6 @@ from fedrlhf_ray.feedback import (
 from fedrlhf_ray.local_trainer import Weights
 from fedrlhf_ray.reward_model import RewardModel
 from fedrlhf_ray.seeding import derive_seed
-
-
-@dataclass
-class RLHFClientRecord:
-    """Everything that persists across rounds for one virtual client."""
-
-    human_rng: dict[str, Any]
-    feedback: FeedbackLog
-    reward_model: dict[str, Any]
-    optimizer: dict[str, Any]
 
 
 class RLHFTrainer:
@@ -68,10 +58,7 @@ class RLHFTrainer:
         self.lambdas = {c.client_id: lam for c, lam in zip(clients, lambdas, strict=True)}
         self.budget_scale = budget_scale or {}
         first = clients[0]
-        mu = cfg.federation.fedprox_mu if cfg.federation.strategy == "fedprox" else 0.0
-        self.algo = rllib_ppo.build_ppo(
-            first, cfg.env, cfg.ppo, 0.0, derive_seed(cfg.seed, "ppo"), fedprox_mu=mu,
-        )
+        self.algo = rllib_ppo.build_ppo(first, cfg.env, cfg.ppo, 0.0, derive_seed(cfg.seed, "ppo"))
         self._fresh_optimizer = rllib_ppo.get_optimizer_state(self.algo)
         self.selector = (
             UncertaintyQueries(pool_factor=cfg.feedback.pool_factor)
@@ -96,7 +83,8 @@ class RLHFTrainer:
             seed=derive_seed(self.cfg.seed, "reward_model", client.client_id),
         )
 
-    def load_client(self, client_id: int, state: RLHFClientRecord | None) -> None:
+    def load_client(self, client_id: int, state: dict[str, Any] | None) -> None:
+        """Swap client ``client_id`` in; ``state`` is a record :meth:`save_client` made."""
         client = self.clients[client_id]
         self.client = client
         self.lam = self.lambdas[client_id]
@@ -112,10 +100,10 @@ class RLHFTrainer:
             self.feedback = FeedbackLog.empty()
             rllib_ppo.set_optimizer_state(self.algo, self._fresh_optimizer)
         else:
-            self.human.set_state(state.human_rng)
-            self.feedback = state.feedback
-            self.reward_model.load_state_dict(state.reward_model)
-            rllib_ppo.set_optimizer_state(self.algo, state.optimizer)
+            self.human.set_state(state["human_rng"])
+            self.feedback = FeedbackLog(**state["feedback"])
+            self.reward_model.load_state_dict(state["reward_model"])
+            rllib_ppo.set_optimizer_state(self.algo, state["optimizer"])
         self.reward_table = (
             self.reward_model.reward_table(client) if self.reward_model.is_fitted else None
         )
@@ -127,13 +115,15 @@ class RLHFTrainer:
         else:  # one λ per user: fold it into the table's rows
             rllib_ppo.set_reward_table(self.algo, self.reward_table * self.lam[:, None], 1.0)
 
-    def save_client(self) -> RLHFClientRecord:
-        return RLHFClientRecord(
-            human_rng=self.human.state(),
-            feedback=self.feedback,
-            reward_model=self.reward_model.state_dict(),
-            optimizer=rllib_ppo.get_optimizer_state(self.algo),
-        )
+    def save_client(self) -> dict[str, Any]:
+        """Everything that persists across rounds for the current client, as a plain tree
+        (arrays, tensors, scalars) that the client store writes without pickle."""
+        return {
+            "human_rng": self.human.state(),
+            "feedback": {f.name: getattr(self.feedback, f.name) for f in dataclasses.fields(self.feedback)},
+            "reward_model": self.reward_model.state_dict(),
+            "optimizer": rllib_ppo.get_optimizer_state(self.algo),
+        }
 
     # -- weights -----------------------------------------------------------------------------
     def get_weights(self) -> Weights:
@@ -173,7 +163,9 @@ class RLHFTrainer:
             ),
         }
 
-    def train(self, round_index: int, anchor: Weights | None = None) -> tuple[int, dict[str, float]]:
+    def train(
+        self, round_index: int, anchor: Weights | None = None, proximal_mu: float = 0.0
+    ) -> tuple[int, dict[str, float]]:
         """One local round: feedback and reward model, then E PPO iterations.
 
         Returns the env steps sampled and scalar metrics — nothing else leaves the client.
@@ -181,7 +173,7 @@ class RLHFTrainer:
         start = time.perf_counter()
         self._begin(round_index, "train")
         metrics = self.update_reward_model()
-        rllib_ppo.set_prox_anchor(self.algo, anchor)
+        rllib_ppo.set_prox_anchor(self.algo, anchor, proximal_mu)
         scale = self.budget_scale.get(self.client.client_id, 1)
         steps, ppo_metrics = rllib_ppo.train_iterations(self.algo, self.cfg.ppo.local_iterations * scale)
         rllib_ppo.set_prox_anchor(self.algo, None)

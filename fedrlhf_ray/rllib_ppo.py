@@ -62,22 +62,24 @@ register_env(ENV_NAME, make_shaped_env)
 class ProximalPPOLearner(PPOTorchLearner):
     """PPO whose loss adds FedProx's proximal term μ/2·‖θ − θ_global‖².
 
-    The anchor θ_global is set before each local round; with μ = 0 or no anchor the loss is
-    exactly PPO's.
+    The anchor θ_global and μ come with each local round's instructions (the strategy's, not
+    the config's); with μ = 0 or no anchor the loss is exactly PPO's.
     """
 
     def build(self) -> None:
         super().build()
         self._anchor: dict[str, torch.Tensor] | None = None
+        self._mu = 0.0
 
-    def set_anchor(self, weights: dict[str, np.ndarray] | None) -> None:
+    def set_anchor(self, weights: dict[str, np.ndarray] | None, mu: float = 0.0) -> None:
         self._anchor = None if weights is None else {k: torch.as_tensor(v) for k, v in weights.items()}
+        self._mu = float(mu)
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         loss = super().compute_loss_for_module(
             module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
         )
-        mu = float(self.config.learner_config_dict.get("fedprox_mu", 0.0))
+        mu = self._mu
         if mu > 0.0 and self._anchor is not None:
             module = self.module[module_id].unwrapped()
             prox = sum(
@@ -95,7 +97,6 @@ def build_ppo(
     ppo: PPOSettings,
     lam: float,
     seed: int,
-    fedprox_mu: float = 0.0,
 ) -> Algorithm:
     """One in-process PPO algorithm (no remote env runners: a client is already an actor).
 
@@ -121,7 +122,7 @@ def build_ppo(
             num_epochs=ppo.num_epochs,
             use_kl_loss=False,
         )
-        .learners(learner_class=ProximalPPOLearner, learner_config_dict={"fedprox_mu": fedprox_mu})
+        .learners(learner_class=ProximalPPOLearner)
         .rl_module(
             rl_module_spec=RLModuleSpec(
                 module_class=SlatePolicyModule,
@@ -164,9 +165,9 @@ def acting_weights(algo: Algorithm) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
 
-def set_prox_anchor(algo: Algorithm, weights: dict[str, np.ndarray] | None) -> None:
-    """The global weights FedProx's proximal term pulls towards (``None``: no term)."""
-    algo.learner_group.foreach_learner(lambda learner: learner.set_anchor(weights))
+def set_prox_anchor(algo: Algorithm, weights: dict[str, np.ndarray] | None, mu: float = 0.0) -> None:
+    """The global weights FedProx's proximal term pulls towards, with its μ (``None``: no term)."""
+    algo.learner_group.foreach_learner(lambda learner: learner.set_anchor(weights, mu))
 
 
 def get_optimizer_state(algo: Algorithm) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-Weights = dict[str, np.ndarray]
+from fedrlhf_ray.local_trainer import RoundInstructions, Weights
 
 METHODS = ("fedavg", "median", "trimmed_mean")
 DEFAULT_SPARSE_SUFFIXES = ("item_embedding.weight",)
@@ -328,9 +328,13 @@ def _as_keys(keys: Collection[str]) -> tuple[str, ...]:
 
 @runtime_checkable
 class Strategy(Protocol):
-    """What the driver calls; wrappers (DP, filtering) implement it around an inner strategy."""
+    """What the driver calls. A strategy owns its round: what the sampled clients are told
+    (:meth:`configure_train`) and how their updates become the new global weights. Wrappers
+    (secure aggregation, DP, robust filters) implement it around an inner strategy."""
 
     name: str
+
+    def configure_train(self, round_index: int) -> RoundInstructions: ...
 
     def aggregate(
         self,
@@ -340,6 +344,8 @@ class Strategy(Protocol):
     ) -> Weights: ...
 
     def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: Mapping[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -353,10 +359,8 @@ class _Aggregation:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparse_keys", _as_keys(self.sparse_keys))
 
-    @property
-    def proximal_mu(self) -> float:
-        """μ of the clients' proximal term μ/2·‖θ − θ_global‖² (0: none)."""
-        return 0.0
+    def configure_train(self, round_index: int) -> RoundInstructions:
+        return RoundInstructions()
 
     def _options(self) -> dict[str, Any]:
         return {}
@@ -373,8 +377,11 @@ class _Aggregation:
         )
 
     def state(self) -> dict[str, Any]:
-        """Strategies hold no mutable state; kept for checkpoint uniformity."""
+        """These strategies hold no mutable state; stateful wrappers checkpoint theirs here."""
         return {}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -387,8 +394,8 @@ class FedAvg(_Aggregation):
 
 @dataclass(frozen=True)
 class FedProx(_Aggregation):
-    """Aggregates like FedAvg; ``mu`` is applied by the runtime in each client's local loss
-    as μ/2·‖θ − θ_global‖² (Li et al. 2020)."""
+    """Aggregates like FedAvg and tells the clients to add μ/2·‖θ − θ_global‖² to their local
+    loss (Li et al. 2020), as Flower's FedProx puts ``proximal-mu`` in its train config."""
 
     name: ClassVar[str] = "fedprox"
     method: ClassVar[str] = "fedavg"
@@ -399,9 +406,8 @@ class FedProx(_Aggregation):
         if not (math.isfinite(self.mu) and self.mu >= 0):
             raise ValueError(f"FedProx mu must be finite and >= 0, got {self.mu}")
 
-    @property
-    def proximal_mu(self) -> float:
-        return float(self.mu)
+    def configure_train(self, round_index: int) -> RoundInstructions:
+        return RoundInstructions(proximal_mu=float(self.mu))
 
 
 @dataclass(frozen=True)
@@ -428,25 +434,45 @@ class TrimmedMean(_Aggregation):
         return {"trim_fraction": self.trim_fraction}
 
 
+@dataclass(frozen=True)
+class LocalOnly(_Aggregation):
+    """The local-only baseline: clients keep every parameter, the global model never moves."""
+
+    name: ClassVar[str] = "local"
+    method: ClassVar[str] = "fedavg"
+
+    def configure_train(self, round_index: int) -> RoundInstructions:
+        return RoundInstructions(keep_local=True)
+
+    def aggregate(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[Mapping[str, np.ndarray]],
+        num_samples: Sequence[float],
+    ) -> Weights:
+        return dict(global_weights)
+
+
 STRATEGIES: dict[str, type[_Aggregation]] = {
     cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean)
 }
+STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 
 
 def make_strategy(federation_cfg: Any, sparse_keys: Collection[str] = ()) -> Strategy:
-    """The strategy named by ``federation_cfg.strategy`` (a :class:`FederationConfig`), with
-    ``fedprox_mu`` / ``trim_fraction`` from the same config.
+    """The round's strategy for a :class:`FederationConfig`: the one ``strategy`` names (with
+    its ``fedprox_mu`` / ``trim_fraction``), or :class:`LocalOnly` for ``baseline: local``.
 
-    ``personalization`` is not the strategy's concern: the runtime keeps personal keys out of
-    the updates with :func:`split_personal` and puts them back with :func:`merge`.
+    ``personalization`` is not the strategy's concern: the client actors keep personal keys out
+    of the updates with :func:`split_personal` and the driver puts them back with :func:`merge`.
     """
+    if federation_cfg.baseline == "local":
+        return LocalOnly(sparse_keys=sparse_keys)
     name = federation_cfg.strategy
-    if name == "fedavg":
-        return FedAvg(sparse_keys=sparse_keys)
     if name == "fedprox":
         return FedProx(mu=float(federation_cfg.fedprox_mu), sparse_keys=sparse_keys)
-    if name == "median":
-        return Median(sparse_keys=sparse_keys)
     if name == "trimmed_mean":
         return TrimmedMean(trim_fraction=float(federation_cfg.trim_fraction), sparse_keys=sparse_keys)
-    raise ValueError(f"federation.strategy: got {name!r} — allowed: {', '.join(STRATEGIES)}")
+    if name in STRATEGIES:
+        return STRATEGIES[name](sparse_keys=sparse_keys)
+    raise ValueError(f"federation.strategy: got {name!r} — allowed: {', '.join(STRATEGY_NAMES)}")

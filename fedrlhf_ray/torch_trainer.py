@@ -52,8 +52,8 @@ class MLPTrainer:
     """Local SGD on a small MLP for the virtual clients ``client_ids`` (see the module docstring).
 
     ``sleep_s[client_id]`` makes :meth:`train` sleep that long first (straggler tests).
-    ``prox_mu > 0`` adds FedProx's μ/2·‖θ − anchor‖² to the loss when the engine passes an
-    anchor (``federation.strategy: fedprox``). ``pooled_clients`` maps an extra client id to the
+    A round with ``proximal_mu > 0`` adds FedProx's μ/2·‖θ − anchor‖² to the loss (the
+    strategy's instruction). ``pooled_clients`` maps an extra client id to the
     clients whose data it concatenates (the centralized baseline's pooled client).
     """
 
@@ -70,7 +70,6 @@ class MLPTrainer:
         lr: float = 0.01,
         epochs: int = 1,
         sleep_s: Mapping[int, float] | None = None,
-        prox_mu: float = 0.0,
         pooled_clients: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
         torch.set_num_threads(1)
@@ -85,7 +84,6 @@ class MLPTrainer:
         self.lr = float(lr)
         self.epochs = int(epochs)
         self.sleep_s = {int(k): float(v) for k, v in (sleep_s or {}).items()}
-        self.prox_mu = float(prox_mu)
         if self.n_samples < 1 or self.batch_size < 1 or self.epochs < 0:
             raise ValueError("n_samples and batch_size must be >= 1 and epochs >= 0")
 
@@ -160,16 +158,18 @@ class MLPTrainer:
             # read-only, object-store-backed) input array is kept.
             np.copyto(state[k].numpy(), arr, casting="same_kind")
 
-    def train(self, round_index: int, anchor: Weights | None) -> tuple[int, dict[str, float]]:
+    def train(
+        self, round_index: int, anchor: Weights | None, proximal_mu: float = 0.0
+    ) -> tuple[int, dict[str, float]]:
         cid = self._require_client()
         start = time.perf_counter()
         if self.sleep_s.get(cid, 0.0) > 0:
             time.sleep(self.sleep_s[cid])
         anchor_t = None
-        if anchor is not None and self.prox_mu > 0:
+        if anchor is not None and proximal_mu > 0:
             anchor_t = {k: torch.from_numpy(np.asarray(anchor[k], dtype=np.float32)) for k in self._params}
         g = _generator(derive_seed(self.seed, "batches", round_index, cid))
-        loss = self._sgd(cid, self.epochs, g, anchor_t)
+        loss = self._sgd(cid, self.epochs, g, anchor_t, proximal_mu)
         self.rounds_done += 1
         n = int(self.client_data(cid)[0].shape[0])
         return n, {"train/loss": loss, "train/seconds": time.perf_counter() - start}
@@ -196,7 +196,8 @@ class MLPTrainer:
         return self.current
 
     def _sgd(
-        self, cid: int, epochs: int, g: torch.Generator, anchor: dict[str, torch.Tensor] | None
+        self, cid: int, epochs: int, g: torch.Generator, anchor: dict[str, torch.Tensor] | None,
+        proximal_mu: float = 0.0,
     ) -> float:
         """``epochs`` epochs of minibatch SGD; the mean loss of the last epoch (nan if none)."""
         x, y = self.client_data(cid)
@@ -212,7 +213,7 @@ class MLPTrainer:
                 loss = F.cross_entropy(self.model(x[idx]), y[idx])
                 if anchor is not None:
                     prox = sum(((p - anchor[k]) ** 2).sum() for k, p in zip(names, params))
-                    loss = loss + 0.5 * self.prox_mu * prox
+                    loss = loss + 0.5 * proximal_mu * prox
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():
                     torch._foreach_add_(params, grads, alpha=-self.lr)

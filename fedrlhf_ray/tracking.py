@@ -25,11 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrlhf_ray.config import ExperimentConfig
+from fedrlhf_ray.config import ExperimentConfig, tracking_uri_problem
+from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.rundir import (
+    CLIENT_METRICS,
+    CONFIG,
+    CURVES,
+    METRICS,
+    MLFLOW_RUN,
+    STATUS,
+    SUMMARY,
+    atomic_write,
+    read_jsonl,
+)
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-RUN_FILE = "mlflow_run.json"  # in the run directory: which MLflow run a resume continues
 # Without it, MLflow 3's UI opens an experiment on its GenAI (traces) pages, not on its runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
@@ -50,6 +61,43 @@ def resolve_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> s
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri
+
+
+def usable_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> str:
+    """:func:`resolve_tracking_uri`, checked before anything is created: a known scheme, a
+    SQLite file that can be created, a server that answers."""
+    uri = resolve_tracking_uri(cfg, cli_uri)
+    problem = tracking_uri_problem(uri)
+    if problem:
+        raise UserError(f"tracking URI {uri!r} (--tracking-uri, tracking.tracking_uri or $MLFLOW_TRACKING_URI): {problem}")
+    if uri.startswith("sqlite:///"):
+        check_sqlite_path(uri)
+    check_tracking_uri(uri)
+    return uri
+
+
+def check_sqlite_path(uri: str) -> None:
+    """A SQLite store (and ``mlartifacts/`` beside it) can be created or opened for writing."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    folder = db.parent
+    problem = None
+    if db.exists() and not db.is_file():
+        problem = "it is not a file"
+    elif db.exists() and not os.access(db, os.W_OK):
+        problem = "it is read-only"
+    elif not folder.is_dir():
+        problem = f"its folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
+    elif not os.access(folder, os.W_OK):
+        problem = f"its folder {folder} is read-only"
+    elif db.exists():
+        with db.open("rb") as f:
+            head = f.read(16)
+        if head and head != b"SQLite format 3\x00":
+            problem = "it is not a SQLite database"
+    if problem:
+        raise UserError(f"tracking URI {uri}: cannot use {db} as the MLflow store ({problem}); give another --tracking-uri")
+
+
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:
@@ -167,8 +215,6 @@ class RunTracker:
     def backfill(self, run_dir: Path) -> int:
         """Log the rounds the run directory has and MLflow lacks (a run killed between its
         checkpoint and its MLflow batch); returns how many."""
-        from fedrlhf_ray.driver import CLIENT_METRICS, METRICS
-
         rows = read_jsonl(run_dir / METRICS)
         client_rows = read_jsonl(run_dir / CLIENT_METRICS)
         logged = self.logged_rounds()
@@ -204,13 +250,67 @@ class RunTracker:
         """``FINISHED``, ``FAILED`` or ``KILLED``: a tracked run never stays RUNNING."""
         self.client().set_terminated(self.run_id, status=status)
 
+    def status(self) -> str:
+        return str(self.client().get_run(self.run_id).info.status)
+
     def reopen(self) -> None:
         """A resumed run is RUNNING again, and remembers which rounds it already has."""
         self.client().update_run(self.run_id, status="RUNNING")
         self.already_logged = frozenset(self.logged_rounds())
 
     def save(self, run_dir: Path) -> None:
-        (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id}))
+        atomic_write(run_dir / MLFLOW_RUN, json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id}).encode())
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail in one line, at once, on a tracking server that does not answer (MLflow's own
+    client would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as reply:
+            if reply.status == 200:
+                return
+            problem = f"HTTP {reply.status}"
+    except (urllib.error.URLError, OSError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise UserError(f"tracking URI {uri}: no MLflow server answers ({problem})")
+
+
+def cluster_tracking_uri(uri: str | None, joined: bool) -> str | None:
+    """The tracking URI as trials on any node must see it.
+
+    On a cluster that was joined (``--address``; an autoscaler may add nodes at any time) or
+    that has several nodes, a SQLite file exists on this node only and a server on loopback is
+    this node's: the first is refused, the second is given this node's cluster address, where
+    it must answer too."""
+    import ray
+
+    if uri is None or (not joined and sum(1 for n in ray.nodes() if n["Alive"]) < 2):
+        return uri
+    if uri.startswith("sqlite:"):
+        raise UserError(
+            f"--tracking-uri {uri}: a SQLite store is local to this node; on a Ray cluster give an "
+            "MLflow server, e.g. --tracking-uri http://127.0.0.1:5000 on the head of cluster.yaml"
+        )
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.hostname not in ("127.0.0.1", "localhost"):
+        return uri
+    netloc = ray.util.get_node_ip_address() + (f":{parts.port}" if parts.port else "")
+    shared = urlunsplit(parts._replace(netloc=netloc))
+    try:
+        check_tracking_uri(shared)
+    except UserError:
+        raise UserError(
+            f"--tracking-uri {uri}: trials on other nodes would reach it as {shared}, where no MLflow "
+            "server answers; start it with --host 0.0.0.0 (as cluster.yaml's head does)"
+        ) from None
+    return shared
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
@@ -258,24 +358,31 @@ def start_run(
     return tracker
 
 
+def log_run_files(tracker: RunTracker, run_dir: Path, title: str) -> None:
+    """A run directory's config, metrics, status, summary and learning curves as artifacts."""
+    names = [CONFIG, METRICS, CLIENT_METRICS, SUMMARY, STATUS]
+    if (run_dir / METRICS).exists():
+        plot_learning_curves(run_dir, run_dir / CURVES, title)
+        names.append(CURVES)
+    tracker.log_artifacts(run_dir, names)
+
+
 def load_tracker(run_dir: Path, per_client: bool = True) -> RunTracker | None:
     """The MLflow run a run directory belongs to, if it was tracked."""
-    file = run_dir / RUN_FILE
-    if not file.is_file():
+    file = run_dir / MLFLOW_RUN
+    if not file.exists():
         return None
-    data = json.loads(file.read_text())
-    return RunTracker(data["tracking_uri"], data["run_id"], per_client)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a run directory's ``*.jsonl`` file (none if it is missing)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    try:
+        data = json.loads(file.read_text())
+        return RunTracker(str(data["tracking_uri"]), str(data["run_id"]), per_client)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{file}: damaged (not the JSON fedrlhf wrote); restore it, or delete it to track the rest of the run as a new MLflow run"
+        ) from None
 
 
 # -- plots ----------------------------------------------------------------------------------------
-CURVES = (
+CURVE_PANELS = (
     ("eval/liked_hit_rate", "held-out liked-hit rate"),
     ("eval/ndcg", "held-out NDCG@k"),
     ("reward_model/heldout_pair_accuracy", "reward-model pair accuracy"),
@@ -291,11 +398,9 @@ def plot_learning_curves(run_dir: Path, out: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from fedrlhf_ray.driver import METRICS
-
     rows = read_jsonl(run_dir / METRICS)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
-    for ax, (key, label) in zip(axes.flat, CURVES, strict=True):
+    for ax, (key, label) in zip(axes.flat, CURVE_PANELS, strict=True):
         for suffix, style in (("mean", "-o"), ("worst_decile", "--s"), ("median", ":")):
             pts = [(r["round"], r[f"{key}/{suffix}"]) for r in rows
                    if f"{key}/{suffix}" in r and not math.isnan(r[f"{key}/{suffix}"])]

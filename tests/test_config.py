@@ -328,9 +328,11 @@ def test_load_config_applies_overrides(tmp_path):
     assert (cfg.name, cfg.federation.rounds, cfg.seed) == ("demo", 3, 11)
 
 
-def test_load_config_empty_file_is_defaults(tmp_path):
-    f = tmp_path / "empty.yaml"
-    f.write_text("# nothing\n")
+def test_load_config_empty_mapping_is_defaults(tmp_path):
+    # An all-default experiment says so with {}; an empty or comment-only file is refused
+    # (tests/test_config_bad_input.py), as it is far more often the wrong file.
+    f = tmp_path / "defaults.yaml"
+    f.write_text("# every field at its default\n{}\n")
     assert load_config(f) == validate_config({})
 
 

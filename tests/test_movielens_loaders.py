@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import shutil
+import struct
 import threading
 import urllib.request
 import zipfile
@@ -27,6 +28,7 @@ from envs.data import (
     load_movielens,
 )
 from envs.data import movielens as ml
+from envs.data.movielens import diagnostics
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -230,7 +232,7 @@ def test_error_line_in_real_sized_file(
     def no_scan(*args, **kwargs):
         raise AssertionError("fell back to the line-by-line scan")
 
-    monkeypatch.setattr(ml, "_scan_ratings", no_scan)
+    monkeypatch.setattr(diagnostics, "scan_ratings", no_scan)
     message = load_error("ml-latest-small", folder, tmp_path / "cache")
     assert str(folder / "ratings.csv") in message
     assert f"line {target + 1}:" in message
@@ -860,3 +862,250 @@ def test_zip_without_dataset_members(tmp_path: Path) -> None:
     archive = zip_folder(folder, tmp_path / "x.zip", "ml-latest-small/", files=["movies.csv"])
     message = load_error("ml-latest-small", archive, tmp_path / "cache")
     assert str(archive) in message and "missing ml-latest-small/ratings.csv" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# files cut short: every official file ends with a line break, so a last line without one is an
+# error naming the file and that line -- never rows parsed from a number cut short
+# ---------------------------------------------------------------------------------------------
+
+CUT_SHORT = "was cut short; re-extract or re-download the dataset"
+
+
+def assert_cut_short(message: str, shown: str, line: int) -> None:
+    assert f"{shown}: line {line}: the file ends inside this line" in message, message
+    assert CUT_SHORT in message, message
+
+
+ML100K_FILES = {"u.data": U_DATA, "u.item": U_ITEM, "u.genre": U_GENRE}
+ML1M_FILES = {"ratings.dat": ML1M_RATINGS, "movies.dat": ML1M_MOVIES}
+CSV_FILES = {"ratings.csv": RATINGS_CSV, "movies.csv": MOVIES_CSV}
+DATASET_FILES = {"ml-latest-small": CSV_FILES, "ml-100k": ML100K_FILES, "ml-1m": ML1M_FILES}
+
+
+def small_dataset(root: Path, name: str, changed: dict[str, str | bytes] | None = None) -> Path:
+    """The small fixture of ``name`` in its official layout and encoding, ``changed`` replacing
+    some of its files."""
+    encoding = "utf-8" if name == "ml-latest-small" else "latin-1"
+    return write_files(root / name, {**DATASET_FILES[name], **(changed or {})}, encoding)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "ml-latest-small/ratings.csv",
+        "ml-latest-small/movies.csv",
+        "ml-100k/u.data",
+        "ml-100k/u.item",
+        "ml-100k/u.genre",
+    ],
+)
+def test_official_files_end_with_a_line_break(shared_data: Path, path: str) -> None:
+    """What the check relies on: a complete official file never ends inside a line."""
+    with open(shared_data / path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        assert f.read(1) == b"\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "fname", "cut"),
+    [
+        pytest.param("ml-latest-small", "ratings.csv", 1, id="csv-final-line-break"),
+        # the last line is 610,170875,3.0,1493846415
+        pytest.param("ml-latest-small", "ratings.csv", 5, id="csv-timestamp-to-149384"),
+        pytest.param(
+            "ml-latest-small", "ratings.csv", len(".0,1493846415\n"), id="csv-rating-to-3"
+        ),
+        pytest.param(
+            "ml-latest-small", "ratings.csv", len(",3.0,1493846415\n"), id="csv-fewer-fields"
+        ),
+        pytest.param("ml-latest-small", "movies.csv", 5, id="csv-genre-Comedy-to-Com"),
+        pytest.param("ml-100k", "u.data", 1, id="100k-final-line-break"),
+        # the last line is 12<tab>203<tab>3<tab>879959583
+        pytest.param("ml-100k", "u.data", 5, id="100k-timestamp-to-87995"),
+        pytest.param("ml-100k", "u.data", len("3\t879959583\n"), id="100k-before-rating"),
+        pytest.param("ml-100k", "u.item", 4, id="100k-item-inside-flags"),
+        pytest.param("ml-100k", "u.genre", 2, id="100k-genre-final-lines"),
+    ],
+)
+def test_real_file_cut_short(
+    shared_data: Path, tmp_path: Path, name: str, fname: str, cut: int
+) -> None:
+    folder = tmp_path / name
+    folder.mkdir()
+    for p in (shared_data / name).iterdir():
+        shutil.copyfile(p, folder / p.name)  # not copytree: the shared copies are read-only
+    data = (folder / fname).read_bytes()
+    (folder / fname).write_bytes(data[:-cut])
+    message = load_error(name, folder, tmp_path / "cache")
+    last_line = data.count(b"\n") - (1 if fname == "u.genre" else 0)  # u.genre ends "\n\n"
+    assert_cut_short(message, str(folder / fname), last_line)
+    assert parsed_entries(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "fname", "text", "line"),
+    [
+        pytest.param(
+            "ml-latest-small", "ratings.csv", RATINGS_CSV + "2,1,5.0,149348", 6,
+            id="csv-inside-timestamp",
+        ),
+        pytest.param(
+            "ml-latest-small", "ratings.csv", RATINGS_CSV + "1,3,2.", 6, id="csv-inside-rating"
+        ),
+        pytest.param(
+            "ml-latest-small", "ratings.csv", RATINGS_CSV + "1,3", 6, id="csv-fewer-fields"
+        ),
+        pytest.param(
+            "ml-latest-small", "ratings.csv", RATINGS_CSV.rstrip("\n"), 5,
+            id="csv-ratings-no-final-line-break",
+        ),
+        pytest.param(
+            "ml-latest-small", "ratings.csv", "userId,movieId,rat", 1, id="csv-inside-header"
+        ),
+        pytest.param(
+            "ml-latest-small", "movies.csv", MOVIES_CSV + "4,Heat (19", 5,
+            id="csv-movies-inside-title",
+        ),
+        pytest.param(
+            "ml-latest-small", "movies.csv", MOVIES_CSV + '4,"Heat, Th', 5,
+            id="csv-movies-inside-quoted-title",
+        ),
+        pytest.param(
+            "ml-latest-small", "movies.csv", MOVIES_CSV + "4,Heat (1995),Act", 5,
+            id="csv-movies-inside-genres",
+        ),
+        pytest.param(
+            "ml-latest-small", "movies.csv", MOVIES_CSV.encode() + "4,Amélie".encode()[:-1], 5,
+            id="csv-movies-inside-utf8-character",
+        ),
+        pytest.param(
+            "ml-latest-small", "movies.csv", MOVIES_CSV.rstrip("\n"), 4,
+            id="csv-movies-no-final-line-break",
+        ),
+        pytest.param("ml-100k", "u.data", U_DATA + "196\t1\t3\t88", 4, id="100k-inside-timestamp"),
+        pytest.param("ml-100k", "u.data", U_DATA + "196\t1\t", 4, id="100k-before-rating"),
+        pytest.param(
+            "ml-100k", "u.data", U_DATA.rstrip("\n"), 3, id="100k-data-no-final-line-break"
+        ),
+        pytest.param(
+            "ml-100k", "u.item", U_ITEM + "4|Heat (1995)|01-Jan-1995||url|0|1", 4,
+            id="100k-item-inside-flags",
+        ),
+        pytest.param(
+            "ml-100k", "u.item", U_ITEM.rstrip("\n"), 3, id="100k-item-no-final-line-break"
+        ),
+        pytest.param("ml-100k", "u.genre", "unknown|0\nAction|1\nComedy|2", 3, id="100k-genre"),
+        pytest.param(
+            "ml-1m", "ratings.dat", ML1M_RATINGS + "2::1::4::97829", 5, id="1m-inside-timestamp"
+        ),
+        pytest.param(
+            "ml-1m", "movies.dat", ML1M_MOVIES + "4::Heat (1995)::Act", 4,
+            id="1m-movies-inside-genres",
+        ),
+    ],
+)
+def test_file_cut_short(
+    tmp_path: Path, name: str, fname: str, text: str | bytes, line: int
+) -> None:
+    folder = small_dataset(tmp_path, name, {fname: text})
+    message = load_error(name, folder, tmp_path / "cache")
+    assert_cut_short(message, str(folder / fname), line)
+    assert parsed_entries(tmp_path / "cache") == []
+
+
+def test_final_line_with_fewer_fields_and_a_line_break(tmp_path: Path) -> None:
+    """A cut that happens to end on a line break cannot be told from a complete file; the short
+    line is still an error naming the file and line."""
+    folder = small_dataset(tmp_path, "ml-100k", {"u.data": U_DATA + "2\t1\n"})
+    message = load_error("ml-100k", folder, tmp_path / "cache")
+    assert f"{folder / 'u.data'}: line 4: expected 4 tab-separated fields" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "fname", "cut_line"),
+    [("ml-latest-small", "ratings.csv", 5), ("ml-100k", "u.data", 3)],
+)
+def test_cached_parse_is_not_reused_for_a_cut_file(
+    tmp_path: Path, name: str, fname: str, cut_line: int
+) -> None:
+    folder = small_dataset(tmp_path, name)
+    cache = tmp_path / "cache"
+    load_movielens(name, folder, cache_dir=cache)
+    assert len(parsed_entries(cache)) == 1
+    path = folder / fname
+    before = path.stat()
+    path.write_bytes(path.read_bytes()[:-3])
+    # Same mtime as the good file: the size alone must change the cache key.
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    message = load_error(name, folder, cache)
+    assert_cut_short(message, str(path), cut_line)
+    assert len(parsed_entries(cache)) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "fname", "text", "line"),
+    [
+        pytest.param(
+            "ml-latest-small", "ratings.csv", RATINGS_CSV + "2,1,5.0,149348", 6, id="csv-ratings"
+        ),
+        pytest.param(
+            "ml-latest-small", "movies.csv", MOVIES_CSV + "4,Heat (19", 5, id="csv-movies"
+        ),
+        pytest.param("ml-100k", "u.data", U_DATA + "196\t1\t3\t88", 4, id="100k-data"),
+        pytest.param("ml-100k", "u.item", U_ITEM[:-10], 3, id="100k-item"),
+    ],
+)
+def test_cut_file_inside_zip_names_the_member(
+    tmp_path: Path, name: str, fname: str, text: str, line: int
+) -> None:
+    """A complete archive of a file that was already cut short when it was zipped."""
+    folder = small_dataset(tmp_path / "src", name, {fname: text})
+    archive = zip_folder(folder, tmp_path / f"{name}.zip", f"{name}/")
+    message = load_error(name, archive, tmp_path / "cache")
+    assert_cut_short(message, f"{archive}:{name}/{fname}", line)
+
+
+def cut_zip_member(archive: Path, member: str) -> None:
+    """Halve ``member``'s compressed data as the archive records it (local header and central
+    directory sizes), like a member whose data was cut short; the archive itself stays readable."""
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as zf:
+        info = zf.getinfo(member)
+    half = info.compress_size // 2
+    struct.pack_into("<I", raw, info.header_offset + 18, half)  # local header: compressed size
+    name = member.encode()
+    entry = raw.find(b"PK\x01\x02")
+    while raw[entry + 46 : entry + 46 + len(name)] != name:
+        entry = raw.find(b"PK\x01\x02", entry + 1)
+    struct.pack_into("<I", raw, entry + 20, half)  # central directory: compressed size
+    archive.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("name", "fname"),
+    [
+        ("ml-latest-small", "ratings.csv"),
+        ("ml-latest-small", "movies.csv"),
+        ("ml-100k", "u.data"),
+        ("ml-100k", "u.item"),
+    ],
+)
+def test_truncated_zip_member(shared_data: Path, tmp_path: Path, name: str, fname: str) -> None:
+    archive = zip_folder(shared_data / name, tmp_path / f"{name}.zip", f"{name}/")
+    cut_zip_member(archive, f"{name}/{fname}")
+    message = load_error(name, archive, tmp_path / "cache")
+    assert f"{archive}:{name}/{fname}: not a valid zip archive (truncated or corrupt)" in message
+    assert "re-download" in message
+    assert parsed_entries(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("name", ["ml-latest-small", "ml-100k"])
+def test_zip_archive_cut_short(tmp_path: Path, name: str) -> None:
+    folder = small_dataset(tmp_path / "src", name)
+    archive = zip_folder(folder, tmp_path / f"{name}.zip", f"{name}/")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) - 30])  # the end of the central directory is gone
+    message = load_error(name, archive, tmp_path / "cache")
+    assert f"{archive}: not a valid zip archive (truncated or corrupt)" in message
+    assert "re-download" in message

@@ -14,11 +14,11 @@ from envs.data.movielens import (
 
 __all__ = [
     "BASE_URL",
-    "DatasetError",
-    "MovieLensData",
     "OFFICIAL_SHA256",
     "RATING_SCALES",
     "SUPPORTED_DATASETS",
+    "DatasetError",
+    "MovieLensData",
     "default_cache_dir",
     "describe",
     "load_movielens",

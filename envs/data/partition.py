@@ -20,6 +20,11 @@ FORMATIONS = ("user", "group")
 GROUPINGS = ("random", "taste")
 
 
+class PartitionError(ValueError):
+    """The requested clients cannot be formed from this data. The message is one line that
+    names the parameter (as the config names it), the value and what the data allows."""
+
+
 @dataclass(frozen=True)
 class TemporalSplit:
     train: pd.DataFrame
@@ -36,7 +41,7 @@ def temporal_split(
     user keeps at least one rating on each side.
     """
     if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
+        raise PartitionError(f"heldout_fraction: got {heldout_fraction} — must lie in (0, 1)")
     df = ratings.sort_values(["user", "timestamp", "item"], kind="stable")
     counts = df.groupby("user", sort=True)["item"].transform("size")
     df = df[counts >= max(min_ratings, 2)]
@@ -132,16 +137,25 @@ def form_clients(
     knob of the cross-silo setting.
     """
     if formation not in FORMATIONS:
-        raise ValueError(f"formation must be one of {FORMATIONS}, got {formation!r}")
+        raise PartitionError(f"formation: got {formation!r} — allowed: {', '.join(FORMATIONS)}")
     if grouping not in GROUPINGS:
-        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        raise PartitionError(f"grouping: got {grouping!r} — allowed: {', '.join(GROUPINGS)}")
     per_client = 1 if formation == "user" else users_per_client
+    for name, value in (("num_clients", num_clients), ("users_per_client", per_client)):
+        if value < 1:
+            raise PartitionError(f"{name}: got {value} — must be >= 1")
     split = temporal_split(ratings, heldout_fraction, min_ratings)
     needed = num_clients * per_client
     if needed > split.users.size:
-        raise ValueError(
-            f"{num_clients} clients x {per_client} users need {needed} users with at least "
-            f"{min_ratings} ratings; the data has {split.users.size}"
+        if split.users.size == 0:
+            most = int(ratings.groupby("user").size().max()) if len(ratings) else 0
+            raise PartitionError(
+                f"min_ratings: got {min_ratings} — no user has {max(min_ratings, 2)} ratings "
+                f"(the most any user has is {most})"
+            )
+        raise PartitionError(
+            f"num_clients: got {num_clients} — {num_clients} clients x {per_client} users need {needed} users "
+            f"with at least {min_ratings} ratings (min_ratings); the data has {split.users.size}"
         )
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC11E]))
     chosen = np.sort(rng.choice(split.users, size=needed, replace=False))

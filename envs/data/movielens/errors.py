@@ -1,0 +1,10 @@
+"""The exception every MovieLens data problem raises."""
+
+from __future__ import annotations
+
+
+class DatasetError(ValueError):
+    """A user-facing data problem (missing, corrupt or malformed dataset); one-line message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))

@@ -1,0 +1,79 @@
+"""The client-side state store: where a client actor keeps its virtual clients' records.
+
+A record (the simulated human's RNG, the feedback log, the reward model and its optimizer,
+the PPO optimizer state, the personal parameters) is private to its client. Only the client
+actor serving that client writes or reads it, here; the driver never receives it. Layout::
+
+    <root>/client-000007/round-000003.npz    client 7's record after round 3, which it trained
+
+one file per round the client trained (NumPy arrays plus a JSON tree, see ``state_codec``:
+nothing is unpickled), committed atomically. Records are keyed by client id, so a resume may
+use another number of client actors. The root is ``<run dir>/clients`` unless
+``federation.client_state_dir`` says otherwise (on a cluster: storage every node shares, or a
+node-local folder when each client actor stays on its node).
+
+Versions are pruned against the driver's checkpoints: the driver keeps its last two, and a
+client keeps, besides every version newer than the older of them, the latest version at or
+before it, so a fall back to the driver's previous checkpoint always finds each client's
+matching record.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from fedrlhf_ray import state_codec
+from fedrlhf_ray.rundir import atomic_write
+
+_VERSION_RE = re.compile(r"^round-(\d{6})\.npz$")
+
+
+class ClientStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _folder(self, client_id: int) -> Path:
+        return self.root / f"client-{client_id:06d}"
+
+    def _path(self, client_id: int, round_index: int) -> Path:
+        return self._folder(client_id) / f"round-{round_index:06d}.npz"
+
+    def versions(self, client_id: int) -> list[int]:
+        """Rounds with a stored record of this client, newest first."""
+        folder = self._folder(client_id)
+        if not folder.is_dir():
+            return []
+        found = (_VERSION_RE.match(p.name) for p in folder.iterdir())
+        return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+    def save(self, client_id: int, round_index: int, record: Any, keep_from: int) -> int:
+        """Commit the record after ``round_index``; returns its size in bytes."""
+        data = state_codec.dumps(record)
+        self._folder(client_id).mkdir(parents=True, exist_ok=True)
+        atomic_write(self._path(client_id, round_index), data)
+        versions = self.versions(client_id)
+        older = [v for v in versions if v <= keep_from]
+        for stale in older[1:]:
+            self._path(client_id, stale).unlink(missing_ok=True)
+        return len(data)
+
+    def latest(self, client_id: int, upto: int) -> int | None:
+        """The round of the record a restore to round ``upto`` uses (None: never trained)."""
+        return next((v for v in self.versions(client_id) if v <= upto), None)
+
+    def load(self, client_id: int, upto: int) -> Any | None:
+        """The client's record as of round ``upto``, or None if it had not trained by then.
+
+        Raises :class:`state_codec.StateFileError` when that record is damaged."""
+        version = self.latest(client_id, upto)
+        if version is None:
+            return None
+        path = self._path(client_id, version)
+        try:
+            return state_codec.loads(path.read_bytes())
+        except OSError as err:
+            raise state_codec.StateFileError(f"{path}: unreadable ({err.strerror or err})") from None
+        except state_codec.StateFileError as err:
+            raise state_codec.StateFileError(f"{path}: {err}") from None

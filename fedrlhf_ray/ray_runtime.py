@@ -1,0 +1,89 @@
+"""Starting or joining Ray, and checking up front that an experiment fits on it.
+
+Everything here fails in seconds with one line: a malformed or unreachable ``--address``, more
+client actors or CPUs per actor than the cluster has, an object store larger than memory.
+Ray itself would retry a dead address for minutes or wait for resources forever.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from fedrlhf_ray.config import ExperimentConfig, check_machine
+from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.rundir import warn
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def requested_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _check_address(address: str) -> None:
+    """A GCS address ``host:port`` that accepts connections (or ``auto``)."""
+    if address == "auto":
+        return
+    if address.startswith("ray://"):
+        raise UserError(
+            f"--address {address}: Ray Client addresses are not supported; give the cluster's GCS "
+            "address host:6379, or run on the head node (ray job submit)"
+        )
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--address {address!r}: expected HOST:PORT of a Ray cluster's head, e.g. 10.0.0.5:6379")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"--address {address}: no Ray cluster reachable ({err.strerror or err}); check the head's address "
+            "and that `ray start --head` runs there"
+        ) from None
+
+
+def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start a local Ray sized by ``cfg.ray``.
+
+    Returns True when an existing cluster was joined. A Ray that is already initialised (a
+    test session, a Tune trial) is used as it is."""
+    import ray
+
+    address = requested_address(address)
+    if ray.is_initialized():
+        return bool(address)
+    if address:
+        _check_address(address)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise UserError(f"--address {address}: could not join the Ray cluster ({str(err).splitlines()[0]})") from None
+        return True
+    for warning in check_machine(cfg):
+        warn(warning)
+    ray.init(
+        num_cpus=cfg.ray.num_cpus,
+        object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
+    return False
+
+
+def check_fits(cfg: ExperimentConfig, num_hosts: int) -> None:
+    """``num_hosts`` client actors of ``cfg.ray.cpus_per_worker`` CPUs each fit the cluster."""
+    import ray
+
+    resources: dict[str, Any] = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 0.0))
+    per = cfg.ray.cpus_per_worker
+    if per > cpus:
+        raise UserError(f"ray.cpus_per_worker: got {per:g} — the Ray cluster has {cpus:g} CPUs in all")
+    if num_hosts * per > cpus + 1e-9:
+        raise UserError(
+            f"ray.num_workers: {num_hosts} client actors × {per:g} CPUs need {num_hosts * per:g}, the Ray "
+            f"cluster has {cpus:g}; lower ray.num_workers or ray.cpus_per_worker"
+        )

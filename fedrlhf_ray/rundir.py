@@ -1,0 +1,211 @@
+"""The run directory: every file name, atomic writes, and reading rows back.
+
+A run directory holds::
+
+    config.yaml            the resolved experiment config
+    status.json            running | completed | failed | interrupted, with details
+    summary.json           the initial and final evaluation (a finished run)
+    metrics.jsonl          one row per round (round 0 = the initial evaluation)
+    client_metrics.jsonl   one row per client, round and kind (train / eval)
+    mlflow_run.json        which MLflow run the directory belongs to
+    checkpoint-RRRRRR.npz  the driver's checkpoints, the last two kept: round, global weights,
+                           strategy state (no client's record: those live in the client store)
+    clients/               the default client-side state store (see ``client_store``)
+    learning_curves.png, global_weights.npz   artifacts of a finished run
+
+Writes go to a temporary file in the same folder and are committed with ``os.replace``, so a
+crash or a full disk never leaves a half-written file under a real name; a failed write removes
+its temporary file and says which file could not be written and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedrlhf_ray import state_codec
+from fedrlhf_ray.errors import UserError
+
+CONFIG = "config.yaml"
+STATUS = "status.json"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CLIENT_METRICS = "client_metrics.jsonl"
+MLFLOW_RUN = "mlflow_run.json"
+CURVES = "learning_curves.png"
+FINAL_WEIGHTS = "global_weights.npz"
+CLIENT_STORE = "clients"
+CHECKPOINT_PREFIX = "checkpoint"
+CHECKPOINTS_KEPT = 2
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d{{6}})\.npz$")
+
+
+class StorageError(UserError):
+    """A file of the run could not be written (disk full, read-only, ...)."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing (temporary file, fsync, ``os.replace``)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"could not write {path}: {err.strerror or err}") from None
+
+
+def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Append JSON lines; on a failed write the file is cut back to what it was."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if not text:
+        return
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        try:
+            if size:
+                os.truncate(path, size)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise StorageError(f"could not write {path}: {err.strerror or err}") from None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``*.jsonl`` file (none if missing); a torn last line (a crash while
+    appending) is not a row."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+class RunDir:
+    """One run directory; see the module docstring."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- small files ---------------------------------------------------------------------------
+    def write_config(self, cfg_dict: dict[str, Any]) -> None:
+        atomic_write(self.path / CONFIG, yaml.safe_dump(cfg_dict, sort_keys=False).encode())
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        atomic_write(self.path / name, json.dumps(data, indent=2, default=str).encode())
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON file of the run, or None when it is missing or damaged."""
+        try:
+            data = json.loads((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_status(self, state: str, **extra: Any) -> None:
+        self.write_json(STATUS, {"state": state, **extra})
+
+    def status(self) -> str | None:
+        data = self.read_json(STATUS)
+        return None if data is None else str(data.get("state"))
+
+    def save_final_weights(self, weights: dict[str, Any]) -> None:
+        """The final global model as ``.npz`` (parameter name → array), no pickle."""
+        import io
+
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **weights)
+        atomic_write(self.path / FINAL_WEIGHTS, buffer.getvalue())
+
+    # -- metrics -------------------------------------------------------------------------------
+    def append_metrics(self, rows: list[dict[str, Any]], client_rows: list[dict[str, Any]]) -> None:
+        append_rows(self.path / METRICS, rows)
+        append_rows(self.path / CLIENT_METRICS, client_rows)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / METRICS)
+
+    def client_metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / CLIENT_METRICS)
+
+    def round_metrics(self, round_index: int) -> dict[str, Any]:
+        return next((r for r in self.metrics() if r.get("round") == round_index), {})
+
+    def last_evaluation(self) -> dict[str, Any]:
+        """The ``eval/`` metrics of the latest evaluated round (round 0 included)."""
+        evaluated = [r for r in self.metrics() if any(k.startswith("eval/") for k in r)]
+        return {k: v for k, v in evaluated[-1].items() if k.startswith("eval/")} if evaluated else {}
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop rows past ``last_round``: they come from a round that ended before its checkpoint."""
+        for name in (METRICS, CLIENT_METRICS):
+            file = self.path / name
+            if file.exists():
+                rows = [r for r in read_jsonl(file) if int(r.get("round", -1)) <= last_round]
+                atomic_write(file, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    # -- the driver's checkpoints --------------------------------------------------------------
+    def checkpoint_rounds(self) -> list[int]:
+        """Rounds with a checkpoint file, newest first."""
+        if not self.path.is_dir():
+            return []
+        found = (_CHECKPOINT_RE.match(p.name) for p in self.path.iterdir())
+        return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+    def checkpoint_path(self, round_index: int) -> Path:
+        return self.path / f"{CHECKPOINT_PREFIX}-{round_index:06d}.npz"
+
+    def save_checkpoint(self, round_index: int, state: dict[str, Any]) -> None:
+        """Commit round ``round_index``'s checkpoint, then drop all but the last two."""
+        atomic_write(self.checkpoint_path(round_index), state_codec.dumps(state))
+        for old in self.checkpoint_rounds()[CHECKPOINTS_KEPT:]:
+            self.checkpoint_path(old).unlink(missing_ok=True)
+
+    def load_checkpoint(self, round_index: int) -> dict[str, Any]:
+        """Raises :class:`state_codec.StateFileError` when the file is damaged."""
+        try:
+            data = self.checkpoint_path(round_index).read_bytes()
+        except OSError as err:
+            raise state_codec.StateFileError(f"unreadable ({err.strerror or err})") from None
+        state = state_codec.loads(data)
+        if not isinstance(state, dict) or state.get("round") != round_index:
+            raise state_codec.StateFileError("not a checkpoint of this round")
+        return state
+
+    def oldest_kept_checkpoint(self) -> int:
+        """The round the client stores must still be able to restore (0: the start)."""
+        rounds = self.checkpoint_rounds()
+        return rounds[CHECKPOINTS_KEPT - 1] if len(rounds) >= CHECKPOINTS_KEPT else 0
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (the CLI's errors use the same prefix)."""
+    print(f"fedrlhf: warning: {message}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps: the sweep file schema, one trial, and the runner."""
