@@ -339,7 +339,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # like SIGTERM, so that the sweep is marked KILLED and can be resumed.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        joined = ensure_ray(cfg, args.address)
+        joined = ensure_ray(cfg, args.address) == "joined"
         install_sigterm_handler()
         uri = tracking.cluster_tracking_uri(uri, joined)
         results, parent = run_sweep(sweep, sweep_dir, uri, resume=not fresh)

@@ -129,7 +129,22 @@ class FederatedDriver:
                 f"the cluster lacks {self.cfg.ray.cpus_per_worker:g} free CPU(s) per actor; lower "
                 "ray.num_workers or ray.cpus_per_worker, or free the cluster"
             )
-        ray.get(done)
+        for ref in done:
+            self._received(ray.get(ref))
+
+    def _await_restart(self, h: int) -> bool:
+        """Until Ray has restarted host ``h`` (a call right after the death may still reach
+        the dead process); False if it does not come back."""
+        deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                self._received(ray.get(self.hosts[h].ready.remote(), timeout=ACTOR_START_TIMEOUT_S))
+                return True
+            except RayActorError:
+                time.sleep(0.5)
+            except ray.exceptions.GetTimeoutError:
+                return False
+        return False
 
     def shutdown(self) -> None:
         for host in self.hosts:
@@ -154,10 +169,12 @@ class FederatedDriver:
             groups.setdefault(c % self.num_hosts, []).append(c)
         return groups
 
-    def _call_hosts(self, method: str, groups: dict[int, list[int]], *args: Any) -> tuple[dict[int, Any], list[int]]:
-        """``host.method(ids, *args)`` on every host of ``groups``; a host that dies is retried
-        once after Ray restarted it. Returns the replies by host and the hosts lost twice."""
-        refs = {h: getattr(self.hosts[h], method).remote(*args[:1], ids, *args[1:]) for h, ids in groups.items()}
+    def _call_hosts(
+        self, method: str, round_index: int, groups: dict[int, list[int]], *rest: Any
+    ) -> tuple[dict[int, Any], list[int]]:
+        """``host.method(round_index, ids, *rest)`` on every host of ``groups``; a host that dies
+        is retried once after Ray restarted it. Returns the replies by host and the hosts lost twice."""
+        refs = {h: getattr(self.hosts[h], method).remote(round_index, ids, *rest) for h, ids in groups.items()}
         replies: dict[int, Any] = {}
         lost: list[int] = []
         for h, ref in refs.items():
@@ -169,10 +186,16 @@ class FederatedDriver:
         for h in lost:
             self.actor_restarts += 1
             self.retried_clients += len(groups[h])
-            warn(f"client actor {h} died in round {args[0]}; retrying its {len(groups[h])} client(s) on its restart")
+            warn(f"client actor {h} died in round {round_index}; retrying its {len(groups[h])} client(s) on its restart")
             try:
-                replies[h] = self._received(ray.get(getattr(self.hosts[h], method).remote(*args[:1], groups[h], *args[1:])))
+                if not self._await_restart(h):
+                    raise RayActorError()
+                replies[h] = self._received(ray.get(getattr(self.hosts[h], method).remote(round_index, groups[h], *rest)))
             except RayActorError:
+                # Lost twice: the round goes on without these clients; Ray restarts the host
+                # again, and later calls must find it up.
+                self.actor_restarts += 1
+                self._await_restart(h)
                 failed.append(h)
         return replies, failed
 
@@ -239,7 +262,7 @@ class FederatedDriver:
         fed = self.cfg.federation
         groups = self._by_host(sampled)
         if fed.straggler_timeout_s is None:  # nothing to time out: one reply per host is cheapest
-            replies, _ = self._call_hosts("train_batch", groups, round_index, global_ref, instructions)
+            replies, _ = self._call_hosts("train_batch", round_index, groups, global_ref, instructions)
             return sorted((u for batch in replies.values() for u in batch), key=lambda u: u.client_id)
         deadline = time.monotonic() + fed.straggler_timeout_s
         needed = min(fed.min_results, len(sampled))
@@ -262,9 +285,10 @@ class FederatedDriver:
                 continue
             except RayActorError:
                 del streams[stream]
+                self.actor_restarts += 1
+                alive = self._await_restart(h)
                 missing = [c for c in ids if c not in {u.client_id for u in updates}]
-                if first_try and missing:
-                    self.actor_restarts += 1
+                if first_try and missing and alive:
                     self.retried_clients += len(missing)
                     warn(f"client actor {h} died in round {round_index}; retrying {len(missing)} client(s) on its restart")
                     retry = self.hosts[h].train_clients.remote(round_index, missing, global_ref, instructions)
@@ -280,7 +304,7 @@ class FederatedDriver:
         finetune = fed.finetune_iterations if fed.personalization == "finetune" else 0
         global_ref = ray.put(self.global_weights)
         groups = self._by_host(self.eval_clients)
-        replies, failed = self._call_hosts("evaluate_clients", groups, round_index, global_ref, finetune)
+        replies, failed = self._call_hosts("evaluate_clients", round_index, groups, global_ref, finetune)
         if failed:
             raise RoundFailed(f"round {round_index}: client actors {failed} died twice while evaluating")
         by_client = {c: m for h, ms in replies.items() for c, m in zip(groups[h], ms, strict=True)}
@@ -319,7 +343,7 @@ class FederatedDriver:
                 warn(f"the checkpoint of round {r} is damaged ({err}); falling back to the one before")
                 continue
             groups = self._by_host(self.training_clients)
-            replies, failed = self._call_hosts("restore", groups, r)
+            replies, failed = self._call_hosts("restore", r, groups)
             damaged = sorted(c for ids in replies.values() for c in ids)
             if damaged or failed:
                 warn(f"client records of round {r} are damaged (clients {damaged[:5]}); falling back to the one before")
@@ -334,6 +358,6 @@ class FederatedDriver:
 
     def placement(self) -> list[dict[str, Any]]:
         """Which Ray node runs each client host, and which clients it serves."""
-        nodes = ray.get([h.node_id.remote() for h in self.hosts])
+        nodes = [self._received(n) for n in ray.get([h.node_id.remote() for h in self.hosts])]
         groups = self._by_host(self.training_clients)
         return [{"host": i, "node_id": n, "clients": groups.get(i, [])} for i, n in enumerate(nodes)]

@@ -33,8 +33,8 @@ from typing import Any
 from fedrlhf_ray import tracking
 from fedrlhf_ray.config import ExperimentConfig, load_config
 from fedrlhf_ray.errors import UserError
-from fedrlhf_ray.ray_runtime import check_fits, ensure_ray
-from fedrlhf_ray.rundir import CONFIG, FINAL_WEIGHTS, STATUS, SUMMARY, RunDir
+from fedrlhf_ray.ray_runtime import check_fits, ensure_ray, local_ray_processes, reap
+from fedrlhf_ray.rundir import CONFIG, FINAL_WEIGHTS, RAY_PROCESSES, STATUS, SUMMARY, RunDir
 
 # Fields a resumed run may change: it otherwise keeps the config it started with.
 RESUMABLE_OVERRIDES = ("federation.rounds",)
@@ -177,7 +177,9 @@ def run_experiment(
         previous = tracking.load_tracker(Path(run_dir), cfg.tracking.per_client)
         if previous is not None:
             uri = tracking.usable_tracking_uri(cfg, previous.tracking_uri)
-    ensure_ray(cfg, address)
+    if resume and run_dir is not None:
+        reap(RunDir(run_dir).read_json(RAY_PROCESSES), str(run_dir))
+    ray_mode = ensure_ray(cfg, address)
     if handle_sigterm:
         install_sigterm_handler()
 
@@ -195,7 +197,7 @@ def run_experiment(
     else:
         rd = new_run_dir(out, cfg.name) if run_dir is None else _fresh_dir(Path(run_dir))
         before = {}
-    life = _Lifecycle(cfg, rd, resume, before)
+    life = _Lifecycle(cfg, rd, resume, before, owns_ray=ray_mode == "started")
     try:
         return life.run(uri, trainer_factory, only_clients, extra_tags, on_start, on_round, FederatedDriver)
     finally:
@@ -217,7 +219,10 @@ def _read_bytes(path: Path) -> bytes | None:
 class _Lifecycle:
     """The state of one :func:`run_experiment` call, so that its error path knows what exists."""
 
-    def __init__(self, cfg: ExperimentConfig, rd: RunDir, resume: bool, before: dict[str, bytes | None]) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, rd: RunDir, resume: bool, before: dict[str, bytes | None], owns_ray: bool
+    ) -> None:
+        self.owns_ray = owns_ray
         self.cfg = cfg
         self.rd = rd
         self.resume = resume
@@ -231,6 +236,8 @@ class _Lifecycle:
     def run(self, uri, trainer_factory, only_clients, extra_tags, on_start, on_round, driver_cls) -> Result:
         cfg, rd = self.cfg, self.rd
         try:
+            if self.owns_ray:
+                rd.write_json(RAY_PROCESSES, local_ray_processes())
             rd.write_config(cfg.to_dict())  # on resume: a raised federation.rounds is kept
             self.tracker = self._start_tracking(uri, extra_tags)
             self.driver = driver_cls(cfg, rd, trainer_factory=trainer_factory, only_clients=only_clients)

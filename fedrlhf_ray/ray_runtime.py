@@ -3,6 +3,11 @@
 Everything here fails in seconds with one line: a malformed or unreachable ``--address``, more
 client actors or CPUs per actor than the cluster has, an object store larger than memory.
 Ray itself would retry a dead address for minutes or wait for resources forever.
+
+A local Ray started by a process that is then SIGKILLed leaves some of its processes behind
+(Ray's dashboard and runtime-env agents outlive the raylet). The run directory records the
+processes its local Ray started (:func:`local_ray_processes`), and a resume reaps those that
+are still alive (:func:`reap`) before it starts a Ray of its own.
 """
 
 from __future__ import annotations
@@ -44,23 +49,23 @@ def _check_address(address: str) -> None:
         ) from None
 
 
-def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
+def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> str:
     """Connect to ``address`` (or $RAY_ADDRESS), else start a local Ray sized by ``cfg.ray``.
 
-    Returns True when an existing cluster was joined. A Ray that is already initialised (a
-    test session, a Tune trial) is used as it is."""
+    Returns ``"joined"`` (an existing cluster), ``"started"`` (a local Ray this process owns)
+    or ``"existing"`` (Ray was already initialised: a test session, a Tune trial)."""
     import ray
 
     address = requested_address(address)
     if ray.is_initialized():
-        return bool(address)
+        return "joined" if address else "existing"
     if address:
         _check_address(address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise UserError(f"--address {address}: could not join the Ray cluster ({str(err).splitlines()[0]})") from None
-        return True
+        return "joined"
     for warning in check_machine(cfg):
         warn(warning)
     ray.init(
@@ -70,7 +75,49 @@ def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
         log_to_driver=False,
         logging_level="ERROR",
     )
-    return False
+    return "started"
+
+
+def local_ray_processes() -> dict[str, Any]:
+    """This process and the processes its local Ray started (pid and start time, so that a
+    reused pid is never mistaken for one of them)."""
+    import psutil
+
+    me = psutil.Process()
+    children = [{"pid": c.pid, "started": c.create_time()} for c in me.children(recursive=True)]
+    return {"owner": {"pid": me.pid, "started": me.create_time()}, "processes": children}
+
+
+def _alive(entry: dict[str, Any]) -> Any:
+    import psutil
+
+    try:
+        proc = psutil.Process(int(entry["pid"]))
+        if abs(proc.create_time() - float(entry["started"])) < 1e-3:
+            return proc
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+def reap(record: dict[str, Any] | None, run_dir: str) -> int:
+    """Kill what is left of a dead run's local Ray; returns how many processes were killed.
+
+    A run whose process still lives is not touched: it is refused in one line."""
+    if not record:
+        return 0
+    if _alive(record.get("owner", {})) is not None:
+        raise UserError(f"--resume {run_dir}: the run is still running (process {record['owner']['pid']}); stop it first")
+    killed = 0
+    for entry in record.get("processes", []):
+        proc = _alive(entry)
+        if proc is not None:
+            try:
+                proc.kill()
+                killed += 1
+            except Exception:  # noqa: BLE001 - it may exit by itself meanwhile
+                pass
+    return killed
 
 
 def check_fits(cfg: ExperimentConfig, num_hosts: int) -> None:

@@ -8,6 +8,7 @@ A run directory holds::
     metrics.jsonl          one row per round (round 0 = the initial evaluation)
     client_metrics.jsonl   one row per client, round and kind (train / eval)
     mlflow_run.json        which MLflow run the directory belongs to
+    ray_processes.json     the processes of the local Ray the run started (reaped on resume)
     checkpoint-RRRRRR.npz  the driver's checkpoints, the last two kept: round, global weights,
                            strategy state (no client's record: those live in the client store)
     clients/               the default client-side state store (see ``client_store``)
@@ -39,6 +40,7 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CLIENT_METRICS = "client_metrics.jsonl"
 MLFLOW_RUN = "mlflow_run.json"
+RAY_PROCESSES = "ray_processes.json"
 CURVES = "learning_curves.png"
 FINAL_WEIGHTS = "global_weights.npz"
 CLIENT_STORE = "clients"

@@ -29,8 +29,11 @@ runs inside a client actor, and :func:`mlp_trainer_factory` gives the
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +58,11 @@ class MLPTrainer:
     A round with ``proximal_mu > 0`` adds FedProx's μ/2·‖θ − anchor‖² to the loss (the
     strategy's instruction). ``pooled_clients`` maps an extra client id to the
     clients whose data it concatenates (the centralized baseline's pooled client).
+    ``lr_decay`` scales a client's learning rate by ``lr_decay ** rounds_done``: with a value
+    below 1 the result of a round depends on the client's record, which resume and fault tests
+    need. ``crash`` injects a fault: ``{"round": r, "client": c, "times": n, "marker": path,
+    "how": "sigkill" | "ray_kill"}`` makes the first ``n`` attempts at that client's round kill
+    the actor's process (``marker`` counts attempts across restarts).
     """
 
     def __init__(
@@ -71,6 +79,8 @@ class MLPTrainer:
         epochs: int = 1,
         sleep_s: Mapping[int, float] | None = None,
         pooled_clients: Mapping[int, Sequence[int]] | None = None,
+        lr_decay: float = 1.0,
+        crash: Mapping[str, Any] | None = None,
     ) -> None:
         torch.set_num_threads(1)
         self.pooled_clients = {int(k): [int(c) for c in v] for k, v in (pooled_clients or {}).items()}
@@ -84,6 +94,8 @@ class MLPTrainer:
         self.lr = float(lr)
         self.epochs = int(epochs)
         self.sleep_s = {int(k): float(v) for k, v in (sleep_s or {}).items()}
+        self.lr_decay = float(lr_decay)
+        self.crash = dict(crash) if crash else None
         if self.n_samples < 1 or self.batch_size < 1 or self.epochs < 0:
             raise ValueError("n_samples and batch_size must be >= 1 and epochs >= 0")
 
@@ -165,11 +177,12 @@ class MLPTrainer:
         start = time.perf_counter()
         if self.sleep_s.get(cid, 0.0) > 0:
             time.sleep(self.sleep_s[cid])
+        self._maybe_crash(round_index, cid)
         anchor_t = None
         if anchor is not None and proximal_mu > 0:
             anchor_t = {k: torch.from_numpy(np.asarray(anchor[k], dtype=np.float32)) for k in self._params}
         g = _generator(derive_seed(self.seed, "batches", round_index, cid))
-        loss = self._sgd(cid, self.epochs, g, anchor_t, proximal_mu)
+        loss = self._sgd(cid, self.epochs, g, anchor_t, proximal_mu, self.lr * self.lr_decay**self.rounds_done)
         self.rounds_done += 1
         n = int(self.client_data(cid)[0].shape[0])
         return n, {"train/loss": loss, "train/seconds": time.perf_counter() - start}
@@ -177,7 +190,7 @@ class MLPTrainer:
     def finetune(self, round_index: int, iterations: int) -> None:
         cid = self._require_client()
         g = _generator(derive_seed(self.seed, "finetune", round_index, cid))
-        self._sgd(cid, int(iterations), g, None)
+        self._sgd(cid, int(iterations), g, None, lr=self.lr * self.lr_decay**self.rounds_done)
 
     @torch.no_grad()
     def evaluate(self, round_index: int) -> dict[str, float]:
@@ -190,6 +203,22 @@ class MLPTrainer:
         }
 
     # -- internals ---------------------------------------------------------------------------
+    def _maybe_crash(self, round_index: int, cid: int) -> None:
+        spec = self.crash
+        if spec is None or (spec["round"], spec["client"]) != (round_index, cid):
+            return
+        marker = Path(spec["marker"])
+        attempts = int(marker.read_text()) if marker.exists() else 0
+        if attempts >= int(spec.get("times", 1)):
+            return
+        marker.write_text(str(attempts + 1))
+        if spec.get("how", "sigkill") == "ray_kill":
+            import ray
+
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
+            time.sleep(600)  # ray.kill ends this process before the sleep does
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def _require_client(self) -> int:
         if self.current is None:
             raise RuntimeError("no client loaded: call load_client() first")
@@ -197,7 +226,7 @@ class MLPTrainer:
 
     def _sgd(
         self, cid: int, epochs: int, g: torch.Generator, anchor: dict[str, torch.Tensor] | None,
-        proximal_mu: float = 0.0,
+        proximal_mu: float = 0.0, lr: float | None = None,
     ) -> float:
         """``epochs`` epochs of minibatch SGD; the mean loss of the last epoch (nan if none)."""
         x, y = self.client_data(cid)
@@ -216,7 +245,7 @@ class MLPTrainer:
                     loss = loss + 0.5 * proximal_mu * prox
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():
-                    torch._foreach_add_(params, grads, alpha=-self.lr)
+                    torch._foreach_add_(params, grads, alpha=-(self.lr if lr is None else lr))
                 total += float(loss.detach()) * len(idx)
             last = total / n
         return last
