@@ -413,19 +413,29 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def _cause(err: BaseException) -> BaseException:
+    """The error itself when it was raised inside a Ray actor (Ray's wrapper adds a traceback)."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is not None and isinstance(err, ray_exceptions.RayTaskError):
+        return err.cause if err.cause is not None else err
+    return err
+
+
 def main(argv: list[str] | None = None) -> int:
     from envs.data.movielens import DatasetError
 
     from fedrlhf_ray.experiment import was_terminated
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # MLflow's INFO lines (creating a store's tables, ...) would break the one-line promise.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         args = build_parser().parse_args(argv)
         commands = {"config": cmd_config, "data": cmd_data_info, "run": cmd_run, "tune": cmd_tune,
                     "ui": cmd_ui, "train": cmd_train}
         return commands[args.command](args)
     except (UserError, DatasetError) as err:
-        print(f"fedrlhf: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"fedrlhf: error: {' '.join(str(_cause(err)).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as err:
         print("fedrlhf: interrupted", file=sys.stderr)

@@ -22,6 +22,7 @@ nothing.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 from collections.abc import Callable, Sequence
@@ -121,6 +122,27 @@ def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentCon
     return cfg
 
 
+def check_out_location(out: str | Path) -> None:
+    """Fail before anything starts when ``out`` cannot hold a run directory: it is a file, lies
+    under a file, or the folder that would hold it is read-only."""
+    path = Path(out).expanduser().absolute()
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                where = "is a file" if ancestor == path else f"lies under the file {ancestor}"
+                raise UserError(f"--out {out}: {where}; give a folder for the run directories")
+            if not os.access(ancestor, os.W_OK | os.X_OK) or _read_only_mount(ancestor):
+                raise UserError(f"--out {out}: {ancestor} is read-only; give a writable folder")
+            return
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def new_run_dir(out: str | Path, name: str) -> RunDir:
     """``OUT/NAME-YYYYmmdd-HHMMSS``, created now; one line when OUT cannot hold it."""
     parent = Path(out)
@@ -172,6 +194,8 @@ def run_experiment(
         from fedrlhf_ray.clients_data import build_clients
 
         build_clients(cfg)  # data problems surface here, before anything is created
+    if not resume and run_dir is None:
+        check_out_location(out)
     uri = tracking.usable_tracking_uri(cfg, tracking_uri) if cfg.tracking.enabled else None
     if resume and uri is not None and tracking_uri is None and run_dir is not None:
         previous = tracking.load_tracker(Path(run_dir), cfg.tracking.per_client)

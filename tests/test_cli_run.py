@@ -46,7 +46,11 @@ def test_run_then_resume_with_more_rounds(tmp_path, mlflow_server):
     (run_dir,) = list(out.iterdir())
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
     assert rounds_logged(run_dir) == [0, 1]
-    assert (run_dir / "checkpoint.pkl").is_file()
+    # The driver's checkpoint (round, global weights, strategy state) and, apart from it, the
+    # client actors' store of each client's record.
+    assert sorted(p.name for p in run_dir.glob("checkpoint*")) == ["checkpoint-000001.npz"]
+    assert sorted(p.name for p in (run_dir / "clients").iterdir()) == ["client-000000", "client-000001"]
+    assert [p.name for p in (run_dir / "clients" / "client-000000").iterdir()] == ["round-000001.npz"]
     assert "closed" in first.stdout and "liked-hit rate" in first.stdout
 
     refused = fedrlhf("run", "--resume", str(run_dir), "--set", "seed=5", cwd=tmp_path)
@@ -57,8 +61,11 @@ def test_run_then_resume_with_more_rounds(tmp_path, mlflow_server):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert rounds_logged(run_dir) == [0, 1, 2]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["federation"]["rounds"] == 2
+    assert sorted(p.name for p in run_dir.glob("checkpoint*")) == ["checkpoint-000001.npz", "checkpoint-000002.npz"]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["final"]["round"] == 2.0
+    last_row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["rounds"] == 2 and last_row["round"] == 2
+    assert summary["final"] == {k: v for k, v in last_row.items() if k.startswith("eval/")}
     assert len(list(out.iterdir())) == 1  # resuming never creates a second run directory
     assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
 

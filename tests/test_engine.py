@@ -59,12 +59,23 @@ def new_driver(ray_session):
         drv.shutdown()
 
 
-def plain_rounds(clients_per_round: dict[int, list[int]], num_clients: int):
-    """The same rounds computed in-process, sequentially: MLPTrainer + strategies.fedavg."""
-    trainer = MLPTrainer(range(num_clients), seed=SEED)
+# A client's learning rate decays with the rounds in its record: a round's result then depends
+# on that record, so a lost or stale record shows in the weights.
+DECAY = 0.5
+
+
+def plain_rounds(clients_per_round: dict[int, list[int]], num_clients: int, *, forget_at: int | None = None,
+                 **trainer_kwargs):
+    """The same rounds computed in-process, sequentially: MLPTrainer + strategies.fedavg.
+
+    ``forget_at``: every client's record is lost before that round (what a resume that did
+    not restore the records would compute)."""
+    trainer = MLPTrainer(range(num_clients), seed=SEED, **trainer_kwargs)
     global_w = trainer.get_weights()
     states: dict[int, dict] = {}
     for r, clients in sorted(clients_per_round.items()):
+        if r == forget_at:
+            states = {}
         updates, samples = [], []
         for c in clients:
             trainer.load_client(c, states.get(c))
@@ -222,7 +233,7 @@ def test_resume_repeats_an_uninterrupted_run(ray_session, tmp_path):
     from fedrlhf_ray.experiment import run_experiment
 
     cfg = make_cfg(4, 2, rounds=4, every=2)
-    factory = mlp_trainer_factory(4, seed=SEED)
+    factory = mlp_trainer_factory(4, seed=SEED, lr_decay=DECAY)
     dir_a, dir_b = tmp_path / "a", tmp_path / "b"
 
     full = run_experiment(cfg, run_dir=dir_a, trainer_factory=factory)
@@ -278,7 +289,7 @@ def test_records_by_client_id_let_a_resume_use_another_number_of_hosts(new_drive
     """The client store is keyed by client id, not by host: a run checkpointed with W=2 client
     actors continues with W=1, and the result is the uninterrupted run's."""
     cfg2 = make_cfg(4, 2, rounds=4)
-    first = new_driver(cfg2, tmp_path)
+    first = new_driver(cfg2, tmp_path, lr_decay=DECAY)
     for _ in range(2):
         first.run_round()
         first.checkpoint()
@@ -288,13 +299,17 @@ def test_records_by_client_id_let_a_resume_use_another_number_of_hosts(new_drive
     assert {c: store.versions(c)[0] for c in range(4)} == {c: 2 for c in range(4)}
 
     cfg1 = make_cfg(4, 1, rounds=4)
-    second = new_driver(cfg1, tmp_path)
+    second = new_driver(cfg1, tmp_path, lr_decay=DECAY)
     assert second.num_hosts == 1
     assert second.restore() == 2 and second.round == 2
     for _ in range(2):
         second.run_round()
     assert second.round == 4
-    assert_weights(second.global_weights, plain_rounds({r: list(range(4)) for r in range(1, 5)}, 4))
+    expected = plain_rounds({r: list(range(4)) for r in range(1, 5)}, 4, lr_decay=DECAY)
+    assert_weights(second.global_weights, expected)
+    # The records did matter: with every client fresh after the resume, rounds 3-4 differ.
+    forgetful = plain_rounds({r: list(range(4)) for r in range(1, 5)}, 4, forget_at=3, lr_decay=DECAY)
+    assert not np.allclose(forgetful["0.weight"], expected["0.weight"])
     assert all(store.load(c, upto=4)["trainer"] == {"rounds_done": 4} for c in range(4))
 
 

@@ -30,7 +30,7 @@ def _final_per_client(cfg, run_dir: Path) -> dict[int, dict[str, float]]:
 def test_federated_beats_local_on_clients_with_little_data(ray_session, shared_data, tmp_path):
     overrides = [
         f"env.data.path={shared_data / 'ml-latest-small'}",
-        "evaluation.every_n_rounds=100",  # only the last round evaluates
+        "evaluation.every_n_rounds=100",  # only round 0 and the last round evaluate
         "ray.num_workers=2",
         "tracking.enabled=false",  # MLflow is not under test here
     ]

@@ -127,11 +127,12 @@ def _fedrlhf(*args: str, cwd: Path, **kw):
 def test_unreachable_tracking_server_is_one_line_and_leaves_nothing(tmp_path):
     from tests.conftest import free_port
 
-    proc = _fedrlhf("run", str(QUICKSTART), "--tracking-uri", f"http://127.0.0.1:{free_port()}",
-                    "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = _fedrlhf("run", str(QUICKSTART), "--tracking-uri", uri, "--out", str(tmp_path / "runs"), cwd=tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert err.startswith("fedrlhf: error: --tracking-uri http://127.0.0.1:") and err.count("\n") == 1
+    # The URI may come from the flag, the config or $MLFLOW_TRACKING_URI: the line names the URI.
+    assert err.startswith(f"fedrlhf: error: tracking URI {uri}: ") and err.count("\n") == 1
     assert "no MLflow server answers" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -176,8 +177,9 @@ def test_cluster_tracking_uri(monkeypatch):
     address and must answer there; a local one-node Ray keeps the URI."""
     import ray
 
-    from fedrlhf_ray import cli
-    from fedrlhf_ray.cli import UserError, cluster_tracking_uri
+    from fedrlhf_ray import tracking
+    from fedrlhf_ray.errors import UserError
+    from fedrlhf_ray.tracking import cluster_tracking_uri
 
     answering = {"http://10.0.0.7:5000"}
 
@@ -185,7 +187,7 @@ def test_cluster_tracking_uri(monkeypatch):
         if uri not in answering:
             raise UserError(f"--tracking-uri {uri}: no MLflow server answers")
 
-    monkeypatch.setattr(cli, "check_tracking_uri", check)
+    monkeypatch.setattr(tracking, "check_tracking_uri", check)
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
     # a laptop's own Ray: as given

@@ -81,6 +81,11 @@ def _tune_config(sweep: Sweep):
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str | None, *, resume: bool = False):
     """Run (or resume) the sweep in ``sweep_dir``; returns Tune's ResultGrid."""
+    import os
+
+    # Tune's strict check ends fit() with a traceback when a report lacks the metric (a typo in
+    # the sweep file); without it the sweep ends and summarize_sweep says so in one line.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     from ray import tune
 
     from fedrlhf_ray import tracking
@@ -169,6 +174,20 @@ def close_trial_runs(parent, sweep: Sweep, results, status_if_unknown: str = "FI
     return len(running)
 
 
+def fail_trial_runs(parent, reason: str) -> None:
+    """Mark every trial run of the sweep FAILED (a sweep without a result has no good trial)."""
+    from mlflow.tracking import MlflowClient
+
+    from fedrlhf_ray.tracking import RunTracker
+
+    client = MlflowClient(parent.tracking_uri)
+    exp = client.get_run(parent.run_id).info.experiment_id
+    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.run_id}'"):
+        tracker = RunTracker(parent.tracking_uri, run.info.run_id)
+        tracker.set_tags({"fedrlhf.failure": reason})
+        tracker.finish("FAILED")
+
+
 def summarize_sweep(sweep: Sweep, sweep_dir: Path, results, parent) -> dict[str, Any]:
     """Best trial (by its last report) → best.json, best_config.yaml, trials.csv, MLflow parent run."""
     s = sweep.settings
@@ -184,6 +203,7 @@ def summarize_sweep(sweep: Sweep, sweep_dir: Path, results, parent) -> dict[str,
     if not with_metric:
         if parent is not None:
             close_trial_runs(parent, sweep, results, "FAILED")
+            fail_trial_runs(parent, f"no report carried the sweep's metric {s.metric}")
             parent.finish("FAILED")
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
         raise SweepError(f"sweep {s.name}: no trial reported {s.metric}" + (f"; first trial error: {errors[0]}" if errors else ""))
