@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedrlhf_ray.config import load_config
+from fedrlhf_ray.rundir import CLIENT_METRICS, METRICS, MLFLOW_RUN
 from fedrlhf_ray.tracking import (
     MAX_METRICS_PER_BATCH,
     ROUND_METRIC,
@@ -98,8 +99,8 @@ def test_local_store_round_trip_backfill_and_plot(tmp_path):
     rows = [{"round": r, "eval/liked_hit_rate/mean": 0.3 + 0.1 * r, "eval/liked_hit_rate/worst_decile": 0.2,
              "fed/round_seconds": 1.0} for r in range(3)]
     clients = [{"round": r, "client": 0, "kind": "eval", "eval/liked_hit_rate": 0.5} for r in range(3)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run_dir / "client_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clients))
+    (run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / CLIENT_METRICS).write_text("".join(json.dumps(r) + "\n" for r in clients))
     tracker.log_round(0, rows[0], clients[:1])  # the process died after round 0's batch
     assert tracker.backfill(run_dir) == 2
     assert tracker.backfill(run_dir) == 0
@@ -153,7 +154,7 @@ def test_sigterm_marks_the_mlflow_run_killed(tmp_path, mlflow_server):
         deadline = time.monotonic() + 240
         run_id = None
         while time.monotonic() < deadline and proc.poll() is None:
-            files = list(out.glob("*/mlflow_run.json"))
+            files = list(out.glob(f"*/{MLFLOW_RUN}"))
             if files:
                 run_id = json.loads(files[0].read_text())["run_id"]
                 if client.get_metric_history(run_id, "fed/round_seconds"):
