@@ -38,6 +38,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from fedrlhf_ray.errors import ConfigError
+from fedrlhf_ray.strategies import STRATEGY_NAMES
 
 DATASETS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-25m")
 
@@ -239,7 +240,7 @@ class FederationConfig(_Section):
         1.0, gt=0.0,
         description="Clients sampled per round: a fraction if <= 1.0, a count if an integer > 1.",
     )
-    strategy: Literal["fedavg", "fedprox", "median", "trimmed_mean"] = Field(
+    strategy: Literal[STRATEGY_NAMES] = Field(  # type: ignore[valid-type]  # the registry's names
         "fedavg", description="Aggregation strategy."
     )
     fedprox_mu: Float = Field(0.01, ge=0.0, description="FedProx proximal term μ.")

@@ -15,7 +15,9 @@ import pytest
 import yaml
 
 from fedrlhf_ray.config import ConfigError, load_config
-from fedrlhf_ray.tune import load_sweep, trial_resources, tune_report
+from fedrlhf_ray.rundir import RunDir
+from fedrlhf_ray.sweeps.schema import load_sweep
+from fedrlhf_ray.sweeps.trial import trial_resources, trial_workers, tune_report
 from tests.conftest import REPO_ROOT, write_sweep
 
 
@@ -68,7 +70,10 @@ def test_cli_sweep_error_is_one_line_and_creates_nothing(tmp_path):
 def test_trial_resources_and_reports():
     cfg = load_config(REPO_ROOT / "tune_configs" / "quickstart.yaml", ["ray.num_workers=2", "ray.cpus_per_worker=0.5"])
     pgf = trial_resources(cfg)
+    # The trial's driver runs in the trial's process (an empty head bundle), its client actors
+    # in one bundle each.
     assert pgf.bundles == [{"CPU": 0.5}, {"CPU": 0.5}] and pgf.head_bundle_is_empty
+    assert trial_workers(cfg) == 2
     assert trial_resources(load_config(REPO_ROOT / "tune_configs" / "quickstart.yaml")).bundles == [{"CPU": 1.0}]
     # a round without evaluation still reports the last evaluated value
     report = tune_report({"round": 3.0, "fed/round_seconds": 1.0}, {"eval/liked_hit_rate/mean": 0.5})
@@ -77,7 +82,7 @@ def test_trial_resources_and_reports():
 
 def test_each_trial_gets_the_placement_group_of_its_own_config(tmp_path):
     """Searching the client actors per trial sizes each trial's placement group."""
-    from fedrlhf_ray.tune import _trainable
+    from fedrlhf_ray.sweeps.runner import _trainable
 
     path = write_sweep(tmp_path / "s.yaml", search_space={"ray.num_workers": {"grid": [1, 2]}})
     resources = _trainable(load_sweep(path), None, None)._resources  # what Tune asks per trial
@@ -89,7 +94,7 @@ def _drawn_trials(path, overrides=()):
     """The trial configs Tune's search would start for a sweep file, without running them."""
     from ray import tune
 
-    from fedrlhf_ray.tune import _tune_config
+    from fedrlhf_ray.sweeps.runner import _tune_config
 
     sweep = load_sweep(path, list(overrides))
     tune.register_trainable("probe", lambda config: None)
@@ -155,6 +160,17 @@ def test_sweep_trials_results_and_mlflow_runs(finished_sweep):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "metrics.jsonl", "learning_curves.png"} <= artifacts
         assert ("model" in artifacts) == (row.rounds == 3)
+        # A trial's run directory holds what `fedrlhf run`'s does.
+        run_dir = RunDir(run.data.tags["fedrlhf.run_dir"])
+        assert run_dir.path.name == "run" and run_dir.path.parent.parent.resolve() == sweep_dir.resolve()
+        assert [r["round"] for r in run_dir.metrics()] == list(range(row.rounds + 1))
+        assert run_dir.checkpoint_rounds()[0] == row.rounds
+        assert (run_dir / "clients").is_dir()
+        if row.rounds == 3:
+            assert run_dir.status() == "completed" and ("summary.json" in artifacts)
+            assert run_dir.read_json("summary.json")["rounds"] == 3
+        else:  # stopped by ASHA
+            assert run_dir.status() == "stopped"
 
 
 @pytest.mark.slow
@@ -206,8 +222,8 @@ def test_interrupted_optuna_sweep_resumes(tmp_path, mlflow_server):
 
 @pytest.mark.slow
 def test_a_sweep_whose_trials_all_fail_is_one_line_and_closes_its_runs(tmp_path, mlflow_server, shared_data):
-    """The base experiment is sound, but every trial's data path is not: exit 1 with one line,
-    and the sweep's parent run and every trial run end FAILED, none left RUNNING."""
+    """The base experiment is sound, but every trial's data path is not: exit 2 (a user error)
+    with one line, and the sweep's parent run and every trial run end FAILED, none left RUNNING."""
     from mlflow.tracking import MlflowClient
 
     from tests.conftest import fedrlhf_cli
@@ -221,7 +237,7 @@ def test_a_sweep_whose_trials_all_fail_is_one_line_and_closes_its_runs(tmp_path,
     )
     proc = fedrlhf_cli("tune", str(path), "--tracking-uri", mlflow_server, "--out", str(tmp_path / "sweeps"),
                        cwd=tmp_path)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fedrlhf: error: sweep bad: no trial reported eval/liked_hit_rate/mean"), last
     assert "resume with" not in proc.stderr  # it ran to the end
