@@ -38,7 +38,7 @@ class SlateRecEnv(gym.Env):
     Action: ``Discrete(M)``, the slate position picked.
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": []}  # noqa: RUF012 - gymnasium's Env declares it a plain dict attribute
 
     def __init__(
         self,
@@ -261,7 +261,7 @@ class ShapedRewardWrapper(gym.Wrapper):
         h = 0.0
         if self.reward_table is not None:
             h = float(self.reward_table[info["user_index"], info["item"]])
-        reward = r0 + self.lam * h
+        reward = float(r0) + self.lam * h
         info["reward_intrinsic"] = r0
         info["reward_human"] = h
         info["reward_shaped"] = reward

@@ -52,7 +52,8 @@ def make_synthetic_clients(
     n_held = max(1, round(heldout_fraction * items_per_user))
     if n_held >= items_per_user:
         raise ValueError(
-            f"heldout_fraction ({heldout_fraction}) holds out all {items_per_user} items per user: none left for training"
+            f"heldout_fraction ({heldout_fraction}) holds out all {items_per_user} items per user: "
+            "none left for training"
         )
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
 

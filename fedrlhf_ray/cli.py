@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -25,7 +25,7 @@ EXIT_USER_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
         prefix = "" if self.prog == "fedrlhf" else f"{self.prog.removeprefix('fedrlhf ')}: "
         raise UserError(prefix + message)
 
@@ -140,8 +140,8 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     stats.update(
         {
             "eligible_users": int(split.users.size),
-            "train_ratings": int(len(split.train)),
-            "heldout_ratings": int(len(split.heldout)),
+            "train_ratings": len(split.train),
+            "heldout_ratings": len(split.heldout),
         }
     )
     table = Table(title=f"{data.name} ({data.source})")
@@ -217,7 +217,8 @@ class RunView:
             table.add_column(col, justify="left" if col == "metric" else "right")
 
         def cell(m: dict[str, float], key: str) -> str:
-            return f"{m.get(f'eval/{key}/mean', float('nan')):.3f} · {m.get(f'eval/{key}/worst_decile', float('nan')):.3f}"
+            mean, worst = m.get(f"eval/{key}/mean", float("nan")), m.get(f"eval/{key}/worst_decile", float("nan"))
+            return f"{mean:.3f} · {worst:.3f}"
 
         table.add_row(
             "liked-hit rate", f"{last.get('eval/random_hit_rate/mean', float('nan')):.3f}",
@@ -355,8 +356,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for col in ("trial", *s.search_space, "rounds", s.metric):
         table.add_column(col, justify="left" if col == "trial" else "right")
     sign = 1 if s.mode == "max" else -1  # best first; a trial without the metric (NaN) last
-    ranked = sorted(summary["trials"], key=lambda r: sign * r[s.metric] if r[s.metric] == r[s.metric] else float("-inf"),
-                    reverse=True)
+    ranked = sorted(
+        summary["trials"],
+        key=lambda r: sign * r[s.metric] if r[s.metric] == r[s.metric] else float("-inf"),
+        reverse=True,
+    )
     for row in ranked:
         table.add_row(
             str(row["trial_id"]) + (" (error)" if row["error"] else ""),
@@ -423,7 +427,6 @@ def _cause(err: BaseException) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     from envs.data.movielens import DatasetError
-
     from fedrlhf_ray.experiment import was_terminated
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -441,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fedrlhf: interrupted", file=sys.stderr)
         return 143 if was_terminated(err) else 130
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open: it replaces stdout until exit
         return 0
 
 

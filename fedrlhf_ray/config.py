@@ -20,7 +20,7 @@ import numbers
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -40,14 +40,17 @@ from pydantic_core import PydanticCustomError
 from fedrlhf_ray.errors import ConfigError
 from fedrlhf_ray.strategies import STRATEGY_NAMES
 
-DATASETS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-25m")
+DatasetName = Literal["ml-latest-small", "ml-100k", "ml-1m", "ml-25m"]
+DATASETS: tuple[str, ...] = get_args(DatasetName)
 
 
 def _whole_number(value: Any) -> Any:
     # Lax pydantic turns true/false and "3" into integers; in a config they are mistakes (a
     # flag in the wrong place, a quoted number). 3.0 passes: it is the number 3.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise PydanticCustomError("whole_number", "must be an integer such as 3 (or 3.0), not true/false or a quoted string")
+        raise PydanticCustomError(
+            "whole_number", "must be an integer such as 3 (or 3.0), not true/false or a quoted string"
+        )
     return value
 
 
@@ -73,10 +76,13 @@ class SyntheticConfig(_Section):
 
     n_items: Int = Field(300, ge=20, description="Items in the catalogue.")
     latent_dim: Int = Field(8, ge=1, description="Dimension of user and item taste vectors.")
-    n_clusters: Int = Field(4, ge=1, description="Preference clusters; each client has a home cluster, assigned round-robin.")
+    n_clusters: Int = Field(
+        4, ge=1, description="Preference clusters; each client has a home cluster, assigned round-robin."
+    )
     home_cluster_prob: Float = Field(
         0.5, ge=0.0, le=1.0,
-        description="Probability that a user comes from the client's home cluster (else a random cluster); 1 = clients with a single taste.",
+        description="Probability that a user comes from the client's home cluster (else a random cluster); "
+        "1 = clients with a single taste.",
     )
     heterogeneity: Float = Field(
         0.7, ge=0.0, le=1.0,
@@ -84,17 +90,20 @@ class SyntheticConfig(_Section):
     )
     feature_noise: Float = Field(0.1, ge=0.0, description="Noise on the observed item features.")
     items_per_user: Int = Field(60, ge=4, description="Items each user watched (their interactions).")
-    popularity_weight: Float = Field(1.5, ge=0.0, description="How much popularity drives what users watch (engagement).")
+    popularity_weight: Float = Field(
+        1.5, ge=0.0, description="How much popularity drives what users watch (engagement)."
+    )
     taste_weight: Float = Field(
         0.2, ge=0.0,
-        description="How much personal taste drives what users watch; low values make engagement and taste disagree, so human feedback matters.",
+        description="How much personal taste drives what users watch; low values make engagement and taste "
+        "disagree, so human feedback matters.",
     )
 
 
 class DataConfig(_Section):
     """MovieLens data (used when ``env.name`` is ``movielens``)."""
 
-    dataset: Literal[DATASETS] = Field("ml-latest-small", description="MovieLens release.")
+    dataset: DatasetName = Field("ml-latest-small", description="MovieLens release.")
     path: str | None = Field(
         None, min_length=1, description="Extracted folder or official zip; default: the cache directory."
     )
@@ -155,7 +164,9 @@ class FeedbackConfig(_Section):
     query_strategy: Literal["random", "uncertainty"] = Field(
         "random", description="How queries are chosen; 'uncertainty' asks where the reward model is least sure."
     )
-    pool_factor: Int = Field(5, ge=1, description="Candidate pool size for active queries, as a multiple of the budget.")
+    pool_factor: Int = Field(
+        5, ge=1, description="Candidate pool size for active queries, as a multiple of the budget."
+    )
 
 
 class RewardModelConfig(_Section):
@@ -288,7 +299,8 @@ class TrackingConfig(_Section):
     enabled: bool = Field(True, description="Log the run to MLflow.")
     tracking_uri: str | None = Field(
         None,
-        description="MLflow tracking URI; `--tracking-uri` wins over it, it wins over $MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db, artifacts in mlartifacts/ beside it).",
+        description="MLflow tracking URI; `--tracking-uri` wins over it, it wins over $MLFLOW_TRACKING_URI "
+        "(default: sqlite:///mlflow.db, artifacts in mlartifacts/ beside it).",
     )
     experiment: str = Field("fedrlhf", description="MLflow experiment name.")
     per_client: bool = Field(True, description="Also log every client's series as `client/<id>/<metric>`.")
@@ -344,7 +356,9 @@ class ExperimentConfig(_Section):
     def _usable_as_directory(cls, name: str) -> str:
         # The name becomes the run directory under --out (and the MLflow run name).
         if not name.strip() or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
-            raise ValueError("must be usable as a directory name: not empty, '.' or '..', no '/', '\\' or control character")
+            raise ValueError(
+                "must be usable as a directory name: not empty, '.' or '..', no '/', '\\' or control character"
+            )
         return name
 
     @model_validator(mode="after")
@@ -646,7 +660,7 @@ class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader (plain data only: no tag builds a Python object) that refuses a key
     given twice in one mapping; PyYAML itself silently keeps the last one."""
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, yaml.Mark] = {}
             for key_node, _ in node.value:
@@ -700,7 +714,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: cannot be read (permission denied)") from None
     except OSError as err:
         raise ConfigError(f"{p}: cannot be read ({err.strerror or err})") from None
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)):  # UTF-32-LE's is UTF-16-LE's + 00 00
+    # (UTF-32-LE's BOM is UTF-16-LE's + 00 00.)
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)):
         raise ConfigError(f"{p}: is UTF-16 or UTF-32 text — save it as UTF-8")
     if b"\0" in data:
         raise ConfigError(f"{p}: holds NUL bytes — binary data, not a UTF-8 YAML file")

@@ -104,7 +104,9 @@ class FederatedDriver:
             trainer_factory = lambda w, n: RLHFTrainerFactory(cfg_dict, w, n)  # noqa: E731
         self.store_root = client_store_root(cfg, self.run_dir)
         self.prefixes = personal_prefixes(cfg)
-        self.hosts = [
+        # Ray actor handles: their methods are called with .remote(), which Ray's typing of a
+        # ray.remote(class) cannot express, so the handles are typed Any.
+        self.hosts: list[Any] = [
             # Ray restarts a host whose process dies; its calls are not retried blindly: the
             # driver decides what to retry (see _call_hosts).
             ClientActor.options(num_cpus=cfg.ray.cpus_per_worker, max_restarts=-1, max_task_retries=0).remote(
@@ -186,11 +188,14 @@ class FederatedDriver:
         for h in lost:
             self.actor_restarts += 1
             self.retried_clients += len(groups[h])
-            warn(f"client actor {h} died in round {round_index}; retrying its {len(groups[h])} client(s) on its restart")
+            warn(
+                f"client actor {h} died in round {round_index}; retrying its {len(groups[h])} client(s) on its restart"
+            )
             try:
                 if not self._await_restart(h):
                     raise RayActorError()
-                replies[h] = self._received(ray.get(getattr(self.hosts[h], method).remote(round_index, groups[h], *rest)))
+                retry = getattr(self.hosts[h], method).remote(round_index, groups[h], *rest)
+                replies[h] = self._received(ray.get(retry))
             except RayActorError:
                 # Lost twice: the round goes on without these clients; Ray restarts the host
                 # again, and later calls must find it up.
@@ -276,7 +281,7 @@ class FederatedDriver:
             ready, _ = ray.wait(list(streams), num_returns=1, timeout=timeout)
             if not ready:
                 break  # deadline passed with enough results
-            stream = ready[0]
+            stream: Any = ready[0]  # an ObjectRefGenerator; ray.wait is typed for ObjectRefs only
             h, ids, first_try = streams[stream]
             try:
                 update = self._received(ray.get(next(stream)))
@@ -290,7 +295,10 @@ class FederatedDriver:
                 missing = [c for c in ids if c not in {u.client_id for u in updates}]
                 if first_try and missing and alive:
                     self.retried_clients += len(missing)
-                    warn(f"client actor {h} died in round {round_index}; retrying {len(missing)} client(s) on its restart")
+                    warn(
+                        f"client actor {h} died in round {round_index}; "
+                        f"retrying {len(missing)} client(s) on its restart"
+                    )
                     retry = self.hosts[h].train_clients.remote(round_index, missing, global_ref, instructions)
                     streams[retry] = (h, missing, False)
                 continue

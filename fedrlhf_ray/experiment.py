@@ -22,6 +22,7 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -365,10 +366,8 @@ class _Lifecycle:
             # A resume that got nowhere leaves the run as it found it.
             for name, data in self.before.items():
                 if data is not None:
-                    try:
+                    with contextlib.suppress(OSError):
                         (rd / name).write_bytes(data)
-                    except OSError:
-                        pass
             if self.tracker is not None and self.tracker_status_before not in (None, "RUNNING"):
                 self._close_tracker(self.tracker_status_before, delete=False, artifacts=False)
             elif self.tracker is not None:

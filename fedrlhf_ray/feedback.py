@@ -18,8 +18,9 @@ picklable (it travels into Ray actors).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -115,7 +116,7 @@ class FeedbackLog:
             np.array_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
         )
 
-    __hash__ = None  # arrays are not hashable
+    __hash__ = None  # type: ignore[assignment]  # arrays are not hashable (typeshed types __hash__ as a method)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -232,7 +233,7 @@ class SimulatedHuman:
         self.rng.bit_generator.state = _copy_state(state["bit_generator"])
 
 
-def _copy_state(state: dict) -> dict:
+def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (_copy_state(v) if isinstance(v, dict) else v) for k, v in state.items()}
 
 

@@ -10,13 +10,14 @@ Only the forward pass lives here; PPO's loss stays in RLlib's learner.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
+
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -74,8 +75,8 @@ class SlatePolicyModule(TorchRLModule, ValueFunctionAPI):
     """
 
     def setup(self) -> None:
-        cfg = self.model_config
-        space = self.observation_space
+        cfg = cast(dict[str, Any], self.model_config)  # the dict build_ppo's RLModuleSpec passes
+        space: Any = self.observation_space  # a gymnasium Dict space (RLlib types it Optional[Space])
         n_items = int(cfg.get("n_items") or space["candidate_items"].high.max())
         n_features = int(cfg.get("n_features") or space["candidate_features"].shape[-1])
         hidden = int(cfg["hidden"])

@@ -12,6 +12,7 @@ are still alive (:func:`reap`) before it starts a Ray of its own.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -62,9 +63,11 @@ def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> str:
     if address:
         _check_address(address)
         try:
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         except (ConnectionError, ValueError, RuntimeError) as err:
-            raise UserError(f"--address {address}: could not join the Ray cluster ({str(err).splitlines()[0]})") from None
+            raise UserError(
+                f"--address {address}: could not join the Ray cluster ({str(err).splitlines()[0]})"
+            ) from None
         return "joined"
     for warning in check_machine(cfg):
         warn(warning)
@@ -73,7 +76,7 @@ def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> str:
         object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
         include_dashboard=False,
         log_to_driver=False,
-        logging_level="ERROR",
+        logging_level=logging.ERROR,
     )
     return "started"
 
@@ -107,7 +110,9 @@ def reap(record: dict[str, Any] | None, run_dir: str) -> int:
     if not record:
         return 0
     if _alive(record.get("owner", {})) is not None:
-        raise UserError(f"--resume {run_dir}: the run is still running (process {record['owner']['pid']}); stop it first")
+        raise UserError(
+            f"--resume {run_dir}: the run is still running (process {record['owner']['pid']}); stop it first"
+        )
     killed = 0
     for entry in record.get("processes", []):
         proc = _alive(entry)

@@ -62,6 +62,8 @@ class RewardNet(nn.Module):
     a net never touches torch's global random state.
     """
 
+    features: torch.Tensor  # a buffer (register_buffer), typed for mypy
+
     def __init__(
         self,
         features: np.ndarray,
@@ -180,8 +182,8 @@ class RewardModel:
         _check("embedding_dim", embedding_dim, _is_int(embedding_dim) and embedding_dim >= 0,
                "an integer >= 0")
         _check("lr", lr, math.isfinite(lr) and lr > 0, "a finite number > 0")
-        for name, value in (("weight_decay", weight_decay), ("rating_weight", rating_weight)):
-            _check(name, value, math.isfinite(value) and value >= 0, "a finite number >= 0")
+        for name, number in (("weight_decay", weight_decay), ("rating_weight", rating_weight)):
+            _check(name, number, math.isfinite(number) and number >= 0, "a finite number >= 0")
         hidden, embedding_dim, epochs, batch_size, history_length = (
             int(hidden), int(embedding_dim), int(epochs), int(batch_size), int(history_length)
         )
@@ -427,7 +429,7 @@ def heldout_pairs(
     if not chunks:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty, np.zeros(0, np.float32)
-    users, a, b, label = (np.concatenate(parts) for parts in zip(*chunks))
+    users, a, b, label = (np.concatenate(parts) for parts in zip(*chunks, strict=True))
     if max_pairs is not None and label.size > max_pairs:
         rng = np.random.default_rng(0) if rng is None else rng
         keep = np.sort(rng.choice(label.size, size=max_pairs, replace=False))

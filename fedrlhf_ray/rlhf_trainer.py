@@ -68,6 +68,12 @@ class RLHFTrainer:
         self.client: ClientData | None = None
         self.reward_table: np.ndarray | None = None
 
+    @property
+    def loaded(self) -> ClientData:
+        """The client :meth:`load_client` swapped in (every round method needs one)."""
+        assert self.client is not None, "no client loaded: call load_client first"
+        return self.client
+
     # -- swapping virtual clients ------------------------------------------------------------
     def _new_reward_model(self, client: ClientData) -> RewardModel:
         rm = self.cfg.reward_model
@@ -113,7 +119,7 @@ class RLHFTrainer:
         if np.ndim(self.lam) == 0 or self.reward_table is None:
             rllib_ppo.set_reward_table(self.algo, self.reward_table, float(np.mean(self.lam)))
         else:  # one λ per user: fold it into the table's rows
-            rllib_ppo.set_reward_table(self.algo, self.reward_table * self.lam[:, None], 1.0)
+            rllib_ppo.set_reward_table(self.algo, self.reward_table * np.asarray(self.lam)[:, None], 1.0)
 
     def save_client(self) -> dict[str, Any]:
         """Everything that persists across rounds for the current client, as a plain tree
@@ -134,22 +140,22 @@ class RLHFTrainer:
 
     # -- a local round -----------------------------------------------------------------------
     def _begin(self, round_index: int, purpose: str) -> None:
-        cid = self.client.client_id
+        cid = self.loaded.client_id
         rllib_ppo.seed_global_rngs(derive_seed(self.cfg.seed, purpose, round_index, cid))
         env_seed = derive_seed(self.cfg.seed, "env", purpose, round_index, cid)
-        rllib_ppo.load_client(self.algo, self.client, env_seed)
+        rllib_ppo.load_client(self.algo, self.loaded, env_seed)
 
     def update_reward_model(self) -> dict[str, float]:
         """Ask this round's queries, refit H_k on all feedback so far, refresh the envs."""
         fb = self.cfg.feedback
         fitted = self.reward_model if self.reward_model.is_fitted else None
-        budget = fb.budget_per_round * self.budget_scale.get(self.client.client_id, 1)
+        budget = fb.budget_per_round * self.budget_scale.get(self.loaded.client_id, 1)
         new = collect_feedback(
             self.human, self.selector, budget=budget, kind=fb.kind, reward_model=fitted
         )
         self.feedback = self.feedback.extend(new)
-        fit = self.reward_model.fit(self.feedback, self.client)
-        self.reward_table = self.reward_model.reward_table(self.client)
+        fit = self.reward_model.fit(self.feedback, self.loaded)
+        self.reward_table = self.reward_model.reward_table(self.loaded)
         self._push_reward_table()
         return {
             "feedback/new_queries": float(len(new)),
@@ -159,7 +165,7 @@ class RLHFTrainer:
             "reward_model/train_pair_accuracy": float(fit["pair_accuracy"]),
             "reward_model/margin": float(fit["margin"]),
             "reward_model/heldout_pair_accuracy": float(
-                self.reward_model.heldout_pairwise_accuracy(self.client)
+                self.reward_model.heldout_pairwise_accuracy(self.loaded)
             ),
         }
 
@@ -174,7 +180,7 @@ class RLHFTrainer:
         self._begin(round_index, "train")
         metrics = self.update_reward_model()
         rllib_ppo.set_prox_anchor(self.algo, anchor, proximal_mu)
-        scale = self.budget_scale.get(self.client.client_id, 1)
+        scale = self.budget_scale.get(self.loaded.client_id, 1)
         steps, ppo_metrics = rllib_ppo.train_iterations(self.algo, self.cfg.ppo.local_iterations * scale)
         rllib_ppo.set_prox_anchor(self.algo, None)
         metrics.update({f"train/{k}": v for k, v in ppo_metrics.items()})
@@ -193,11 +199,11 @@ class RLHFTrainer:
         scorer = rllib_ppo.scorer_from(self.algo)
         out = evaluate_client(
             lambda obs: rllib_ppo.score_observations(scorer, obs),
-            self.client,
+            self.loaded,
             rllib_ppo.env_kwargs(self.cfg.env),
             episodes_per_user=self.cfg.evaluation.episodes_per_user,
             ndcg_k=self.cfg.evaluation.ndcg_k,
-            seed=derive_seed(self.cfg.seed, "eval", self.client.client_id),
+            seed=derive_seed(self.cfg.seed, "eval", self.loaded.client_id),
             reward_table=self.reward_table,
             lam=float(np.mean(self.lam)),
         )

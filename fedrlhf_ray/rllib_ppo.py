@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -24,6 +24,10 @@ from envs.rec_env import ShapedRewardWrapper, SlateRecEnv
 from envs.types import ClientData
 from fedrlhf_ray.config import EnvConfig, PPOSettings
 from fedrlhf_ray.policy import SlatePolicyModule, SlateScorer
+
+if TYPE_CHECKING:
+    from ray.rllib.core.learner.learner_group import LearnerGroup
+    from ray.rllib.env.env_runner_group import EnvRunnerGroup
 
 # RLlib warns on every build that PPO runs on the new API stack, which is what we want.
 logging.getLogger("ray.rllib.algorithms.algorithm_config").setLevel(logging.ERROR)
@@ -81,7 +85,8 @@ class ProximalPPOLearner(PPOTorchLearner):
         )
         mu = self._mu
         if mu > 0.0 and self._anchor is not None:
-            module = self.module[module_id].unwrapped()
+            # A TorchRLModule (RLlib types it as the framework-neutral RLModule).
+            module = cast(torch.nn.Module, self.module[module_id].unwrapped())
             prox = sum(
                 ((param - self._anchor[name]) ** 2).sum()
                 for name, param in module.named_parameters()
@@ -140,9 +145,23 @@ def build_ppo(
     return config.build_algo()
 
 
+# RLlib types an algorithm's learner and env-runner groups Optional (they are None until
+# built); an algorithm from build_algo() always has both.
+def _learners(algo: Algorithm) -> LearnerGroup:
+    group = algo.learner_group
+    assert group is not None, "the algorithm has no learner group"
+    return group
+
+
+def _env_runners(algo: Algorithm) -> EnvRunnerGroup:
+    group = algo.env_runner_group
+    assert group is not None, "the algorithm has no env runner group"
+    return group
+
+
 def get_weights(algo: Algorithm) -> dict[str, np.ndarray]:
     """Every parameter (policy and value head) from the learner, as numpy arrays."""
-    weights = algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+    weights = _learners(algo).get_weights()[DEFAULT_MODULE_ID]
     return {name: np.asarray(value).copy() for name, value in weights.items()}
 
 
@@ -152,11 +171,12 @@ def set_weights(algo: Algorithm, weights: dict[str, np.ndarray]) -> None:
     ``algo.set_weights`` leaves env runners acting with stale weights (they only accept a
     newer ``weights_seq_no``); a state without a sequence number forces the update.
     """
-    algo.learner_group.set_weights({DEFAULT_MODULE_ID: weights})
-    algo.env_runner_group.foreach_env_runner(
-        lambda runner: runner.set_state({"rl_module": {DEFAULT_MODULE_ID: weights}}),
-        local_env_runner=True,
-    )
+    _learners(algo).set_weights({DEFAULT_MODULE_ID: weights})
+
+    def push(runner: Any) -> Any:  # a SingleAgentEnvRunner (typed as the EnvRunner base)
+        return runner.set_state({"rl_module": {DEFAULT_MODULE_ID: weights}})
+
+    _env_runners(algo).foreach_env_runner(push, local_env_runner=True)
 
 
 def acting_weights(algo: Algorithm) -> dict[str, np.ndarray]:
@@ -167,7 +187,12 @@ def acting_weights(algo: Algorithm) -> dict[str, np.ndarray]:
 
 def set_prox_anchor(algo: Algorithm, weights: dict[str, np.ndarray] | None, mu: float = 0.0) -> None:
     """The global weights FedProx's proximal term pulls towards, with its μ (``None``: no term)."""
-    algo.learner_group.foreach_learner(lambda learner: learner.set_anchor(weights, mu))
+
+    # RLlib's annotation has a second (kwargs) parameter; the learner alone is passed here.
+    def anchor(learner: Any, _: Any = None) -> Any:  # a ProximalPPOLearner
+        return learner.set_anchor(weights, mu)
+
+    _learners(algo).foreach_learner(anchor)
 
 
 def get_optimizer_state(algo: Algorithm) -> dict[str, Any]:
@@ -178,12 +203,12 @@ def get_optimizer_state(algo: Algorithm) -> dict[str, Any]:
     newer numbers), so a swapped-in client would act with stale weights from its second PPO
     iteration on. The arrays are copied: RLlib hands out views of the live tensors.
     """
-    learner = algo.learner_group.get_state(components="learner/optimizer")["learner"]
+    learner = _learners(algo).get_state(components="learner/optimizer")["learner"]
     return {"learner": {"optimizer": copy.deepcopy(learner["optimizer"])}}
 
 
 def set_optimizer_state(algo: Algorithm, state: dict[str, Any]) -> None:
-    algo.learner_group.set_state(state)
+    _learners(algo).set_state(state)
 
 
 def load_client(algo: Algorithm, client: ClientData, seed: int) -> None:
@@ -194,12 +219,12 @@ def load_client(algo: Algorithm, client: ClientData, seed: int) -> None:
     and in-flight episodes of the previous client are discarded.
     """
 
-    def swap(runner) -> None:
+    def swap(runner: Any) -> None:
         runner.env.unwrapped.call("set_client", client)
         runner._seed = int(seed)
         runner._needs_initial_reset = True
 
-    algo.env_runner_group.foreach_env_runner(swap, local_env_runner=True)
+    _env_runners(algo).foreach_env_runner(swap, local_env_runner=True)
 
 
 def seed_global_rngs(seed: int) -> None:
@@ -214,12 +239,13 @@ def seed_global_rngs(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_reward_table(algo: Algorithm, table: np.ndarray, lam: float | None = None) -> None:
-    """Give every training env the client's refreshed reward-model scores."""
-    algo.env_runner_group.foreach_env_runner(
-        lambda runner: runner.env.unwrapped.call("set_reward_table", table, lam),
-        local_env_runner=True,
-    )
+def set_reward_table(algo: Algorithm, table: np.ndarray | None, lam: float | None = None) -> None:
+    """Give every training env the client's refreshed reward-model scores (``None``: none yet)."""
+
+    def push(runner: Any) -> Any:  # a SingleAgentEnvRunner (typed as the EnvRunner base)
+        return runner.env.unwrapped.call("set_reward_table", table, lam)
+
+    _env_runners(algo).foreach_env_runner(push, local_env_runner=True)
 
 
 def scorer_from(algo: Algorithm) -> SlateScorer:

@@ -101,7 +101,10 @@ def dumps(tree: Any) -> bytes:
     a single file, so that one ``os.replace`` commits a whole state."""
     meta, arrays = encode(tree)
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays, **{TREE: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)})
+    # One mapping (the array keys are a0, a1 ...: never TREE), typed Any: numpy's stub would
+    # match a **dict of arrays against savez's allow_pickle: bool.
+    members: dict[str, Any] = {**arrays, TREE: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    np.savez(buffer, **members)
     return buffer.getvalue()
 
 

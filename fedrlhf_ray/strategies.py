@@ -73,7 +73,7 @@ def _check_updates(updates: Sequence[Mapping[str, Any]]) -> tuple[list[str], lis
     return keys, arrays
 
 
-def _check_num_samples(num_samples: Sequence[float], n: int) -> np.ndarray:
+def _check_num_samples(num_samples: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
     w = np.asarray(num_samples, dtype=np.float64).reshape(-1)
     if w.shape != (n,):
         raise ValueError(f"got {w.size} sample counts for {n} client updates")
@@ -82,7 +82,7 @@ def _check_num_samples(num_samples: Sequence[float], n: int) -> np.ndarray:
     return w
 
 
-def _sample_weights(num_samples: Sequence[float], n: int) -> np.ndarray:
+def _sample_weights(num_samples: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
     """Sample counts as FedAvg weights summing to 1; ValueError when they are all zero."""
     w = _check_num_samples(num_samples, n)
     total = w.sum()
@@ -115,7 +115,7 @@ def _out_dtype(arrays: Iterable[np.ndarray]) -> np.dtype:
 
 def _fedavg_key(arrays: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
     acc = np.zeros(arrays[0].shape, dtype=np.float64)
-    for w, a in zip(weights, arrays):
+    for w, a in zip(weights, arrays, strict=True):
         if w > 0:
             acc += w * a
     return acc.astype(_out_dtype(arrays), copy=False)
@@ -168,7 +168,7 @@ def _sparse_key(
         w = touched * samples[:, None]  # (n, R): a client's weight on the rows it touched
         denom = w.sum(axis=0)
         acc = np.zeros_like(out)
-        for wi, r in zip(w, rows):
+        for wi, r in zip(w, rows, strict=True):
             if wi.any():
                 acc += wi[:, None] * r
         hit = denom > 0
@@ -332,7 +332,8 @@ class Strategy(Protocol):
     (:meth:`configure_train`) and how their updates become the new global weights. Wrappers
     (secure aggregation, DP, robust filters) implement it around an inner strategy."""
 
-    name: str
+    @property
+    def name(self) -> str: ...  # read-only: the strategies define it as a class variable
 
     def configure_train(self, round_index: int) -> RoundInstructions: ...
 
@@ -466,6 +467,7 @@ def make_strategy(federation_cfg: Any, sparse_keys: Collection[str] = ()) -> Str
     ``personalization`` is not the strategy's concern: the client actors keep personal keys out
     of the updates with :func:`split_personal` and the driver puts them back with :func:`merge`.
     """
+    sparse_keys = _as_keys(sparse_keys)
     if federation_cfg.baseline == "local":
         return LocalOnly(sparse_keys=sparse_keys)
     name = federation_cfg.strategy

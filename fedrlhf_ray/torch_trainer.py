@@ -231,7 +231,7 @@ class MLPTrainer:
         """``epochs`` epochs of minibatch SGD; the mean loss of the last epoch (nan if none)."""
         x, y = self.client_data(cid)
         n = x.shape[0]
-        params = list(self._params.values())
+        params: list[torch.Tensor] = list(self._params.values())
         names = list(self._params)
         last = float("nan")
         for _ in range(epochs):
@@ -241,7 +241,7 @@ class MLPTrainer:
                 idx = order[i : i + self.batch_size]
                 loss = F.cross_entropy(self.model(x[idx]), y[idx])
                 if anchor is not None:
-                    prox = sum(((p - anchor[k]) ** 2).sum() for k, p in zip(names, params))
+                    prox = sum(((p - anchor[k]) ** 2).sum() for k, p in zip(names, params, strict=True))
                     loss = loss + 0.5 * proximal_mu * prox
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():

@@ -69,7 +69,9 @@ def usable_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> st
     uri = resolve_tracking_uri(cfg, cli_uri)
     problem = tracking_uri_problem(uri)
     if problem:
-        raise UserError(f"tracking URI {uri!r} (--tracking-uri, tracking.tracking_uri or $MLFLOW_TRACKING_URI): {problem}")
+        raise UserError(
+            f"tracking URI {uri!r} (--tracking-uri, tracking.tracking_uri or $MLFLOW_TRACKING_URI): {problem}"
+        )
     if uri.startswith("sqlite:///"):
         check_sqlite_path(uri)
     check_tracking_uri(uri)
@@ -95,7 +97,9 @@ def check_sqlite_path(uri: str) -> None:
         if head and head != b"SQLite format 3\x00":
             problem = "it is not a SQLite database"
     if problem:
-        raise UserError(f"tracking URI {uri}: cannot use {db} as the MLflow store ({problem}); give another --tracking-uri")
+        raise UserError(
+            f"tracking URI {uri}: cannot use {db} as the MLflow store ({problem}); give another --tracking-uri"
+        )
 
 
 
@@ -158,7 +162,9 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def round_metrics(metrics: dict[str, float], client_rows: Iterable[dict[str, Any]], per_client: bool) -> dict[str, float]:
+def round_metrics(
+    metrics: dict[str, float], client_rows: Iterable[dict[str, Any]], per_client: bool
+) -> dict[str, float]:
     """One round's MLflow metrics: the aggregates and, optionally, ``client/<id>/...`` series."""
     out = {k: float(v) for k, v in metrics.items() if k not in _NOT_METRICS}
     out[ROUND_METRIC] = float(metrics["round"])
@@ -193,7 +199,9 @@ class RunTracker:
         return MlflowClient(self.tracking_uri)
 
     # -- metrics -------------------------------------------------------------------------------
-    def log_round(self, round_index: int, metrics: dict[str, float], client_rows: Iterable[dict[str, Any]] = ()) -> None:
+    def log_round(
+        self, round_index: int, metrics: dict[str, float], client_rows: Iterable[dict[str, Any]] = ()
+    ) -> None:
         """Everything of one round in as few requests as MLflow allows (≤ 1000 metrics each)."""
         if round_index in self.already_logged:
             return
@@ -259,7 +267,8 @@ class RunTracker:
         self.already_logged = frozenset(self.logged_rounds())
 
     def save(self, run_dir: Path) -> None:
-        atomic_write(run_dir / MLFLOW_RUN, json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id}).encode())
+        record = {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+        atomic_write(run_dir / MLFLOW_RUN, json.dumps(record).encode())
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -377,7 +386,8 @@ def load_tracker(run_dir: Path, per_client: bool = True) -> RunTracker | None:
         return RunTracker(str(data["tracking_uri"]), str(data["run_id"]), per_client)
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(
-            f"{file}: damaged (not the JSON fedrlhf wrote); restore it, or delete it to track the rest of the run as a new MLflow run"
+            f"{file}: damaged (not the JSON fedrlhf wrote); restore it, or delete it to track the rest of the run "
+            "as a new MLflow run"
         ) from None
 
 

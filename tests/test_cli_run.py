@@ -116,3 +116,30 @@ def test_run_with_missing_data_leaves_nothing(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("fedrlhf: error:") and "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_train_one_client_writes_a_full_run_directory(tmp_path):
+    """`fedrlhf train` is the same lifecycle with one client actor serving one client: a run
+    directory like `fedrlhf run`'s, with that client's rows and record only."""
+    out = tmp_path / "runs"
+    proc = fedrlhf("train", str(QUICKSTART), *SMALL, "--set", "federation.rounds=1", "--set", "tracking.enabled=false",
+                   "--client", "1", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "single-client RLHF" in proc.stdout and "liked-hit rate" in proc.stdout
+    (run_dir,) = list(out.iterdir())
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["federation"]["baseline"] == "federated"
+    assert rounds_logged(run_dir) == [0, 1]
+    assert sorted(p.name for p in run_dir.glob("checkpoint*")) == ["checkpoint-000001.npz"]
+    assert [p.name for p in (run_dir / "clients").iterdir()] == ["client-000001"]
+    client_rows = [json.loads(x) for x in (run_dir / "client_metrics.jsonl").read_text().splitlines()]
+    assert {r["client"] for r in client_rows} == {1}
+    assert sorted((r["round"], r["kind"]) for r in client_rows) == [(0, "eval"), (1, "eval"), (1, "train")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 1
+    for part in ("initial", "final"):
+        # the random policy's hit rate is one of the evaluation's metrics
+        assert {"eval/liked_hit_rate/mean", "eval/random_hit_rate/mean", "eval/oracle_hit_rate/mean"} <= set(summary[part])
+    assert isinstance(summary["gap_closed"], float)
+    assert not (run_dir / "mlflow_run.json").exists() and not (tmp_path / "mlflow.db").exists()

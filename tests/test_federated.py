@@ -180,8 +180,8 @@ def test_fedprox_term_pulls_local_training_towards_the_global_model(ray_session)
 
     μ is the strategy's instruction for the round (``configure_train``), as the client host
     passes it to the trainer."""
-    from fedrlhf_ray.rlhf_trainer import RLHFTrainer
     from fedrlhf_ray.clients_data import build_clients
+    from fedrlhf_ray.rlhf_trainer import RLHFTrainer
 
     def distance_after_round(mu: float) -> float:
         cfg = validate_config({**TINY, "federation": {"strategy": "fedprox", "fedprox_mu": mu}})

@@ -12,7 +12,6 @@ import pytest
 
 from tests.conftest import REPO_ROOT, TINY_OVERRIDES, fedrlhf_cli
 
-
 # In its own process: ``Cluster.shutdown`` resets the internal-KV client of the process it runs
 # in, which would cut this test session's Ray off its function and env registry.
 CLUSTER = """
@@ -73,3 +72,8 @@ def test_client_actors_on_two_nodes(two_node_cluster, mlflow_server, tmp_path):
     placement = json.loads((run_dir / "status.json").read_text()).get("placement")
     assert placement is not None, "status.json lost the client placement"
     assert {p["node_id"] for p in placement} == nodes  # one client actor on each node
+    assert sorted(c for p in placement for c in p["clients"]) == [0, 1]
+    # Each client actor kept its client's record in the client store (here on storage both
+    # nodes share); the driver's checkpoints hold no record.
+    assert sorted(p.name for p in (run_dir / "clients").iterdir()) == ["client-000000", "client-000001"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint*")) == ["checkpoint-000001.npz", "checkpoint-000002.npz"]

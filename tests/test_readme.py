@@ -54,7 +54,7 @@ def test_the_example_sweep_file_loads_as_written(tmp_path):
     """The annotated sweep in "Ray Tune sweeps" is a valid sweep file, next to its base experiment."""
     import shutil
 
-    from fedrlhf_ray.tune import load_sweep
+    from fedrlhf_ray.sweeps.schema import load_sweep
 
     (block,) = re.findall(r"```yaml\n(name: .*?)```", README, re.S)
     shutil.copy(ROOT / "tune_configs" / "quickstart.yaml", tmp_path)

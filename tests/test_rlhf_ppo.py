@@ -94,3 +94,35 @@ def test_set_weights_reaches_the_acting_env_runner(trained):
     for name, value in weights_before.items():
         np.testing.assert_array_equal(learner[name], value)
         np.testing.assert_array_equal(acting[name], value, err_msg=name)
+
+
+def test_client_record_survives_the_client_store_encoding(trained):
+    """A client's record is a plain tree the client store writes without pickle; swapped back
+    in from its stored bytes, the client is the same (feedback, reward model, optimizer)."""
+    from fedrlhf_ray import state_codec
+
+    trainer, *_ = trained
+    cid = trainer.client.client_id
+    record = trainer.save_client()
+    table = trainer.reward_table.copy()
+    stored = state_codec.loads(state_codec.dumps(record))
+    trainer.load_client(cid, stored)
+    assert trainer.feedback.num_pairs == 4 * 100
+    np.testing.assert_array_equal(trainer.reward_table, table)
+    _assert_same_tree(trainer.save_client(), record, "record")
+
+
+def _assert_same_tree(a, b, where: str) -> None:
+    """Two records (dicts, lists, scalars, arrays, tensors) hold the same values."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys(), where
+        for k in b:
+            _assert_same_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(b, (list, tuple)):
+        assert isinstance(a, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tree(x, y, f"{where}/{i}")
+    elif hasattr(b, "shape"):  # a NumPy array or a torch tensor
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
+    else:
+        assert a == b or (a != a and b != b), where

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from fedrlhf_ray.config import FederationConfig
+from fedrlhf_ray.local_trainer import RoundInstructions
 from fedrlhf_ray.strategies import (
     STRATEGIES,
+    STRATEGY_NAMES,
     FedAvg,
     FedProx,
+    LocalOnly,
     Median,
     Strategy,
     TrimmedMean,
@@ -333,15 +336,36 @@ def test_make_strategy_maps_every_config_value(value):
     assert isinstance(strategy, Strategy)
     assert strategy.sparse_keys == (EMB,)
     assert strategy.state() == {}
-    assert strategy.proximal_mu == (0.3 if value == "fedprox" else 0.0)
+    # The strategy tells the round's clients what to do: FedProx's μ, nothing else here.
+    for r in (1, 7):
+        assert strategy.configure_train(r) == RoundInstructions(proximal_mu=0.3 if value == "fedprox" else 0.0)
     if value == "trimmed_mean":
         assert strategy.trim_fraction == 0.2
-    assert set(STRATEGY_VALUES) == set(STRATEGIES)
+    assert set(STRATEGY_VALUES) == set(STRATEGIES) == set(STRATEGY_NAMES)
+
+
+@pytest.mark.parametrize("value", STRATEGY_VALUES)
+def test_local_baseline_is_the_local_only_strategy(value):
+    """``baseline: local`` overrides the configured strategy: clients keep every parameter and
+    the global model never moves."""
+    cfg = FederationConfig(strategy=value, baseline="local")
+    strategy = make_strategy(cfg, sparse_keys=[EMB])
+    assert type(strategy) is LocalOnly and isinstance(strategy, Strategy)
+    assert strategy.configure_train(1) == RoundInstructions(keep_local=True)
+    g = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
+    out = strategy.aggregate(g, [_client(1.0), _client(2.0)], [1, 1])
+    assert out.keys() == g.keys()
+    for k in g:
+        np.testing.assert_array_equal(out[k], g[k])
+    assert strategy.state() == {}
+    assert "local" not in STRATEGY_NAMES  # a baseline, not a value of federation.strategy
+    for baseline in ("federated", "centralized"):
+        assert type(make_strategy(FederationConfig(strategy=value, baseline=baseline))) is not LocalOnly
 
 
 def test_make_strategy_rejects_unknown_name():
     class Cfg:
-        strategy, fedprox_mu, trim_fraction = "krum", 0.0, 0.1
+        strategy, fedprox_mu, trim_fraction, baseline = "krum", 0.0, 0.1, "federated"
 
     with pytest.raises(ValueError, match="'krum'.*fedavg"):
         make_strategy(Cfg())

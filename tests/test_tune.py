@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -160,17 +159,20 @@ def test_sweep_trials_results_and_mlflow_runs(finished_sweep):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "metrics.jsonl", "learning_curves.png"} <= artifacts
         assert ("model" in artifacts) == (row.rounds == 3)
-        # A trial's run directory holds what `fedrlhf run`'s does.
-        run_dir = RunDir(run.data.tags["fedrlhf.run_dir"])
-        assert run_dir.path.name == "run" and run_dir.path.parent.parent.resolve() == sweep_dir.resolve()
-        assert [r["round"] for r in run_dir.metrics()] == list(range(row.rounds + 1))
-        assert run_dir.checkpoint_rounds()[0] == row.rounds
-        assert (run_dir / "clients").is_dir()
-        if row.rounds == 3:
-            assert run_dir.status() == "completed" and ("summary.json" in artifacts)
-            assert run_dir.read_json("summary.json")["rounds"] == 3
-        else:  # stopped by ASHA
-            assert run_dir.status() == "stopped"
+        # A trial's run directory holds what `fedrlhf run`'s does; Tune keeps its last round's
+        # copy in the sweep directory (what `fedrlhf tune --resume` restores).
+        (saved,) = (sweep_dir / f"tiny_{row.trial_id}").glob("checkpoint_*")
+        saved = RunDir(saved)
+        assert [r["round"] for r in saved.metrics()] == list(range(row.rounds + 1))
+        assert saved.checkpoint_rounds()[0] == row.rounds
+        assert (saved / "config.yaml").is_file() and (saved / "mlflow_run.json").is_file()
+        assert sorted(p.name for p in (saved / "clients").iterdir()) == ["client-000000", "client-000001"]
+        live = RunDir(run.data.tags["fedrlhf.run_dir"])  # the trial's own, where it ran
+        if row.rounds == 3:  # the last round's report comes after the run completed
+            assert saved.status() == live.status() == "completed"
+            assert saved.read_json("summary.json")["rounds"] == 3 and "summary.json" in artifacts
+        else:  # stopped by ASHA after its report
+            assert saved.status() == "running" and live.status() == "stopped"
 
 
 @pytest.mark.slow
@@ -223,7 +225,8 @@ def test_interrupted_optuna_sweep_resumes(tmp_path, mlflow_server):
 @pytest.mark.slow
 def test_a_sweep_whose_trials_all_fail_is_one_line_and_closes_its_runs(tmp_path, mlflow_server, shared_data):
     """The base experiment is sound, but every trial's data path is not: exit 2 (a user error)
-    with one line, and the sweep's parent run and every trial run end FAILED, none left RUNNING."""
+    with one line naming the first trial's error; the sweep's parent run ends FAILED and no
+    trial run is left RUNNING (a trial that dies before its first round leaves no MLflow run)."""
     from mlflow.tracking import MlflowClient
 
     from tests.conftest import fedrlhf_cli
@@ -246,5 +249,10 @@ def test_a_sweep_whose_trials_all_fail_is_one_line_and_closes_its_runs(tmp_path,
     parent_id = json.loads((sweep_dir / "mlflow_run.json").read_text())["run_id"]
     assert client.get_run(parent_id).info.status == "FAILED"
     exp = client.get_experiment_by_name("bad")
-    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert str(tmp_path / "missing") in last
+    from mlflow.entities import ViewType
+
+    children = f"tags.mlflow.parentRunId = '{parent_id}'"
+    assert client.search_runs([exp.experiment_id], children) == []
+    every = client.search_runs([exp.experiment_id], children, run_view_type=ViewType.ALL)
+    assert all(r.info.status == "FAILED" for r in every)

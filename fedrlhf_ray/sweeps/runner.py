@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -19,6 +19,9 @@ from fedrlhf_ray.config import with_values
 from fedrlhf_ray.errors import SweepError
 from fedrlhf_ray.sweeps.schema import BEST_CONFIG, BEST_FILE, SWEEP_FILE, Sweep
 from fedrlhf_ray.sweeps.trial import run_trial, trial_resources
+
+if TYPE_CHECKING:
+    from ray.tune.search import SearchAlgorithm, Searcher
 
 def _absolute_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
     """Trials run in their own working directories: data paths must not be relative."""
@@ -51,7 +54,8 @@ def _tune_config(sweep: Sweep):
 
     s = sweep.settings
     cfg = sweep.base_config
-    scheduler = search_alg = None
+    scheduler = None
+    search_alg: Searcher | SearchAlgorithm | None = None
     if s.scheduler is not None:
         from ray.tune.schedulers import ASHAScheduler
 
@@ -206,7 +210,9 @@ def summarize_sweep(sweep: Sweep, sweep_dir: Path, results, parent) -> dict[str,
             fail_trial_runs(parent, f"no report carried the sweep's metric {s.metric}")
             parent.finish("FAILED")
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
-        raise SweepError(f"sweep {s.name}: no trial reported {s.metric}" + (f"; first trial error: {errors[0]}" if errors else ""))
+        raise SweepError(
+            f"sweep {s.name}: no trial reported {s.metric}" + (f"; first trial error: {errors[0]}" if errors else "")
+        )
     sign = 1 if s.mode == "max" else -1
     best = max(with_metric, key=lambda r: sign * r.metrics[s.metric])
     best_cfg = sweep.trial_config(best.config)

@@ -94,6 +94,7 @@ class Dimension(_Strict):
             return tune.uniform(*self.uniform)
         if self.loguniform is not None:
             return tune.loguniform(*self.loguniform)
+        assert self.randint is not None  # _one_kind: exactly one distribution is given
         return tune.randint(*self.randint)
 
 
@@ -117,7 +118,9 @@ class OptunaSettings(_Strict):
 class SweepConfig(_Strict):
     """A sweep: a base experiment, a search space and how to search it."""
 
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Sweep name (directory and MLflow parent run).")
+    name: str = Field(
+        ..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Sweep name (directory and MLflow parent run)."
+    )
     experiment: str = Field(..., description="Base experiment YAML, relative to the sweep file.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted fields fixed for every trial.")
     search_space: dict[str, Dimension] = Field(..., min_length=1, description="Dotted field → distribution.")
@@ -127,7 +130,9 @@ class SweepConfig(_Strict):
     max_concurrent: int | None = Field(None, ge=1, description="Trials at once (default: as many as the CPUs fit).")
     scheduler: ASHASettings | None = Field(None, description="Early stopping (ASHA), or none.")
     search_alg: OptunaSettings | None = Field(None, description="Optuna, or none (Tune's grid/random variants).")
-    mlflow_experiment: str | None = Field(None, description="MLflow experiment of the trials (default: the sweep's name).")
+    mlflow_experiment: str | None = Field(
+        None, description="MLflow experiment of the trials (default: the sweep's name)."
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> SweepConfig:
@@ -135,7 +140,8 @@ class SweepConfig(_Strict):
             raise ValueError(f"metric: got {self.metric!r} — must start with one of {', '.join(METRIC_NAMESPACES)}")
         if self.metric.startswith("eval/") and self.metric.rsplit("/", 1)[-1] not in EVAL_STATS:
             raise ValueError(
-                f"metric: got {self.metric!r} — an eval metric is summarised over clients: end it with /{', /'.join(EVAL_STATS)}"
+                f"metric: got {self.metric!r} — an eval metric is summarised over clients: "
+                f"end it with /{', /'.join(EVAL_STATS)}"
             )
         if self.search_alg is not None:
             grids = [k for k, d in self.search_space.items() if d.kind == "grid"]
@@ -179,11 +185,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     path = Path(path)
     raw = read_yaml(path)
     for text in overrides or []:
-        key, value = parse_override(text)
+        key_path, value = parse_override(text)
         raw.setdefault("overrides", {})
         if not isinstance(raw["overrides"], dict):
             break  # reported by the validation below
-        raw["overrides"][".".join(key)] = value
+        raw["overrides"][".".join(key_path)] = value
     base_ref = raw.get("experiment")
     try:
         settings = SweepConfig.model_validate(

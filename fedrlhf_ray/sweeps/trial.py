@@ -38,7 +38,9 @@ def tune_report(metrics: dict[str, float], last_eval: dict[str, float]) -> dict[
     """A round's report with the latest evaluation carried forward (rounds without one still
     carry the metric the scheduler ranks by)."""
     out = {**last_eval, **metrics}
-    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isinf(v))}
+    return {
+        k: v for k, v in out.items() if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isinf(v))
+    }
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_name: str, tracking_uri: str | None,
@@ -54,7 +56,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_name: str, 
     cfg = validate_config(raw)
     cfg = cfg.model_copy(update={
         "ray": cfg.ray.model_copy(update={"num_workers": trial_workers(cfg)}),
-        "tracking": cfg.tracking.model_copy(update={"experiment": mlflow_experiment, "enabled": tracking_uri is not None}),
+        "tracking": cfg.tracking.model_copy(
+            update={"experiment": mlflow_experiment, "enabled": tracking_uri is not None}
+        ),
     })
     run_dir = Path(ctx.get_trial_dir()) / RUN_SUBDIR
     checkpoint = tune.get_checkpoint()

@@ -152,6 +152,7 @@ def load_movielens(
             raise DatasetError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
 
     origin: str | None = None
+    source: Source | None
     if path is not None:
         source = source_from_path(fmt, Path(path).expanduser(), sha256)
     else:

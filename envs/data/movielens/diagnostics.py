@@ -79,7 +79,8 @@ def diagnose_ratings(
     if list(table.column_names) != names or (invalid and invalid[0] is None):
         return scan_ratings(fmt, source, layout, movie_ids, exc)
     # pyarrow numbers non-empty rows from 1, header included; convert to a 0-based record index
-    first_invalid = invalid[0] - (2 if layout.header is not None else 1) if invalid else None
+    first_row = invalid[0] if invalid else None  # never None here: returned above
+    first_invalid = first_row - (2 if layout.header is not None else 1) if first_row is not None else None
 
     def column(field: str):
         return pc.utf8_trim_whitespace(table.column(names[layout.cols[field]]))

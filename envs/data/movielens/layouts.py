@@ -30,10 +30,10 @@ def rating_layout(fmt: Format, source: Source) -> RatingLayout:
     if fmt.kind == "csv":
         header = read_csv_header(source, fname)
         idx = header_index(source.display(fname), header, CSV_RATING_HEADER)
-        cols = dict(zip(RATING_COLUMNS, idx))
+        cols = dict(zip(RATING_COLUMNS, idx, strict=True))
         return RatingLayout(
             ",", tuple(header), tuple(header), cols, (), f"{len(header)} comma-separated fields "
-            f"({','.join(header)})", ",", dict(zip(RATING_COLUMNS, CSV_RATING_HEADER)),
+            f"({','.join(header)})", ",", dict(zip(RATING_COLUMNS, CSV_RATING_HEADER, strict=True)),
         )
     if fmt.kind == "dat":
         # "::" is not supported by the C parser: split on ':' and require every other field empty.

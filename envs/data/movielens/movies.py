@@ -135,9 +135,9 @@ def parse_movies(fmt: Format, source: Source) -> tuple[pd.DataFrame, tuple[str, 
         genre_matrix = np.zeros((n, len(genre_names)), dtype=np.uint8)
         for i, gs in enumerate(genre_lists):
             for g in gs:
-                j = col.get(g)
-                if j is not None:
-                    genre_matrix[i, j] = 1
+                column = col.get(g)
+                if column is not None:
+                    genre_matrix[i, column] = 1
 
     title_s = pd.Series(titles, dtype="str")
     year = pd.to_numeric(title_s.str.extract(_YEAR_RE, expand=False), errors="coerce")

@@ -59,7 +59,8 @@ class _NamedReads(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         try:
-            n = self._stream.readinto(buffer)
+            # FileIO and zipfile's ZipExtFile both have readinto; typing.IO does not declare it.
+            n = self._stream.readinto(buffer)  # type: ignore[attr-defined]
         except ZIP_ERRORS as exc:
             raise corrupt_zip(self._shown, exc) from exc
         except OSError as exc:
