@@ -41,13 +41,40 @@ def _check_address(address: str) -> None:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UserError(f"--address {address!r}: expected HOST:PORT of a Ray cluster's head, e.g. 10.0.0.5:6379")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S) as conn:
+            speaks_grpc = _answers_http2(conn)
     except OSError as err:
         raise UserError(
             f"--address {address}: no Ray cluster reachable ({err.strerror or err}); check the head's address "
             "and that `ray start --head` runs there"
         ) from None
+    if not speaks_grpc:
+        # Ray would retry such an address for minutes.
+        raise UserError(
+            f"--address {address}: something answers there, but not a Ray cluster's GCS; give the head's "
+            "GCS address (port 6379 unless `ray start --head --port` said otherwise)"
+        )
+
+
+def _answers_http2(conn: socket.socket) -> bool:
+    """A Ray GCS is a gRPC server: to the HTTP/2 preface it answers with a SETTINGS frame."""
+    conn.settimeout(CONNECT_TIMEOUT_S)
+    conn.sendall(_HTTP2_PREFACE + _EMPTY_SETTINGS_FRAME)
+    reply = b""
+    try:
+        while len(reply) < 9:
+            chunk = conn.recv(9 - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+    except OSError:
+        return False
+    return len(reply) == 9 and reply[3] == _SETTINGS_FRAME_TYPE
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_EMPTY_SETTINGS_FRAME = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # length 0, type SETTINGS, no flags, stream 0
+_SETTINGS_FRAME_TYPE = 4
 
 
 def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> str:

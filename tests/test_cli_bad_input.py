@@ -210,6 +210,23 @@ def test_bad_address_is_one_line_within_30s(tmp_path, address, expected):
     assert not (tmp_path / "runs").exists()
 
 
+def test_address_where_something_else_listens(tmp_path):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        start = time.monotonic()
+        line = one_line_error(cli("run", str(QUICKSTART), "--address", f"127.0.0.1:{server.server_port}",
+                                  "--out", str(tmp_path / "runs"), cwd=tmp_path, timeout=60))
+        assert "not a Ray cluster's GCS" in line
+        assert time.monotonic() - start < 30
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -- fedrlhf ui -----------------------------------------------------------------------------------
 @pytest.fixture
 def store(tmp_path) -> Path:
