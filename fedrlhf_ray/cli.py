@@ -264,6 +264,8 @@ def _run(cfg: ExperimentConfig, view: RunView, resume_dir: Path | None, args: ar
 def cmd_run(args: argparse.Namespace) -> int:
     from fedrlhf_ray.experiment import resume_config
 
+    if args.resume and args.config:
+        raise UserError("run: give an experiment file or --resume RUN_DIR, not both (a resumed run keeps its config)")
     if args.resume:
         resume_dir = Path(args.resume).resolve()
         cfg = resume_config(resume_dir, args.overrides)

@@ -123,17 +123,17 @@ def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentCon
     return cfg
 
 
-def check_out_location(out: str | Path) -> None:
-    """Fail before anything starts when ``out`` cannot hold a run directory: it is a file, lies
+def check_out_location(out: str | Path, label: str = "--out") -> None:
+    """Fail before anything starts when ``out`` cannot hold run directories: it is a file, lies
     under a file, or the folder that would hold it is read-only."""
     path = Path(out).expanduser().absolute()
     for ancestor in (path, *path.parents):
         if ancestor.exists():
             if not ancestor.is_dir():
                 where = "is a file" if ancestor == path else f"lies under the file {ancestor}"
-                raise UserError(f"--out {out}: {where}; give a folder for the run directories")
+                raise UserError(f"{label} {out}: {where}; give a folder")
             if not os.access(ancestor, os.W_OK | os.X_OK) or _read_only_mount(ancestor):
-                raise UserError(f"--out {out}: {ancestor} is read-only; give a writable folder")
+                raise UserError(f"{label} {out}: {ancestor} is read-only; give a writable folder")
             return
 
 
@@ -197,6 +197,8 @@ def run_experiment(
         build_clients(cfg)  # data problems surface here, before anything is created
     if not resume and run_dir is None:
         check_out_location(out)
+    if cfg.federation.client_state_dir is not None:
+        check_out_location(cfg.federation.client_state_dir, "federation.client_state_dir")
     uri = tracking.usable_tracking_uri(cfg, tracking_uri) if cfg.tracking.enabled else None
     if resume and uri is not None and tracking_uri is None and run_dir is not None:
         previous = tracking.load_tracker(Path(run_dir), cfg.tracking.per_client)

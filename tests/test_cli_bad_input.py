@@ -135,6 +135,19 @@ def test_out_is_a_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_client_state_dir_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    line = one_line_error(cli("run", str(QUICKSTART), "--set", f"federation.client_state_dir={tmp_path / 'afile'}",
+                              "--out", str(tmp_path / "runs"), cwd=tmp_path))
+    assert "federation.client_state_dir" in line and "is a file" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_and_resume_together(tmp_path):
+    line = one_line_error(cli("run", str(QUICKSTART), "--resume", str(tmp_path), cwd=tmp_path))
+    assert "not both" in line
+
+
 def test_out_read_only(tmp_path):
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
         line = one_line_error(cli("run", str(QUICKSTART), "--out", str(ro / "runs"), cwd=tmp_path))
