@@ -10,21 +10,25 @@ SGD (batch 32, lr 0.01), FedAvg, 5 rounds, every client every round. Seconds per
 taken over rounds 2–5 (round 1 builds the clients' data and warms up). The config has more
 rounds than are run and ``evaluation.every_n_rounds: 1000``, so no round evaluates.
 
-* ``engine W=1`` / ``engine W=2``: ``FederatedDriver.run_round()`` with 1 / 2 client actors;
+* ``engine W=1`` / ``engine W=2``: ``FederatedDriver.run_round()`` with 1 / 2 client actors,
+  then what the experiment lifecycle does after each round: the metric rows appended to the
+  run directory and ``FederatedDriver.checkpoint()`` (the client actors save each client's
+  record in their client-side store during the round);
 * ``plain loop``: one process, the same MLPTrainer serving all 50 clients in turn
   (load_client / set_weights / train / get_weights / save_client), then
   ``strategies.fedavg`` — the physical limit on one core;
 * ``ClientHost, no Ray`` (diagnostic): the engine's host logic (record swap, personal
-  split, update object) called in-process, no actors, no driver — what the host costs by itself.
+  split, client store save, update object) called in-process, no actors, no driver — what the
+  host costs by itself.
 
 Columns: client-rounds per second; "not in train()" = 1 − Σ(clients' train/seconds) /
 (round wall time × W), the share of the workers' time spent outside local training; ×plain =
 mean round time / the plain loop's. Targets: engine W=1 ≤ 1.3× plain; engine W=2 < plain.
 The bench also checks that the engine's final global weights equal the plain loop's.
 
-Results to expect (2-core x86 VM; the numbers move ±15 % between runs, the verdicts do not).
-Rounds are interleaved (round r of every configuration before round r+1 of any) so background
-load hits all alike:
+Results to expect (2-core x86 VM, shared; the numbers move ±15 % between runs or more under
+load). Rounds are interleaved (round r of every configuration before round r+1 of any) so
+background load hits all alike. Before the client-side store (records kept in actor memory):
 
   configuration        s/round mean   ×plain   not in train()   target
   plain loop               0.101       1.00        7 %
@@ -32,9 +36,25 @@ load hits all alike:
   engine W=1               0.120       1.18       17 %           ≤ 1.3× plain   PASS
   engine W=2               0.070       0.69       29 %           < plain        PASS
 
-The engine computes the plain loop's weights (checked every run). Aggregation + metrics take
-≈ 2.5 ms and persistence (two jsonl appends + a 29 KiB checkpoint) ≈ 3.5 ms per round; the
-rest of the gap to the plain loop is Ray's cost of moving weights and updates. The engine makes
+With every client's record written to the client store after its round (one atomic,
+fsynced ``.npz`` of ~320 B per client and round, ≈ 0.9-1.3 ms each on this VM):
+
+  configuration        s/round mean   ×plain   not in train()   target
+  plain loop               0.080       1.00        8 %
+  ClientHost, no Ray       0.122       1.52       42 %
+  engine W=1               0.138       1.72       47 %           ≤ 1.3× plain   FAIL
+  engine W=2               0.110       1.37       57 %           < plain        FAIL
+
+The record saves (43 ms of the W=1 round, 34 ms per actor at W=2) are the whole difference:
+without them the engine is where it was (W=1 ≈ 1.2× plain).
+
+The engine computes the plain loop's weights (checked every run). The breakdown line of each
+engine configuration gives aggregation + metrics, the lifecycle's persistence per round (two
+jsonl appends + the driver's checkpoint: round, global weights, strategy state) and the client
+actors' record saves (one small ``.npz`` per client and round, inside the training phase); the
+rest of the gap to the plain loop is Ray's cost of moving weights and updates. The checkpoint
+column is the driver's checkpoint file; the client store is reported per client (its latest
+record, and everything its folder keeps). The engine makes
 one actor call per host per round (when a straggler deadline is set, a streamed one); with one
 call per client it was 1.6× the plain loop at W=1, Ray's ≈ 1.2 ms per call dominating.
 """
@@ -59,8 +79,11 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedrlhf_ray.client import ClientHost  # noqa: E402
+from fedrlhf_ray.client_store import ClientStore  # noqa: E402
 from fedrlhf_ray.config import validate_config  # noqa: E402
 from fedrlhf_ray.driver import FederatedDriver  # noqa: E402
+from fedrlhf_ray.local_trainer import RoundInstructions  # noqa: E402
+from fedrlhf_ray.rundir import RunDir  # noqa: E402
 from fedrlhf_ray.strategies import fedavg, make_strategy  # noqa: E402
 from fedrlhf_ray.torch_trainer import MLPTrainer, MLPTrainerFactory, mlp_trainer_factory  # noqa: E402
 
@@ -81,6 +104,7 @@ def config(num_clients: int, rounds: int, workers: int):
             # lets the W=1 and W=2 engines (3 actors) live side by side on the 2-CPU Ray, so
             # their rounds can be interleaved with the plain loop's.
             "ray": {"num_workers": workers, "cpus_per_worker": 0.5},
+            "tracking": {"enabled": False},
         }
     )
 
@@ -118,51 +142,77 @@ class Plain:
 
 
 class HostNoRay(Plain):
-    """The engine's host logic (record swap, personal split, ClientUpdate) called in-process."""
+    """The engine's host logic (record swap, personal split, client store save, ClientUpdate)
+    called in-process."""
 
     def __init__(self, num_clients: int, rounds: int) -> None:
         self.clients = range(num_clients)
-        self.host = ClientHost(MLPTrainerFactory(num_clients, 0, 1, seed=SEED))
+        self.tmp = tempfile.TemporaryDirectory(prefix="host_bench_")
+        self.host = ClientHost(MLPTrainerFactory(num_clients, 0, 1, seed=SEED), self.tmp.name, ())
         self.global_w = self.host.initial_weights()
         self.strategy = make_strategy(config(num_clients, rounds, 1).federation)
 
     def round(self, r: int) -> tuple[float, float, dict]:
         start = time.perf_counter()
-        updates = [self.host.train_client(r, c, self.global_w, False) for c in self.clients]
+        instructions = RoundInstructions(keep_from=max(0, r - 2))  # as the driver's (last two kept)
+        updates = [self.host.train_client(r, c, self.global_w, instructions) for c in self.clients]
         self.global_w = self.strategy.aggregate(
             self.global_w, [u.weights for u in updates], [u.num_samples for u in updates]
         )
         return time.perf_counter() - start, sum(u.metrics["train/seconds"] for u in updates), {}
 
+    def close(self) -> dict:
+        self.tmp.cleanup()
+        return {}
+
+
+def store_bytes(root: Path, num_clients: int) -> dict:
+    """The client store per client: its latest record, and everything its folder keeps."""
+    store = ClientStore(root)
+    latest, kept = [], []
+    for c in range(num_clients):
+        versions = store.versions(c)
+        folder = root / f"client-{c:06d}"
+        latest.append((folder / f"round-{versions[0]:06d}.npz").stat().st_size if versions else 0)
+        kept.append(sum(p.stat().st_size for p in folder.glob("*.npz")) if folder.is_dir() else 0)
+    return {"record_bytes_per_client": statistics.fmean(latest), "store_bytes_per_client": statistics.fmean(kept)}
+
 
 class Engine:
-    """FederatedDriver.run_round() with W client actors."""
+    """FederatedDriver.run_round() with W client actors, then the lifecycle's persistence
+    (metric rows appended, the driver's checkpoint)."""
 
     def __init__(self, num_clients: int, rounds: int, workers: int) -> None:
         self.num_clients = num_clients
         self.workers = workers
         self.tmp = tempfile.TemporaryDirectory(prefix="engine_bench_")
+        self.run_dir = RunDir(self.tmp.name)
         self.drv = FederatedDriver(
-            config(num_clients, rounds, workers), self.tmp.name,
+            config(num_clients, rounds, workers), self.run_dir,
             trainer_factory=mlp_trainer_factory(num_clients, seed=SEED),
         )
 
     def round(self, r: int) -> tuple[float, float, dict]:
         start = time.perf_counter()
-        m = self.drv.run_round()
+        m, rows = self.drv.run_round()
+        self.run_dir.append_metrics([m], rows)
+        self.drv.checkpoint()
         wall = time.perf_counter() - start
+        saved = m["fed/clients_aggregated"]
         phases = {
-            # sample + ray.put + one remote call per client + ray.wait + ray.get of the updates
+            # sample + ray.put + one remote call per host + the streamed/batched updates
             "dispatch_train_collect_s": m["fed/train_seconds"],
+            # of which: the client actors' record saves (summed over clients, spread over W actors)
+            "store_save_s": m["store/save_ms/mean"] * saved / 1000 / self.workers,
             # strategy.aggregate + per-round metric summaries
             "aggregate_metrics_s": m["fed/round_seconds"] - m["fed/train_seconds"],
-            # metrics.jsonl + client_metrics.jsonl + checkpoint (one get_records call per host)
+            # metrics.jsonl + client_metrics.jsonl + the driver's checkpoint
             "persist_s": wall - m["fed/round_seconds"],
         }
-        return wall, m["train/seconds/mean"] * m["fed/clients_aggregated"], phases
+        return wall, m["train/seconds/mean"] * saved, phases
 
     def final(self):
-        return self.drv.final_weights()
+        return self.drv.global_weights
 
     def close(self) -> dict:
         hosts = self.drv.hosts
@@ -170,11 +220,11 @@ class Engine:
         start = time.perf_counter()
         ray.get([hosts[i % len(hosts)].ready.remote() for i in range(self.num_clients)])
         noop = (time.perf_counter() - start) / self.num_clients
-        ckpt = Path(self.tmp.name, "checkpoint.pkl").stat().st_size
-        for h in hosts:
-            ray.kill(h)
+        ckpt = self.run_dir.checkpoint_path(self.drv.round).stat().st_size
+        store = store_bytes(Path(self.drv.store_root), self.num_clients)
+        self.drv.shutdown()
         self.tmp.cleanup()
-        return {"noop_actor_call_s": noop, "checkpoint_bytes": ckpt}
+        return {"noop_actor_call_s": noop, "checkpoint_bytes": ckpt, **store}
 
 
 def run_interleaved(runners: dict, rounds: int) -> dict[str, dict]:
@@ -213,8 +263,8 @@ def summarize(name: str, res: dict, num_clients: int, plain_mean: float | None) 
     if res.get("phases"):
         tail = res["phases"][1:] or res["phases"]
         out["breakdown_mean_s"] = {k: statistics.fmean(p[k] for p in tail) for k in tail[0]}
-        out["noop_actor_call_s"] = res["noop_actor_call_s"]
-        out["checkpoint_bytes"] = res["checkpoint_bytes"]
+        for key in ("noop_actor_call_s", "checkpoint_bytes", "record_bytes_per_client", "store_bytes_per_client"):
+            out[key] = res[key]
     return out
 
 
@@ -282,10 +332,13 @@ def main() -> None:
         if "breakdown_mean_s" in row:
             b = row["breakdown_mean_s"]
             console.print(
-                f"{row['name']}: dispatch+train+collect {1000 * b['dispatch_train_collect_s']:.1f} ms, "
+                f"{row['name']}: dispatch+train+collect {1000 * b['dispatch_train_collect_s']:.1f} ms "
+                f"(client store saves {1000 * b['store_save_s']:.1f} ms per actor), "
                 f"aggregate+metrics {1000 * b['aggregate_metrics_s']:.1f} ms, "
                 f"persist {1000 * b['persist_s']:.1f} ms per round; no-op actor call "
                 f"{1000 * row['noop_actor_call_s']:.2f} ms; checkpoint {row['checkpoint_bytes'] / 1024:.0f} KiB; "
+                f"client store {row['record_bytes_per_client']:.0f} B per client record "
+                f"({row['store_bytes_per_client']:.0f} B kept per client); "
                 f"same result as plain: {row['same_result_as_plain']}"
             )
     console.print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}")

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedrlhf_ray.config import load_config
+from fedrlhf_ray.rundir import RunDir
 from fedrlhf_ray.tracking import MAX_METRICS_PER_BATCH, round_metrics, start_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +56,8 @@ def real_round(work: Path) -> tuple[dict, list[dict]]:
     subprocess.run([sys.executable, "-m", "fedrlhf_ray.cli", "run", str(QUICKSTART), *sets, "--out", str(work / "runs")],
                    cwd=work, env=env, check=True, capture_output=True, text=True)
     (run_dir,) = (work / "runs").iterdir()
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    clients = [json.loads(x) for x in (run_dir / "client_metrics.jsonl").read_text().splitlines() if x]
-    return next(r for r in rows if r["round"] == 1), [r for r in clients if r["round"] == 1]
+    rd = RunDir(run_dir)
+    return next(r for r in rd.metrics() if r["round"] == 1), [r for r in rd.client_metrics() if r["round"] == 1]
 
 
 def scaled(client_rows: list[dict], num_clients: int) -> list[dict]:

@@ -68,7 +68,8 @@ def test_actor_killed_mid_round_ends_as_uninterrupted(reference, tmp_path, how, 
     rows = result.run_dir.metrics()
     by_round = {int(r["round"]): r for r in rows}
     assert by_round[2]["fed/actor_restarts"] == 1
-    assert by_round[2]["fed/retried_clients"] == 3  # client 3's host serves clients 1, 3, 5
+    # Client 3's host serves clients 1, 3, 5; streamed, client 1's update had already arrived.
+    assert by_round[2]["fed/retried_clients"] == (2 if streamed else 3)
     assert by_round[2]["fed/clients_aggregated"] == K
     assert all(by_round[r]["fed/actor_restarts"] == 0 for r in (1, 3, 4))
     assert stable(rows) == stable(reference.run_dir.metrics())
