@@ -16,10 +16,8 @@ client, record), so retrying it on the restarted host gives exactly the lost res
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -46,8 +44,6 @@ class ClientHost:
         self.personal_prefixes = tuple(personal_prefixes)
         # In-memory copies of the stored records, filled lazily: {client: (trainer state, personal)}.
         self.records: dict[int, dict[str, Any]] = {}
-        # One writer: records reach the store in the order the clients trained.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client-store")
 
     def ready(self) -> bool:
         return True
@@ -92,8 +88,8 @@ class ClientHost:
     # -- training ------------------------------------------------------------------------------
     def _train(
         self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions
-    ) -> tuple[ClientUpdate, Future[tuple[int, float]]]:
-        """One local round; the record's write to the store is handed to the writer thread."""
+    ) -> ClientUpdate:
+        """One local round and its record written to the store (put on disk by the caller)."""
         self._swap_in(client_id, global_weights, round_index - 1)
         prefixes = EVERYTHING if instructions.keep_local else self.personal_prefixes
         mu = instructions.proximal_mu
@@ -102,32 +98,21 @@ class ClientHost:
         anchor = {k: v for k, v in global_weights.items() if not k.startswith(prefixes)} if mu > 0 else None
         num_samples, metrics = self.trainer.train(round_index, anchor, mu)
         shared, personal = split_personal(self.trainer.get_weights(), prefixes)
-        # Nothing in a record is mutated after this point (each swap-in builds new objects), so
-        # the writer may encode it while the next client trains.
         record = {"trainer": self.trainer.save_client(), "personal": personal}
-        self.records[client_id] = record
-        saved = self._writer.submit(self._save, client_id, round_index, record, instructions.keep_from)
-        update = ClientUpdate(client_id, shared, int(num_samples), {k: float(v) for k, v in metrics.items()})
-        return update, saved
-
-    def _save(self, client_id: int, round_index: int, record: dict[str, Any], keep_from: int) -> tuple[int, float]:
         start = time.perf_counter()
-        size = self.store.save(client_id, round_index, record, keep_from=keep_from)
-        return size, 1e3 * (time.perf_counter() - start)
-
-    @staticmethod
-    def _saved(update: ClientUpdate, saved: Future[tuple[int, float]]) -> ClientUpdate:
-        """The update once its client's record is durable (a failed write raises here)."""
-        size, ms = saved.result()
-        metrics = {**update.metrics, "store/record_bytes": float(size), "store/save_ms": ms}
-        return dataclasses.replace(update, metrics=metrics)
+        size = self.store.save(client_id, round_index, record, keep_from=instructions.keep_from)
+        self.records[client_id] = record
+        metrics = {**metrics, "store/record_bytes": size, "store/save_ms": 1e3 * (time.perf_counter() - start)}
+        return ClientUpdate(client_id, shared, int(num_samples), {k: float(v) for k, v in metrics.items()})
 
     def train_client(
         self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions
     ) -> ClientUpdate:
         """One local round; returns only shared weights, the sample count and scalars, once the
-        client's record is in its store."""
-        return self._saved(*self._train(round_index, client_id, global_weights, instructions))
+        client's record is on disk."""
+        update = self._train(round_index, client_id, global_weights, instructions)
+        self.store.flush()
+        return update
 
     def train_clients(
         self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions
@@ -136,7 +121,7 @@ class ClientHost:
 
         One remote call per host and round instead of one per client: Ray's per-call cost
         (~1 ms) is what dominated the engine's overhead with light local training. Each update
-        leaves only after its record is stored: the driver may checkpoint before the rest end.
+        leaves only once its record is on disk: the driver may checkpoint before the rest end.
         """
         for client_id in client_ids:
             yield self.train_client(round_index, client_id, global_weights, instructions)
@@ -144,10 +129,11 @@ class ClientHost:
     def train_batch(
         self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions
     ) -> list[ClientUpdate]:
-        """Like :meth:`train_clients` but in one reply (no straggler deadline to honour): each
-        record is written while the next client trains, and the reply waits for all of them."""
-        pending = [self._train(round_index, c, global_weights, instructions) for c in client_ids]
-        return [self._saved(update, saved) for update, saved in pending]
+        """Like :meth:`train_clients` but in one reply (no straggler deadline to honour), with
+        one flush of the store for all the records."""
+        updates = [self._train(round_index, c, global_weights, instructions) for c in client_ids]
+        self.store.flush()
+        return updates
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate_clients(

@@ -7,10 +7,10 @@ actor serving that client writes or reads it, here; the driver never receives it
     <root>/client-000007/round-000003.npz    client 7's record after round 3, which it trained
 
 one file per round the client trained (NumPy arrays plus a JSON tree, see ``state_codec``:
-nothing is unpickled), committed atomically. Records are keyed by client id, so a resume may
-use another number of client actors. The root is ``<run dir>/clients`` unless
-``federation.client_state_dir`` says otherwise (on a cluster: storage every node shares, or a
-node-local folder when each client actor stays on its node).
+nothing is unpickled), committed atomically and on disk before the client's update is sent.
+Records are keyed by client id, so a resume may use another number of client actors. The root
+is ``<run dir>/clients`` unless ``federation.client_state_dir`` says otherwise (on a cluster:
+storage every node shares, or a node-local folder when each client actor stays on its node).
 
 Versions are pruned against the driver's checkpoints: the driver keeps its last two, and a
 client keeps, besides every version newer than the older of them, the latest version at or
@@ -20,6 +20,7 @@ matching record.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ _VERSION_RE = re.compile(r"^round-(\d{6})\.npz$")
 class ClientStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        # Versions per client, read from disk once: only the actor serving a client writes its
+        # folder, and listing it at every save cost as much as the write.
+        self._versions: dict[int, list[int]] = {}
 
     def _folder(self, client_id: int) -> Path:
         return self.root / f"client-{client_id:06d}"
@@ -42,22 +46,33 @@ class ClientStore:
 
     def versions(self, client_id: int) -> list[int]:
         """Rounds with a stored record of this client, newest first."""
-        folder = self._folder(client_id)
-        if not folder.is_dir():
-            return []
-        found = (_VERSION_RE.match(p.name) for p in folder.iterdir())
-        return sorted((int(m.group(1)) for m in found if m), reverse=True)
+        if client_id not in self._versions:
+            folder = self._folder(client_id)
+            found = (_VERSION_RE.match(p.name) for p in folder.iterdir()) if folder.is_dir() else iter(())
+            self._versions[client_id] = sorted((int(m.group(1)) for m in found if m), reverse=True)
+        return list(self._versions[client_id])
 
     def save(self, client_id: int, round_index: int, record: Any, keep_from: int) -> int:
-        """Commit the record after ``round_index``; returns its size in bytes."""
+        """Commit the record after ``round_index`` (atomically; on disk after :meth:`flush`);
+        returns its size in bytes."""
         data = state_codec.dumps(record)
-        self._folder(client_id).mkdir(parents=True, exist_ok=True)
-        atomic_write(self._path(client_id, round_index), data)
         versions = self.versions(client_id)
+        if not versions:
+            self._folder(client_id).mkdir(parents=True, exist_ok=True)
+        atomic_write(self._path(client_id, round_index), data, durable=False)
+        versions = sorted({*versions, round_index}, reverse=True)
         older = [v for v in versions if v <= keep_from]
         for stale in older[1:]:
             self._path(client_id, stale).unlink(missing_ok=True)
+            versions.remove(stale)
+        self._versions[client_id] = versions
         return len(data)
+
+    @staticmethod
+    def flush() -> None:
+        """Put every record saved so far on disk: one sync for a host's whole round, where an
+        fsync per record cost more than the local training of a small client (bench/engine_overhead.py)."""
+        os.sync()
 
     def latest(self, client_id: int, upto: int) -> int | None:
         """The round of the record a restore to round ``upto`` uses (None: never trained)."""

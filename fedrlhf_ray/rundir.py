@@ -53,14 +53,16 @@ class StorageError(UserError):
     """A file of the run could not be written (disk full, read-only, ...)."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` all or nothing (temporary file, fsync, ``os.replace``)."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` all or nothing (temporary file, ``os.replace``); ``durable``
+    also fsyncs it first, else the caller syncs a batch of files at once."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
