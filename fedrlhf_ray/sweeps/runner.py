@@ -152,7 +152,9 @@ def close_trial_runs(parent, sweep: Sweep, results, status_if_unknown: str = "FI
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(parent.tracking_uri)
-    exp = client.get_run(parent.run_id).info.experiment_id
+    parent_run = client.get_run(parent.run_id)
+    exp = parent_run.info.experiment_id
+    sweep_dir = Path(parent_run.data.tags.get("fedrlhf.sweep_dir", ""))
     running = client.search_runs(
         [exp], f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"
     )
@@ -160,7 +162,7 @@ def close_trial_runs(parent, sweep: Sweep, results, status_if_unknown: str = "FI
     if results is not None:
         prefix = f"{sweep.settings.name}_"
         errored = {Path(r.path).name.removeprefix(prefix) for r in results if r.error is not None}
-    from fedrlhf_ray.rundir import RunDir
+    from fedrlhf_ray.rundir import STATUS, RunDir
     from fedrlhf_ray.tracking import RunTracker, log_run_files
 
     for run in running:
@@ -168,9 +170,13 @@ def close_trial_runs(parent, sweep: Sweep, results, status_if_unknown: str = "FI
         status = "FAILED" if trial in errored else status_if_unknown
         tracker = RunTracker(parent.tracking_uri, run.info.run_id)
         run_dir = Path(run.data.tags.get("fedrlhf.run_dir", ""))
+        # The trial's live directory (Tune's, on its node) and the copy the sweep directory
+        # keeps of its last checkpoint, which a resume restores, both say it was stopped.
+        copies = sorted((sweep_dir / f"{sweep.settings.name}_{trial}").glob("checkpoint_*")) if trial else []
+        for folder in [run_dir, *copies[-1:]]:
+            if status == "FINISHED" and (folder / STATUS).is_file():
+                RunDir(folder).write_status("stopped", reason="stopped early by the scheduler")
         if run_dir.is_dir():  # on this node: keep what the trial got to write
-            if status == "FINISHED":
-                RunDir(run_dir).write_status("stopped", reason="stopped early by the scheduler")
             log_run_files(tracker, run_dir, run.info.run_name)
         if status == "FINISHED":
             tracker.set_tags({"fedrlhf.stopped_early": "true"})
