@@ -34,8 +34,9 @@ _VERSION_RE = re.compile(r"^round-(\d{6})\.npz$")
 class ClientStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        # Versions per client, read from disk once: only the actor serving a client writes its
-        # folder, and listing it at every save cost as much as the write.
+        # Versions of the clients this store has written, listed from disk once: only the actor
+        # serving a client writes its folder, and listing it at every save cost as much as the
+        # write. Clients it only reads are listed afresh each time.
         self._versions: dict[int, list[int]] = {}
 
     def _folder(self, client_id: int) -> Path:
@@ -46,11 +47,13 @@ class ClientStore:
 
     def versions(self, client_id: int) -> list[int]:
         """Rounds with a stored record of this client, newest first."""
-        if client_id not in self._versions:
-            folder = self._folder(client_id)
-            found = (_VERSION_RE.match(p.name) for p in folder.iterdir()) if folder.is_dir() else iter(())
-            self._versions[client_id] = sorted((int(m.group(1)) for m in found if m), reverse=True)
-        return list(self._versions[client_id])
+        if client_id in self._versions:  # this store writes the client's folder
+            return list(self._versions[client_id])
+        folder = self._folder(client_id)
+        if not folder.is_dir():
+            return []
+        found = (_VERSION_RE.match(p.name) for p in folder.iterdir())
+        return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
     def save(self, client_id: int, round_index: int, record: Any, keep_from: int) -> int:
         """Commit the record after ``round_index`` (atomically; on disk after :meth:`flush`);

@@ -214,7 +214,7 @@ def test_straggler_is_dropped_and_aggregate_uses_the_rest(new_driver, tmp_path):
     assert wall < 4.0, wall
     start = time.perf_counter()
     drv.checkpoint()
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 4.0  # not behind the straggler's 5 s
     assert RunDir(tmp_path).checkpoint_rounds() == [1]
     # The straggler's host still finishes its round: its record advances, as a real client's
     # local state would, although its update was left out of the aggregate.
