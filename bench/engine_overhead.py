@@ -135,9 +135,17 @@ class Plain:
             updates.append(self.trainer.get_weights())
             samples.append(n)
             self.states[c] = self.trainer.save_client()
+            self.keep(c, r)
             train_s += m["train/seconds"]
+        self.end_round()
         self.global_w = fedavg(updates, samples)
         return time.perf_counter() - start, train_s, {}
+
+    def keep(self, client_id: int, round_index: int) -> None:
+        """Records stay in memory (``self.states``) only."""
+
+    def end_round(self) -> None:
+        """Nothing to flush."""
 
     def final(self):
         return self.global_w
@@ -155,21 +163,12 @@ class PlainWithStore(Plain):
         self.tmp = tempfile.TemporaryDirectory(prefix="plain_store_bench_")
         self.store = ClientStore(self.tmp.name)
 
-    def round(self, r: int) -> tuple[float, float, dict]:
-        start = time.perf_counter()
-        updates, samples, train_s = [], [], 0.0
-        for c in self.clients:
-            self.trainer.load_client(c, self.states.get(c))
-            self.trainer.set_weights(self.global_w)
-            n, m = self.trainer.train(r, None)
-            updates.append(self.trainer.get_weights())
-            samples.append(n)
-            self.states[c] = self.trainer.save_client()
-            self.store.save(c, r, {"trainer": self.states[c], "personal": {}}, keep_from=max(0, r - 2))
-            train_s += m["train/seconds"]
+    def keep(self, client_id: int, round_index: int) -> None:
+        record = {"trainer": self.states[client_id], "personal": {}}
+        self.store.save(client_id, round_index, record, keep_from=max(0, round_index - 2))
+
+    def end_round(self) -> None:
         self.store.flush()
-        self.global_w = fedavg(updates, samples)
-        return time.perf_counter() - start, train_s, {}
 
     def close(self) -> dict:
         self.tmp.cleanup()
