@@ -36,7 +36,7 @@ from fedrlhf_ray import tracking
 from fedrlhf_ray.config import ExperimentConfig, load_config
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.ray_runtime import check_fits, ensure_ray, local_ray_processes, reap
-from fedrlhf_ray.rundir import CONFIG, FINAL_WEIGHTS, RAY_PROCESSES, STATUS, SUMMARY, RunDir
+from fedrlhf_ray.rundir import CONFIG, FINAL_WEIGHTS, RAY_PROCESSES, STATUS, SUMMARY, RunDir, warn
 
 # Fields a resumed run may change: it otherwise keeps the config it started with.
 RESUMABLE_OVERRIDES = ("federation.rounds",)
@@ -199,11 +199,14 @@ def run_experiment(
         check_out_location(out)
     if cfg.federation.client_state_dir is not None:
         check_out_location(cfg.federation.client_state_dir, "federation.client_state_dir")
-    uri = tracking.usable_tracking_uri(cfg, tracking_uri) if cfg.tracking.enabled else None
-    if resume and uri is not None and tracking_uri is None and run_dir is not None:
-        previous = tracking.load_tracker(Path(run_dir), cfg.tracking.per_client)
-        if previous is not None:
-            uri = tracking.usable_tracking_uri(cfg, previous.tracking_uri)
+    uri = None
+    if cfg.tracking.enabled:
+        # A resume continues where its MLflow run lives unless told otherwise: only that store
+        # is checked (not the default one of the current folder).
+        previous = None
+        if resume and tracking_uri is None and run_dir is not None:
+            previous = tracking.load_tracker(Path(run_dir), cfg.tracking.per_client)
+        uri = tracking.usable_tracking_uri(cfg, previous.tracking_uri if previous else tracking_uri)
     if resume and run_dir is not None:
         reap(RunDir(run_dir).read_json(RAY_PROCESSES), str(run_dir))
     ray_mode = ensure_ray(cfg, address)
@@ -350,8 +353,6 @@ class _Lifecycle:
         tracking.log_run_files(self.tracker, rd.path, self.cfg.name)
 
     def _fail(self, err: BaseException) -> None:
-        from fedrlhf_ray.rundir import warn
-
         rd = self.rd
         if self.finished:  # a hook failed after the run was complete: it stays complete
             return
@@ -389,8 +390,6 @@ class _Lifecycle:
 
     def _close_tracker(self, status: str, *, delete: bool, artifacts: bool = True) -> None:
         """Close the MLflow run; an error of the tracking server itself must not hide the run's."""
-        from fedrlhf_ray.rundir import warn
-
         assert self.tracker is not None
         try:
             if artifacts and not delete:
