@@ -179,11 +179,18 @@ class FederatedDriver:
         refs = {h: getattr(self.hosts[h], method).remote(round_index, ids, *rest) for h, ids in groups.items()}
         replies: dict[int, Any] = {}
         lost: list[int] = []
+        error: Exception | None = None
         for h, ref in refs.items():
             try:
                 replies[h] = self._received(ray.get(ref))
             except RayActorError:
                 lost.append(h)
+            except Exception as err:  # noqa: BLE001 - re-raised below
+                # Every other reply is still fetched: Ray prints a traceback for each error
+                # nobody fetched, which would bury the one-line message of this one.
+                error = error or err
+        if error is not None:
+            raise error
         failed = []
         for h in lost:
             self.actor_restarts += 1
