@@ -43,6 +43,18 @@ def tune_report(metrics: dict[str, float], last_eval: dict[str, float]) -> dict[
     }
 
 
+def _drop_unfinished_attempts(tracking_uri: str, parent_run_id: str, trial_id: str) -> None:
+    """A trial restarted without a checkpoint was killed before its first round (a sweep
+    interrupted early): its attempt's MLflow run is removed, as a run's would be."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`fedrlhf.trial_id` = '{trial_id}'"
+    for run in client.search_runs([exp], query):
+        client.delete_run(run.info.run_id)
+
+
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_name: str, tracking_uri: str | None,
               parent_run_id: str | None, mlflow_experiment: str) -> None:
     """The trainable Tune runs: the trial's config is the base experiment plus ``config``."""
@@ -70,6 +82,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_name: str, 
             **{f"fedrlhf.search.{k}": str(v) for k, v in config.items()}}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+        if checkpoint is None and tracking_uri is not None:
+            _drop_unfinished_attempts(tracking_uri, parent_run_id, trial_id)
 
     def report(progress: Progress) -> None:
         tune.report(tune_report(progress.metrics, progress.last_eval),
