@@ -1,13 +1,13 @@
 """The federation engine's cost with a trivial local trainer, against a plain loop in the same run.
 
-How to run:  RAY_AUTH_MODE=disabled python bench/engine_overhead.py [--rounds 5] [--clients 50] [--out bench/results]
+How to run:  RAY_AUTH_MODE=disabled python bench/engine_overhead.py [--rounds 10] [--clients 50] [--out bench/results]
 Starts a local Ray (2 CPUs, no dashboard), prints a table and writes ``engine_overhead.json``
 (machine info, per-configuration numbers, per-round times, the engine's phase breakdown).
 
 Workload (fixed): 50 clients, each :class:`fedrlhf_ray.torch_trainer.MLPTrainer` (MLP
 32→64→64→10, one torch thread) on 200 random samples seeded by client id, 1 local epoch of
-SGD (batch 32, lr 0.01), FedAvg, 5 rounds, every client every round. Seconds per round are
-taken over rounds 2–5 (round 1 builds the clients' data and warms up). The config has more
+SGD (batch 32, lr 0.01), FedAvg, 10 rounds, every client every round. Seconds per round are
+taken over rounds 2–10 (round 1 builds the clients' data and warms up). The config has more
 rounds than are run and ``evaluation.every_n_rounds: 1000``, so no round evaluates.
 
 * ``engine W=1`` / ``engine W=2``: ``FederatedDriver.run_round()`` with 1 / 2 client actors,
@@ -22,7 +22,9 @@ rounds than are run and ``evaluation.every_n_rounds: 1000``, so no round evaluat
   resume exactly after a crash);
 * ``ClientHost, no Ray`` (diagnostic): the engine's host logic (record swap, personal
   split, client store save, update object) called in-process, no actors, no driver — what the
-  host costs by itself.
+  host costs by itself;
+* ``ClientHost actor`` (diagnostic): that host in one Ray actor, one call a round, no driver —
+  the floor of any design that trains clients in Ray actors.
 
 Columns: client-rounds per second; "not in train()" = 1 − Σ(clients' train/seconds) /
 (round wall time × W), the share of the workers' time spent outside local training; ×plain and
@@ -30,38 +32,46 @@ Columns: client-rounds per second; "not in train()" = 1 − Σ(clients' train/se
 W=2 < 1× the loop that does the same work (plain loop + store). The bench also checks that the
 engine's final global weights equal the plain loop's.
 
-Results to expect (2-core x86 VM, shared; the numbers move ±15 % between runs or more under
-load). Rounds are interleaved (round r of every configuration before round r+1 of any) so
-background load hits all alike. Before the client-side store (records kept in actor memory):
+Results (2-core x86 VM, shared; the numbers move ±15 % between runs or more under load). Rounds
+are interleaved (round r of every configuration before round r+1 of any) so background load
+hits all alike. Before the client-side store (commit 5a6cbce, records kept in actor memory;
+two runs on the same quiet machine as the table below):
 
-  configuration        s/round mean   ×plain   not in train()   target
-  plain loop               0.101       1.00        7 %
-  engine W=1               0.120       1.18       17 %           ≤ 1.3× plain   PASS
-  engine W=2               0.070       0.69       29 %           < plain        PASS
+  configuration        s/round mean   ×plain
+  plain loop            0.061-0.066    1.00
+  engine W=1            0.073-0.074    1.11-1.21     ≤ 1.3× plain   PASS
+  engine W=2            0.047-0.065    0.78-0.97     < plain        PASS
 
 With every client's record written to its store (one atomic ``.npz`` of ~320 B per client and
-round, one ``os.sync`` per actor and round; an fsync per record made W=1 1.7-2.5× the plain loop):
+round that takes over the file of the record it prunes, one ``os.sync`` per actor and round):
 
   configuration        s/round mean   ×plain   ×plain+store   target
-  plain loop               0.109       1.00         —
-  plain loop + store       0.198       1.83         —
-  engine W=1               0.153       1.41        0.77        ≤ 1.3× plain+store   PASS
-  engine W=2               0.120       1.10        0.60        < plain+store        PASS
+  plain loop               0.058       1.00         —
+  plain loop + store       0.072       1.25         —
+  ClientHost, no Ray       0.072       1.24        0.99
+  ClientHost actor         0.083       1.44        1.15
+  engine W=1               0.086       1.49        1.19        ≤ 1.3× plain+store   PASS
+  engine W=2               0.056       0.97        0.78        < plain+store        PASS
 
-Against the bare loop the engine no longer meets 1.3×: with this trivial trainer (1.6 ms of
-SGD per client) the record write (0.4-0.8 ms per client on this VM, file creation dominating)
-is a third of a client's round. With RLHF clients (seconds per round, ``bench/round_time.py``)
-it is under 1 %.
+The gap to the bare loop splits into the store (+0.014 s a round, the same in the plain loop
+with a store, the in-process host and the engine) and Ray (+0.011 s: weights and 50 updates
+moved between processes, training in a worker process); the engine itself adds 0.003 s a round
+over one bare actor call (sampling, instructions, aggregation, metrics, rows, checkpoint). So
+against the bare in-memory loop W=1 no longer meets 1.3×: with this trivial trainer (1.1 ms of
+SGD per client) a client's record costs a quarter of its round. With RLHF clients
+(``bench/round_time.py``) it is under 1 %. An fsync per record made W=1 1.7-2.5× the plain
+loop, hence one ``os.sync`` per actor and round; creating a new file per record and deleting
+the pruned one cost 166 µs per record against 26 µs for renaming the pruned file and
+overwriting it.
 
 The engine computes the plain loop's weights (checked every run). The breakdown line of each
 engine configuration gives aggregation + metrics, the lifecycle's persistence per round (two
 jsonl appends + the driver's checkpoint: round, global weights, strategy state) and the client
-actors' record saves (one small ``.npz`` per client and round, inside the training phase); the
-rest of the gap to the plain loop is Ray's cost of moving weights and updates. The checkpoint
-column is the driver's checkpoint file; the client store is reported per client (its latest
-record, and everything its folder keeps). The engine makes
-one actor call per host per round (when a straggler deadline is set, a streamed one); with one
-call per client it was 1.6× the plain loop at W=1, Ray's ≈ 1.2 ms per call dominating.
+actors' record saves (one small ``.npz`` per client and round, inside the training phase). The
+checkpoint column is the driver's checkpoint file; the client store is reported per client (its
+latest record, and everything its folder keeps). The engine makes one actor call per host per
+round (when a straggler deadline is set, a streamed one); with one call per client it was 1.6×
+the plain loop at W=1, Ray's ≈ 1.2 ms per call dominating.
 """
 
 from __future__ import annotations
@@ -83,7 +93,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fedrlhf_ray.client import ClientHost  # noqa: E402
+from fedrlhf_ray.client import ClientActor, ClientHost  # noqa: E402
 from fedrlhf_ray.client_store import ClientStore  # noqa: E402
 from fedrlhf_ray.config import validate_config  # noqa: E402
 from fedrlhf_ray.driver import FederatedDriver  # noqa: E402
@@ -200,6 +210,36 @@ class HostNoRay(Plain):
         return {}
 
 
+class HostActor(HostNoRay):
+    """The same host logic in one Ray actor, one call a round, no driver: the floor of any
+    design that trains clients in actors (Ray's transfer of weights and updates, and training
+    in a worker process)."""
+
+    workers = 1
+
+    def __init__(self, num_clients: int, rounds: int) -> None:
+        self.clients = range(num_clients)
+        self.tmp = tempfile.TemporaryDirectory(prefix="host_actor_bench_")
+        factory = MLPTrainerFactory(num_clients, 0, 1, seed=SEED)
+        self.actor = ClientActor.options(num_cpus=0.5).remote(factory, self.tmp.name, ())
+        self.global_w = ray.get(self.actor.initial_weights.remote())
+        self.strategy = make_strategy(config(num_clients, rounds, 1).federation)
+
+    def round(self, r: int) -> tuple[float, float, dict]:
+        start = time.perf_counter()
+        instructions = RoundInstructions(keep_from=max(0, r - 2))
+        updates = ray.get(self.actor.train_batch.remote(r, list(self.clients), ray.put(self.global_w), instructions))
+        self.global_w = self.strategy.aggregate(
+            self.global_w, [u.weights for u in updates], [u.num_samples for u in updates]
+        )
+        return time.perf_counter() - start, sum(u.metrics["train/seconds"] for u in updates), {}
+
+    def close(self) -> dict:
+        ray.kill(self.actor)
+        self.tmp.cleanup()
+        return {}
+
+
 def store_bytes(root: Path, num_clients: int) -> dict:
     """The client store per client: its latest record, and everything its folder keeps."""
     store = ClientStore(root)
@@ -306,7 +346,7 @@ def summarize(name: str, res: dict, num_clients: int, plain_mean: float | None,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
@@ -321,6 +361,7 @@ def main() -> None:
             "plain loop": Plain(args.clients),
             "plain loop + store": PlainWithStore(args.clients),
             "ClientHost, no Ray": HostNoRay(args.clients, args.rounds),
+            "ClientHost actor": HostActor(args.clients, args.rounds),
             "engine W=1": Engine(args.clients, args.rounds, 1),
             "engine W=2": Engine(args.clients, args.rounds, 2),
         }

@@ -62,13 +62,14 @@ class ClientStore:
         versions = self.versions(client_id)
         if not versions:
             self._folder(client_id).mkdir(parents=True, exist_ok=True)
-        atomic_write(self._path(client_id, round_index), data, durable=False)
         versions = sorted({*versions, round_index}, reverse=True)
         older = [v for v in versions if v <= keep_from]
-        for stale in older[1:]:
-            self._path(client_id, stale).unlink(missing_ok=True)
-            versions.remove(stale)
-        self._versions[client_id] = versions
+        stale = [self._path(client_id, v) for v in older[1:]]
+        # The new record takes over a pruned one's file: cheaper than a new file and a deletion.
+        atomic_write(self._path(client_id, round_index), data, durable=False, recycle=stale[0] if stale else None)
+        for path in stale[1:]:
+            path.unlink(missing_ok=True)
+        self._versions[client_id] = [v for v in versions if v not in older[1:]]
         return len(data)
 
     @staticmethod

@@ -53,16 +53,31 @@ class StorageError(UserError):
     """A file of the run could not be written (disk full, read-only, ...)."""
 
 
-def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, durable: bool = True, recycle: Path | None = None) -> None:
     """Write ``data`` to ``path`` all or nothing (temporary file, ``os.replace``); ``durable``
-    also fsyncs it first, else the caller syncs a batch of files at once."""
+    also fsyncs it first, else the caller syncs a batch of files at once.
+
+    ``recycle`` names an obsolete file (gone afterwards either way) whose inode the write takes
+    over: renamed to the temporary name and overwritten, which costs a sixth of creating a
+    file and deleting the old one on ext4 (bench/engine_overhead.py writes 50 a round)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        try:
+            if recycle is None:
+                raise FileNotFoundError
+            os.replace(recycle, tmp)
+            fd = os.open(tmp, os.O_WRONLY)
+        except FileNotFoundError:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.ftruncate(fd, len(data))
             if durable:
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

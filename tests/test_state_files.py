@@ -86,6 +86,24 @@ def test_atomic_write_keeps_the_old_file_when_it_fails(tmp_path, monkeypatch):
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["status.json"]
 
 
+def test_atomic_write_recycling_an_obsolete_file(tmp_path, monkeypatch):
+    old, target = tmp_path / "round-000001.npz", tmp_path / "round-000004.npz"
+    old.write_bytes(b"a much longer obsolete record")
+    inode = old.stat().st_ino
+    atomic_write(target, b"short", durable=False, recycle=old)
+    # The old file's inode holds exactly the new bytes (cut to length), under the new name only.
+    assert target.read_bytes() == b"short" and target.stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    atomic_write(tmp_path / "round-000005.npz", b"new", durable=False, recycle=tmp_path / "gone.npz")
+    assert (tmp_path / "round-000005.npz").read_bytes() == b"new"
+    # A write that fails after taking over the obsolete file leaves neither it nor a temporary.
+    stale = tmp_path / "round-000004.npz"
+    monkeypatch.setattr(rundir_module.os, "ftruncate", _no_space)
+    with pytest.raises(StorageError, match="No space left on device"):
+        atomic_write(tmp_path / "round-000006.npz", b"x" * 100, durable=False, recycle=stale)
+    assert [p.name for p in tmp_path.iterdir()] == ["round-000005.npz"]
+
+
 def test_append_rows_on_a_full_disk_restores_the_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     append_rows(path, [{"round": 0}])
