@@ -22,6 +22,7 @@ from typing import Any
 
 import ray
 
+from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, RoundInstructions, Weights
 from fedrlhf_ray.state_codec import StateFileError
@@ -38,10 +39,13 @@ class ClientHost:
         trainer_factory: Callable[[], LocalTrainer],
         store_root: str,
         personal_prefixes: Collection[str] = (),
+        attack: Attack | None = None,
     ) -> None:
         self.trainer = trainer_factory()
         self.store = ClientStore(store_root)
         self.personal_prefixes = tuple(personal_prefixes)
+        # Byzantine behaviour of this host's malicious clients (robustness studies only).
+        self.attack = attack
         # In-memory copies of the stored records, filled lazily: {client: (trainer state, personal)}.
         self.records: dict[int, dict[str, Any]] = {}
 
@@ -103,6 +107,8 @@ class ClientHost:
         size = self.store.save(client_id, round_index, record, keep_from=instructions.keep_from)
         self.records[client_id] = record
         metrics = {**metrics, "store/record_bytes": size, "store/save_ms": 1e3 * (time.perf_counter() - start)}
+        if self.attack is not None:
+            shared = self.attack.apply(round_index, client_id, global_weights, shared)
         return ClientUpdate(client_id, shared, int(num_samples), {k: float(v) for k, v in metrics.items()})
 
     def train_client(

@@ -256,6 +256,16 @@ class FederationConfig(_Section):
     )
     fedprox_mu: Float = Field(0.01, ge=0.0, description="FedProx proximal term μ.")
     trim_fraction: Float = Field(0.1, ge=0.0, lt=0.5, description="Fraction trimmed at each end (trimmed_mean).")
+    krum_byzantine: Int = Field(
+        1, ge=0,
+        description="Byzantine clients f that krum / multi_krum tolerate (a round needs more than 2f + 2 updates).",
+    )
+    multi_krum_selected: Int = Field(
+        2, ge=1, description="Updates multi_krum averages: the ones with the lowest Krum scores (at most n - f)."
+    )
+    norm_bound: Float = Field(
+        1.0, gt=0.0, description="L2 bound on each client's change of the model under norm_bound."
+    )
     personalization: Literal["none", "finetune", "personal_head"] = Field(
         "none", description="How clients personalise the global model before evaluation."
     )
@@ -283,6 +293,53 @@ class FederationConfig(_Section):
                 f"clients_per_round ({self.clients_per_round}) must be a fraction <= 1 or a whole count"
             )
         return self
+
+
+ATTACK_KINDS = ("none", "sign_flip", "scale", "gaussian", "nan", "flipped_feedback")
+
+
+class AttackConfig(_Section):
+    """Byzantine clients, simulated inside their own client actors (for robustness studies)."""
+
+    kind: Literal[ATTACK_KINDS] = Field(  # type: ignore[valid-type]
+        "none",
+        description="none; sign_flip: send global − scale·Δ; scale: send global + scale·Δ; gaussian: send global "
+        "+ N(0, scale²) per coordinate; nan: send NaN; flipped_feedback: the client's human answers inverted "
+        "(pairs flipped, ratings mirrored on the scale), poisoning its reward model.",
+    )
+    fraction: Float = Field(
+        0.2, ge=0.0, le=1.0,
+        description="Share of the clients that are malicious (round(fraction · K), drawn from the seed).",
+    )
+    scale: Float = Field(1.0, gt=0.0, description="Magnitude of sign_flip, scale and gaussian.")
+
+
+class DPConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018) with central noise."""
+
+    enabled: bool = Field(False, description="Clip every update and add Gaussian noise to their sum (driver side).")
+    noise_multiplier: Float = Field(1.0, gt=0.0, description="σ: the noise on the sum has std σ·C.")
+    clip_norm: Float = Field(1.0, gt=0.0, description="C: each client's model change is clipped to this L2 norm.")
+    delta: Float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the reported (ε, δ) guarantee.")
+    target_epsilon: Float | None = Field(
+        None, gt=0.0, description="Stop the run before a round that would take ε past this (none: run every round)."
+    )
+    adaptive_clipping: bool = Field(
+        False, description="Move C towards a quantile of the update norms (Andrew et al. 2021)."
+    )
+    target_quantile: Float = Field(0.5, gt=0.0, lt=1.0, description="Adaptive clipping: the quantile γ C tracks.")
+    clip_learning_rate: Float = Field(0.2, gt=0.0, description="Adaptive clipping: η of C ← C·exp(−η(b̃ − γ)).")
+    clipped_count_stddev: Float | None = Field(
+        None, gt=0.0,
+        description="Adaptive clipping: σ_b, the noise on the count of unclipped updates "
+        "(default: expected clients per round / 20; must exceed noise_multiplier).",
+    )
+
+
+class PrivacyConfig(_Section):
+    """Privacy layers around the aggregation strategy."""
+
+    dp: DPConfig = Field(default_factory=DPConfig)
 
 
 class EvaluationConfig(_Section):
@@ -347,6 +404,8 @@ class ExperimentConfig(_Section):
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -378,6 +437,53 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"federation.min_results: got {fed.min_results} — at most the {sampled} clients sampled per round "
                 f"(federation.clients_per_round {per_round:g} of clients.num_clients {k})"
+            )
+        if fed.strategy in ("krum", "multi_krum") and fed.baseline == "federated":
+            f = fed.krum_byzantine
+            if sampled <= 2 * f + 2:
+                raise ValueError(
+                    f"federation.krum_byzantine: got {f} — {fed.strategy} needs more than 2f + 2 = {2 * f + 2} "
+                    f"clients a round, and {sampled} are sampled (raise federation.clients_per_round or lower f)"
+                )
+            if fed.strategy == "multi_krum" and fed.multi_krum_selected > sampled - f:
+                raise ValueError(
+                    f"federation.multi_krum_selected: got {fed.multi_krum_selected} — at most the {sampled} clients "
+                    f"sampled a round minus federation.krum_byzantine ({f}) = {sampled - f}"
+                )
+        dp = self.privacy.dp
+        if dp.enabled:
+            if fed.baseline != "federated":
+                raise ValueError(
+                    f"privacy.dp.enabled: got true — client-level DP protects clients in an aggregate, and "
+                    f"federation.baseline {fed.baseline!r} aggregates none (use baseline: federated)"
+                )
+            if fed.strategy not in ("fedavg", "fedprox"):
+                raise ValueError(
+                    f"privacy.dp.enabled: got true — DP-FedAvg averages clipped updates, so it replaces the "
+                    f"aggregation: federation.strategy must be fedavg or fedprox, not {fed.strategy!r}"
+                )
+            expected = sampled
+            count_stddev = dp.clipped_count_stddev if dp.clipped_count_stddev is not None else expected / 20.0
+            if dp.adaptive_clipping and count_stddev <= dp.noise_multiplier:
+                source = f"the default, {expected} clients / 20" if dp.clipped_count_stddev is None else "as set"
+                raise ValueError(
+                    f"privacy.dp.clipped_count_stddev: got {count_stddev:g} ({source}) "
+                    f"— adaptive clipping needs it above privacy.dp.noise_multiplier ({dp.noise_multiplier:g})"
+                )
+            if dp.target_epsilon is not None:
+                from fedrlhf_ray.privacy.dp import first_round_epsilon  # dp_accounting: only when used
+
+                first = first_round_epsilon(dp, k, sampled)
+                if first > dp.target_epsilon:
+                    raise ValueError(
+                        f"privacy.dp.target_epsilon: got {dp.target_epsilon:g} — one round already spends ε = "
+                        f"{first:.3g} at δ = {dp.delta:g} (noise_multiplier {dp.noise_multiplier:g}, {sampled} of "
+                        f"{k} clients a round); raise noise_multiplier or target_epsilon"
+                    )
+        if self.attack.kind != "none" and fed.baseline == "centralized":
+            raise ValueError(
+                f"attack.kind: got {self.attack.kind!r} — the centralized baseline pools every client into one, "
+                "so no client can attack it (set attack.kind: none)"
             )
         if fed.personalization == "finetune" and fed.finetune_iterations == 0:
             raise ValueError(

@@ -30,6 +30,8 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from fedrlhf_ray import privacy
+from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client import ClientActor
 from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.errors import UserError
@@ -110,13 +112,13 @@ class FederatedDriver:
             # Ray restarts a host whose process dies; its calls are not retried blindly: the
             # driver decides what to retry (see _call_hosts).
             ClientActor.options(num_cpus=cfg.ray.cpus_per_worker, max_restarts=-1, max_task_retries=0).remote(
-                trainer_factory(w, self.num_hosts), str(self.store_root), self.prefixes
+                trainer_factory(w, self.num_hosts), str(self.store_root), self.prefixes, Attack.from_config(cfg)
             )
             for w in range(self.num_hosts)
         ]
         self._wait_ready()
         self.global_weights: Weights = self._received(ray.get(self.hosts[0].initial_weights.remote()))
-        self.strategy = make_strategy(fed, sparse_keys=sparse_keys_of(self.global_weights))
+        self.strategy = make_strategy(fed, sparse_keys=sparse_keys_of(self.global_weights), privacy=privacy.layers(cfg))
         self.round = 0
         self.actor_restarts = 0
         self.retried_clients = 0
@@ -162,7 +164,13 @@ class FederatedDriver:
         pool = self.training_clients
         m = self.cfg.clients_per_round_count(len(pool))
         rng = derive_rng(self.cfg.seed, "sample", round_index)
-        return sorted(int(c) for c in rng.choice(pool, size=m, replace=False))
+        return self.strategy.sample_clients(round_index, pool, m, rng)
+
+    def stop_reason(self, round_index: int) -> str | None:
+        """Why round ``round_index`` must not run (the strategy's say, e.g. a spent privacy
+        budget), or None."""
+        pool = len(self.training_clients)
+        return self.strategy.stop_before(round_index, pool, self.cfg.clients_per_round_count(pool))
 
     def _by_host(self, client_ids: list[int]) -> dict[int, list[int]]:
         """Clients grouped by the host that serves them (client k on host k mod W)."""
@@ -230,12 +238,9 @@ class FederatedDriver:
             raise RoundFailed(
                 f"round {r}: {len(updates)} of {len(sampled)} clients answered, fewer than federation.min_results"
             )
-        if updates:
-            shared, personal = split_personal(self.global_weights, self.prefixes)
-            aggregated = self.strategy.aggregate(
-                shared, [u.weights for u in updates], [u.num_samples for u in updates]
-            )
-            self.global_weights = merge(aggregated, personal)
+        shared, personal = split_personal(self.global_weights, self.prefixes)
+        aggregated = self.strategy.aggregate(shared, [u.weights for u in updates], [u.num_samples for u in updates])
+        self.global_weights = merge(aggregated, personal)
         self.round = r
 
         metrics: dict[str, float] = {
@@ -253,10 +258,12 @@ class FederatedDriver:
         client_rows: list[dict[str, Any]] = [
             {"round": r, "client": u.client_id, "kind": "train", **u.metrics} for u in updates
         ]
-        if self.cfg.evaluation_due(r):
+        # A run the strategy will stop before the next round ends with this one: evaluate it.
+        if self.cfg.evaluation_due(r) or (r < self.cfg.federation.rounds and self.stop_reason(r + 1)):
             eval_metrics, eval_rows = self.evaluate(r)
             metrics.update(eval_metrics)
             client_rows += eval_rows
+        metrics.update(self.strategy.round_metrics())
         metrics["fed/actor_restarts"] = float(self.actor_restarts - restarts)
         metrics["fed/retried_clients"] = float(self.retried_clients - retried)
         metrics["fed/round_seconds"] = time.perf_counter() - start

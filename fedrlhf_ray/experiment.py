@@ -115,6 +115,9 @@ def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentCon
             )
     cfg = load_config(rd / CONFIG, list(overrides))
     done = rd.checkpoint_rounds()[0]
+    stopped = (rd.read_json(SUMMARY) or {}).get("stopped") if rd.status() == "completed" else None
+    if stopped:
+        raise UserError(f"--resume {run_dir}: the run ended after round {done} ({stopped}); it cannot go on")
     if rd.status() == "completed" and cfg.federation.rounds <= done:
         raise UserError(
             f"--resume {run_dir}: the run already completed its {done} rounds; "
@@ -295,7 +298,7 @@ class _Lifecycle:
             if on_start is not None:
                 on_start(progress)
             result = None
-            while self.driver.round < cfg.federation.rounds:
+            while self.driver.round < cfg.federation.rounds and result is None:
                 metrics, rows = self.driver.run_round()
                 rd.append_metrics([metrics], rows)
                 self.driver.checkpoint()
@@ -306,8 +309,12 @@ class _Lifecycle:
                 progress.metrics = metrics
                 if any(k.startswith("eval/") for k in metrics):
                     progress.last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-                if self.driver.round == cfg.federation.rounds:
-                    result = self._finish(initial, progress)
+                done = self.driver.round == cfg.federation.rounds
+                stop = None if done else self.driver.stop_reason(self.driver.round + 1)
+                if stop is not None:
+                    warn(f"the run ends after round {self.driver.round}: {stop}")
+                if done or stop is not None:
+                    result = self._finish(initial, progress, stop)
                 if on_round is not None:
                     on_round(progress)
             return result if result is not None else self._finish(initial, progress)
@@ -327,22 +334,29 @@ class _Lifecycle:
         return tracking.start_run(self.cfg, self.rd.path, uri, extra_tags=extra_tags)
 
     # -- the end -------------------------------------------------------------------------------
-    def _finish(self, initial: dict[str, float], progress: Progress) -> Result:
-        cfg, rd = self.cfg, self.rd
+    def _finish(self, initial: dict[str, float], progress: Progress, stopped: str | None = None) -> Result:
+        rd = self.rd
         final = progress.last_eval
-        summary: dict[str, Any] = {"rounds": cfg.federation.rounds, "initial": initial, "final": final}
+        rounds = progress.completed_rounds
+        summary: dict[str, Any] = {"rounds": rounds, "initial": initial, "final": final}
+        if stopped is not None:
+            summary["stopped"] = stopped
+        if "privacy/epsilon" in progress.metrics:
+            summary["privacy"] = {
+                k.removeprefix("privacy/"): v for k, v in progress.metrics.items() if k.startswith("privacy/")
+            }
         if "eval/liked_hit_rate/mean" in final:
             summary["gap_closed"] = gap_closed(
                 final["eval/liked_hit_rate/mean"], final["eval/random_hit_rate/mean"],
                 final["eval/oracle_hit_rate/mean"],
             )
         rd.write_json(SUMMARY, summary)
-        rd.write_status("completed", rounds=cfg.federation.rounds, placement=progress.placement)
+        rd.write_status("completed", rounds=rounds, placement=progress.placement)
         if self.tracker is not None:
             self._log_artifacts(with_model=True)
             self.tracker.finish("FINISHED")
         self.finished = True
-        return Result(rd, "completed", cfg.federation.rounds, initial, final, summary, self.tracker)
+        return Result(rd, "completed", rounds, initial, final, summary, self.tracker)
 
     def _log_artifacts(self, with_model: bool) -> None:
         rd = self.rd

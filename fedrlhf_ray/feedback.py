@@ -137,6 +137,8 @@ class SimulatedHuman:
         rating_noise: std of the Gaussian noise on direct ratings (≥ 0).
         seed: an int, a ``SeedSequence`` or a ``numpy.random.Generator`` (used as is). The
             generator also drives query selection in :func:`collect_feedback`.
+        flipped: a malicious client's human (``attack.kind: flipped_feedback``): every pairwise
+            answer inverted, every rating mirrored on the rating scale (lo + hi − r).
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class SimulatedHuman:
         beta: float = 5.0,
         rating_noise: float = 0.5,
         seed: int | np.random.SeedSequence | np.random.Generator = 0,
+        flipped: bool = False,
     ) -> None:
         if not np.isfinite(beta) or beta < 0:
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
@@ -156,6 +159,7 @@ class SimulatedHuman:
         self.client = client
         self.beta = float(beta)
         self.rating_noise = float(rating_noise)
+        self.flipped = bool(flipped)
         self.rng = np.random.default_rng(seed)
         # What the human knows: per user, its training items (sorted) and their ratings.
         self._items: list[np.ndarray] = []
@@ -215,14 +219,15 @@ class SimulatedHuman:
         if items_a.shape != items_b.shape:
             raise ValueError(f"items_a {items_a.shape} and items_b {items_b.shape} differ in shape")
         p = self.preference_probability(user_idx, items_a, items_b)
-        return (self.rng.random(p.size) < p).astype(np.float32)
+        answers = (self.rng.random(p.size) < p).astype(np.float32)
+        return 1.0 - answers if self.flipped else answers
 
     def rate(self, user_idx, items) -> np.ndarray:
         """Direct ratings: training rating + N(0, rating_noise²), clipped to the rating scale."""
         truth = self.true_rating(user_idx, items)
         lo, hi = self.client.rating_scale
-        noisy = truth + self.rating_noise * self.rng.standard_normal(truth.size)
-        return np.clip(noisy, lo, hi).astype(np.float32)
+        noisy = np.clip(truth + self.rating_noise * self.rng.standard_normal(truth.size), lo, hi)
+        return (lo + hi - noisy if self.flipped else noisy).astype(np.float32)
 
     def state(self) -> dict:
         """A snapshot of the random state (a copy of the generator's ``bit_generator.state``)."""

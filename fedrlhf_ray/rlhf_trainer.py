@@ -20,6 +20,7 @@ import torch
 
 from envs.types import ClientData
 from fedrlhf_ray import rllib_ppo
+from fedrlhf_ray.attacks import malicious_clients
 from fedrlhf_ray.config import ExperimentConfig, validate_config
 from fedrlhf_ray.evaluation import evaluate_client
 from fedrlhf_ray.feedback import (
@@ -67,6 +68,13 @@ class RLHFTrainer:
         )
         self.client: ClientData | None = None
         self.reward_table: np.ndarray | None = None
+        attack = cfg.attack
+        # Malicious clients of attack.kind flipped_feedback: their humans answer the wrong way round.
+        self.flipped_humans = (
+            malicious_clients(cfg.seed, cfg.clients.num_clients, attack.fraction)
+            if attack.kind == "flipped_feedback"
+            else frozenset()
+        )
 
     @property
     def loaded(self) -> ClientData:
@@ -100,6 +108,7 @@ class RLHFTrainer:
             beta=fb.beta,
             rating_noise=fb.rating_noise,
             seed=derive_seed(self.cfg.seed, "human", client_id),
+            flipped=client_id in self.flipped_humans,
         )
         self.reward_model = self._new_reward_model(client)
         if state is None:

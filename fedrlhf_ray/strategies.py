@@ -12,12 +12,18 @@ in Flower's ``flwr/server/strategy/aggregate.py``, the maths lives in plain func
   tables: a client only moves the rows of the items it saw, so a row is aggregated over the
   clients that touched it (their row differs from the global row) instead of being diluted by
   every client that left it unchanged;
-* :func:`split_personal` / :func:`merge` for personal parameters that never get aggregated —
+* :func:`split_personal` / :func:`merge` for personal parameters that never get aggregated;
+* robust building blocks: :func:`finite_updates` (which updates are all finite),
+  :func:`delta_norms` and :func:`clip_to_norm` (an update's change from the global model, and
+  that change scaled down to an L2 bound), :func:`krum_scores` / :func:`krum_select`
+  (Blanchard et al. 2017) —
 
 and the strategy classes (:class:`FedAvg`, :class:`FedProx`, :class:`Median`,
-:class:`TrimmedMean`) are frozen dataclasses that only hold settings and call them. Cross-cutting
-concerns (client-level DP, robust filtering) compose as wrappers that hold an inner
-:class:`Strategy` and delegate to it.
+:class:`TrimmedMean`, :class:`Krum`, :class:`MultiKrum`, :class:`NormBound`) are frozen
+dataclasses that only hold settings and call them. Cross-cutting concerns compose as wrappers
+that hold an inner :class:`Strategy` and delegate to it: :class:`RejectNonFinite` (always on:
+an update with NaN or inf never reaches an aggregation) here, client-level DP in
+``fedrlhf_ray.privacy``.
 
 Everything is pure NumPy: no Ray, no torch. Floating dtypes are preserved (float32 in, float32
 out; the sums are taken in float64); integer arrays come back as float64.
@@ -26,7 +32,7 @@ out; the sums are taken in float64); integer arrays come back as float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -323,17 +329,98 @@ def _as_keys(keys: Collection[str]) -> tuple[str, ...]:
     return tuple(keys)
 
 
+# --------------------------------------------------------------------------- robust building blocks
+
+
+def finite_updates(updates: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """Per update: every floating value is finite (an update with NaN or inf must not be averaged)."""
+    out = []
+    for u in updates:
+        ok = True
+        for v in u.values():
+            a = np.asarray(v)
+            if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+                ok = False
+                break
+        out.append(ok)
+    return out
+
+
+def _flat_deltas(global_weights: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """(n, d) float64: each update's change from the global weights, over the updates' keys."""
+    keys, arrays = _check_updates(updates)
+    missing = [k for k in keys if k not in global_weights]
+    if missing:
+        raise ValueError(f"key {missing[0]!r} of the updates is not in the global weights")
+    g = np.concatenate([np.asarray(global_weights[k], dtype=np.float64).ravel() for k in keys])
+    return np.stack([np.concatenate([u[k].astype(np.float64).ravel() for k in keys]) - g for u in arrays])
+
+
+def delta_norms(global_weights: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """L2 norm of each update's change from the global weights, over all its keys together."""
+    return np.linalg.norm(_flat_deltas(global_weights, updates), axis=1)
+
+
+def clip_to_norm(global_weights: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], bound: float) -> Weights:
+    """``global + delta · min(1, bound / ‖delta‖)``: the update with its change scaled down to
+    L2 norm at most ``bound`` (dtypes kept)."""
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"the clipping bound must be finite and > 0, got {bound}")
+    norm = float(delta_norms(global_weights, [update])[0])
+    factor = min(1.0, bound / norm) if norm > 0 else 1.0
+    out: Weights = {}
+    for k, v in update.items():
+        a = np.asarray(v)
+        g = np.asarray(global_weights[k], dtype=np.float64)
+        out[k] = (g + factor * (a.astype(np.float64) - g)).astype(_out_dtype([a]), copy=False)
+    return out
+
+
+def krum_scores(updates: Sequence[Mapping[str, np.ndarray]], num_byzantine: int) -> np.ndarray:
+    """Krum's score of each update: the sum of squared distances to its ``n - f - 2`` nearest
+    other updates (Blanchard et al. 2017; needs ``n > 2f + 2``)."""
+    _, arrays = _check_updates(updates)
+    n, f = len(arrays), int(num_byzantine)
+    if f < 0 or n <= 2 * f + 2:
+        raise ValueError(f"Krum with f={f} Byzantine clients needs more than 2f + 2 = {2 * f + 2} updates, got {n}")
+    keys = list(arrays[0])
+    flat = np.stack([np.concatenate([u[k].astype(np.float64).ravel() for k in keys]) for u in arrays])
+    sq = (flat * flat).sum(axis=1)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T, 0.0)
+    np.fill_diagonal(dist, np.inf)
+    nearest = np.sort(dist, axis=1)[:, : n - f - 2]
+    return nearest.sum(axis=1)
+
+
+def krum_select(updates: Sequence[Mapping[str, np.ndarray]], num_byzantine: int, num_selected: int = 1) -> list[int]:
+    """Indices of the ``num_selected`` updates with the lowest Krum scores (ties: lower index)."""
+    scores = krum_scores(updates, num_byzantine)
+    if not 1 <= num_selected <= len(scores):
+        raise ValueError(f"Multi-Krum selects between 1 and {len(scores)} updates, got {num_selected}")
+    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:num_selected])
+
+
 # --------------------------------------------------------------------------- strategies
 
 
 @runtime_checkable
 class Strategy(Protocol):
-    """What the driver calls. A strategy owns its round: what the sampled clients are told
-    (:meth:`configure_train`) and how their updates become the new global weights. Wrappers
-    (secure aggregation, DP, robust filters) implement it around an inner strategy."""
+    """What the driver calls. A strategy owns its round: which clients take part
+    (:meth:`sample_clients`, from the round's generator), whether the round may run at all
+    (:meth:`stop_before`: a reason to end the run first, e.g. a spent privacy budget), what the
+    sampled clients are told (:meth:`configure_train`) and how their updates become the new
+    global weights (:meth:`aggregate`, called every round, with no updates too: the global
+    weights then stay, unless a wrapper adds noise). Wrappers (DP, robust filters) implement
+    it around an inner strategy."""
 
     @property
     def name(self) -> str: ...  # read-only: the strategies define it as a class variable
+
+    def sample_clients(
+        self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator
+    ) -> list[int]: ...
+
+    def stop_before(self, round_index: int, pool_size: int, count: int) -> str | None: ...
 
     def configure_train(self, round_index: int) -> RoundInstructions: ...
 
@@ -343,6 +430,8 @@ class Strategy(Protocol):
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
     ) -> Weights: ...
+
+    def round_metrics(self) -> dict[str, float]: ...
 
     def state(self) -> dict[str, Any]: ...
 
@@ -360,6 +449,15 @@ class _Aggregation:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparse_keys", _as_keys(self.sparse_keys))
 
+    def sample_clients(
+        self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator
+    ) -> list[int]:
+        """``count`` clients of ``pool`` uniformly without replacement."""
+        return sorted(int(c) for c in rng.choice(pool, size=count, replace=False))
+
+    def stop_before(self, round_index: int, pool_size: int, count: int) -> str | None:
+        return None
+
     def configure_train(self, round_index: int) -> RoundInstructions:
         return RoundInstructions()
 
@@ -372,10 +470,16 @@ class _Aggregation:
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
     ) -> Weights:
+        if not updates:
+            return dict(global_weights)
         return aggregate(
             global_weights, updates, num_samples,
             method=self.method, sparse_keys=self.sparse_keys, **self._options(),
         )
+
+    def round_metrics(self) -> dict[str, float]:
+        """What the last :meth:`aggregate` measured (wrappers report theirs, e.g. ``fed/rejected``)."""
+        return {}
 
     def state(self) -> dict[str, Any]:
         """These strategies hold no mutable state; stateful wrappers checkpoint theirs here."""
@@ -436,6 +540,124 @@ class TrimmedMean(_Aggregation):
 
 
 @dataclass(frozen=True)
+class Krum(_Aggregation):
+    """Krum (Blanchard et al. 2017): the one update closest to its ``n - f - 2`` nearest
+    neighbours becomes the new model; tolerates ``f`` Byzantine clients when ``n > 2f + 2``
+    (with fewer updates in a round it takes the coordinate median)."""
+
+    name: ClassVar[str] = "krum"
+    method: ClassVar[str] = "fedavg"
+    num_byzantine: int = 1
+
+    def _selected(self, updates: Sequence[Mapping[str, np.ndarray]]) -> list[int]:
+        return krum_select(updates, self.num_byzantine, 1)
+
+    def aggregate(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[Mapping[str, np.ndarray]],
+        num_samples: Sequence[float],
+    ) -> Weights:
+        if not updates:
+            return dict(global_weights)
+        if len(updates) <= 2 * self.num_byzantine + 2:
+            # Too few updates for Krum's guarantee (stragglers, rejected updates): the
+            # coordinate median still resists a minority of attackers.
+            return aggregate(global_weights, updates, num_samples, method="median", sparse_keys=self.sparse_keys)
+        chosen = self._selected(updates)
+        samples = _check_num_samples(num_samples, len(updates))
+        return aggregate(
+            global_weights, [updates[i] for i in chosen], [float(samples[i]) for i in chosen],
+            method="fedavg", sparse_keys=self.sparse_keys,
+        )
+
+
+@dataclass(frozen=True)
+class MultiKrum(Krum):
+    """Multi-Krum: FedAvg over the ``num_selected`` updates with the lowest Krum scores."""
+
+    name: ClassVar[str] = "multi_krum"
+    num_selected: int = 2
+
+    def _selected(self, updates: Sequence[Mapping[str, np.ndarray]]) -> list[int]:
+        return krum_select(updates, self.num_byzantine, min(self.num_selected, len(updates)))
+
+
+@dataclass(frozen=True)
+class NormBound(_Aggregation):
+    """Norm-bounded FedAvg (Sun et al. 2019): each update's change is clipped to L2 norm
+    ``norm_bound`` before the sample-weighted mean, so no client can move the model further."""
+
+    name: ClassVar[str] = "norm_bound"
+    method: ClassVar[str] = "fedavg"
+    norm_bound: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.norm_bound) and self.norm_bound > 0):
+            raise ValueError(f"norm_bound must be finite and > 0, got {self.norm_bound}")
+
+    def aggregate(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[Mapping[str, np.ndarray]],
+        num_samples: Sequence[float],
+    ) -> Weights:
+        if not updates:
+            return dict(global_weights)
+        clipped = [clip_to_norm(global_weights, u, self.norm_bound) for u in updates]
+        return aggregate(global_weights, clipped, num_samples, method="fedavg", sparse_keys=self.sparse_keys)
+
+
+@dataclass
+class RejectNonFinite:
+    """Drops every update holding NaN or inf before the inner strategy sees any, and counts
+    them (``fed/rejected``)."""
+
+    inner: Strategy
+    rejected: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def sample_clients(
+        self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator
+    ) -> list[int]:
+        return self.inner.sample_clients(round_index, pool, count, rng)
+
+    def stop_before(self, round_index: int, pool_size: int, count: int) -> str | None:
+        return self.inner.stop_before(round_index, pool_size, count)
+
+    def configure_train(self, round_index: int) -> RoundInstructions:
+        return self.inner.configure_train(round_index)
+
+    def aggregate(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[Mapping[str, np.ndarray]],
+        num_samples: Sequence[float],
+    ) -> Weights:
+        keep = finite_updates(updates)
+        self.rejected = keep.count(False)
+        samples = list(num_samples)
+        return self.inner.aggregate(
+            global_weights,
+            [u for u, ok in zip(updates, keep, strict=True) if ok],
+            [n for n, ok in zip(samples, keep, strict=True) if ok],
+        )
+
+    def round_metrics(self) -> dict[str, float]:
+        return {**self.inner.round_metrics(), "fed/rejected": float(self.rejected)}
+
+    def state(self) -> dict[str, Any]:
+        return self.inner.state()
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state(state)
+
+
+@dataclass(frozen=True)
 class LocalOnly(_Aggregation):
     """The local-only baseline: clients keep every parameter, the global model never moves."""
 
@@ -455,26 +677,44 @@ class LocalOnly(_Aggregation):
 
 
 STRATEGIES: dict[str, type[_Aggregation]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean)
+    cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean, Krum, MultiKrum, NormBound)
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 
 
-def make_strategy(federation_cfg: Any, sparse_keys: Collection[str] = ()) -> Strategy:
+def make_strategy(
+    federation_cfg: Any,
+    sparse_keys: Collection[str] = (),
+    privacy: Callable[[Strategy], Strategy] | None = None,
+) -> Strategy:
     """The round's strategy for a :class:`FederationConfig`: the one ``strategy`` names (with
-    its ``fedprox_mu`` / ``trim_fraction``), or :class:`LocalOnly` for ``baseline: local``.
+    its settings), or :class:`LocalOnly` for ``baseline: local``, wrapped by ``privacy`` (the
+    privacy layers, e.g. ``fedrlhf_ray.privacy.dp``), behind :class:`RejectNonFinite`: no
+    layer ever sees a non-finite update.
 
     ``personalization`` is not the strategy's concern: the client actors keep personal keys out
     of the updates with :func:`split_personal` and the driver puts them back with :func:`merge`.
     """
-    sparse_keys = _as_keys(sparse_keys)
-    if federation_cfg.baseline == "local":
+    base = _base_strategy(federation_cfg, _as_keys(sparse_keys))
+    return RejectNonFinite(privacy(base) if privacy is not None else base)
+
+
+def _base_strategy(fed: Any, sparse_keys: tuple[str, ...]) -> Strategy:
+    if fed.baseline == "local":
         return LocalOnly(sparse_keys=sparse_keys)
-    name = federation_cfg.strategy
+    name = fed.strategy
     if name == "fedprox":
-        return FedProx(mu=float(federation_cfg.fedprox_mu), sparse_keys=sparse_keys)
+        return FedProx(mu=float(fed.fedprox_mu), sparse_keys=sparse_keys)
     if name == "trimmed_mean":
-        return TrimmedMean(trim_fraction=float(federation_cfg.trim_fraction), sparse_keys=sparse_keys)
+        return TrimmedMean(trim_fraction=float(fed.trim_fraction), sparse_keys=sparse_keys)
+    if name == "krum":
+        return Krum(num_byzantine=int(fed.krum_byzantine), sparse_keys=sparse_keys)
+    if name == "multi_krum":
+        return MultiKrum(
+            num_byzantine=int(fed.krum_byzantine), num_selected=int(fed.multi_krum_selected), sparse_keys=sparse_keys
+        )
+    if name == "norm_bound":
+        return NormBound(norm_bound=float(fed.norm_bound), sparse_keys=sparse_keys)
     if name in STRATEGIES:
         return STRATEGIES[name](sparse_keys=sparse_keys)
     raise ValueError(f"federation.strategy: got {name!r} — allowed: {', '.join(STRATEGY_NAMES)}")

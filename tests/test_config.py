@@ -128,8 +128,8 @@ def test_unknown_nested_key_names_path_and_lists_allowed_fields(raw, dotted, som
         ({"env": {"data": {"dataset": "ml-10m"}}}, "env.data.dataset", "'ml-10m'",
          "'ml-latest-small', 'ml-100k', 'ml-1m' or 'ml-25m'"),
         ({"clients": {"formation": "silo"}}, "clients.formation", "'silo'", "'user' or 'group'"),
-        ({"federation": {"strategy": "krum"}}, "federation.strategy", "'krum'",
-         "'fedavg', 'fedprox', 'median' or 'trimmed_mean'"),
+        ({"federation": {"strategy": "bulyan"}}, "federation.strategy", "'bulyan'",
+         "'fedavg', 'fedprox', 'median', 'trimmed_mean', 'krum', 'multi_krum' or 'norm_bound'"),
         ({"feedback": {"kind": "votes"}}, "feedback.kind", "'votes'", "'pairwise', 'rating' or 'both'"),
     ],
 )

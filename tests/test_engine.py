@@ -323,10 +323,10 @@ def test_client_sampling_is_seeded_per_round(new_driver, tmp_path):
     # Not the same clients every round (with seed 3 every round's pick differs from the last).
     assert all(picks[r] != picks[r + 1] for r in range(1, 6))
     # Deterministic per (seed, round): another driver with the same config picks the same.
-    other = types.SimpleNamespace(cfg=cfg, training_clients=list(range(10)))
+    other = types.SimpleNamespace(cfg=cfg, training_clients=list(range(10)), strategy=drv.strategy)
     assert {r: FederatedDriver.sample_clients(other, r) for r in picks} == picks
     reseeded = types.SimpleNamespace(
-        cfg=cfg.model_copy(update={"seed": SEED + 1}), training_clients=list(range(10))
+        cfg=cfg.model_copy(update={"seed": SEED + 1}), training_clients=list(range(10)), strategy=drv.strategy
     )
     assert {r: FederatedDriver.sample_clients(reseeded, r) for r in picks} != picks
 

@@ -15,8 +15,12 @@ from fedrlhf_ray.strategies import (
     STRATEGY_NAMES,
     FedAvg,
     FedProx,
+    Krum,
     LocalOnly,
     Median,
+    MultiKrum,
+    NormBound,
+    RejectNonFinite,
     Strategy,
     TrimmedMean,
     aggregate,
@@ -328,10 +332,15 @@ STRATEGY_VALUES = typing.get_args(FederationConfig.model_fields["strategy"].anno
 
 @pytest.mark.parametrize("value", STRATEGY_VALUES)
 def test_make_strategy_maps_every_config_value(value):
-    cfg = FederationConfig(strategy=value, fedprox_mu=0.3, trim_fraction=0.2)
-    strategy = make_strategy(cfg, sparse_keys=[EMB])
-    expected_type = {"fedavg": FedAvg, "fedprox": FedProx, "median": Median, "trimmed_mean": TrimmedMean}[value]
-    assert type(strategy) is expected_type
+    cfg = FederationConfig(strategy=value, fedprox_mu=0.3, trim_fraction=0.2, krum_byzantine=2,
+                           multi_krum_selected=3, norm_bound=0.7)
+    wrapped = make_strategy(cfg, sparse_keys=[EMB])
+    # Every strategy sits behind the non-finite filter.
+    assert type(wrapped) is RejectNonFinite and isinstance(wrapped, Strategy)
+    strategy = wrapped.inner
+    expected_type = {"fedavg": FedAvg, "fedprox": FedProx, "median": Median, "trimmed_mean": TrimmedMean,
+                     "krum": Krum, "multi_krum": MultiKrum, "norm_bound": NormBound}[value]
+    assert type(strategy) is expected_type and wrapped.name == value
     assert strategy.name == value
     assert isinstance(strategy, Strategy)
     assert strategy.sparse_keys == (EMB,)
@@ -341,6 +350,12 @@ def test_make_strategy_maps_every_config_value(value):
         assert strategy.configure_train(r) == RoundInstructions(proximal_mu=0.3 if value == "fedprox" else 0.0)
     if value == "trimmed_mean":
         assert strategy.trim_fraction == 0.2
+    if value in ("krum", "multi_krum"):
+        assert strategy.num_byzantine == 2
+    if value == "multi_krum":
+        assert strategy.num_selected == 3
+    if value == "norm_bound":
+        assert strategy.norm_bound == 0.7
     assert set(STRATEGY_VALUES) == set(STRATEGIES) == set(STRATEGY_NAMES)
 
 
@@ -349,7 +364,7 @@ def test_local_baseline_is_the_local_only_strategy(value):
     """``baseline: local`` overrides the configured strategy: clients keep every parameter and
     the global model never moves."""
     cfg = FederationConfig(strategy=value, baseline="local")
-    strategy = make_strategy(cfg, sparse_keys=[EMB])
+    strategy = make_strategy(cfg, sparse_keys=[EMB]).inner
     assert type(strategy) is LocalOnly and isinstance(strategy, Strategy)
     assert strategy.configure_train(1) == RoundInstructions(keep_local=True)
     g = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
@@ -360,14 +375,14 @@ def test_local_baseline_is_the_local_only_strategy(value):
     assert strategy.state() == {}
     assert "local" not in STRATEGY_NAMES  # a baseline, not a value of federation.strategy
     for baseline in ("federated", "centralized"):
-        assert type(make_strategy(FederationConfig(strategy=value, baseline=baseline))) is not LocalOnly
+        assert type(make_strategy(FederationConfig(strategy=value, baseline=baseline)).inner) is not LocalOnly
 
 
 def test_make_strategy_rejects_unknown_name():
     class Cfg:
-        strategy, fedprox_mu, trim_fraction, baseline = "krum", 0.0, 0.1, "federated"
+        strategy, fedprox_mu, trim_fraction, baseline = "bulyan", 0.0, 0.1, "federated"
 
-    with pytest.raises(ValueError, match="'krum'.*fedavg"):
+    with pytest.raises(ValueError, match="'bulyan'.*fedavg"):
         make_strategy(Cfg())
 
 

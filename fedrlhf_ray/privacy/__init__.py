@@ -1,0 +1,32 @@
+"""Privacy layers that wrap an aggregation strategy (see ``strategies.make_strategy``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fedrlhf_ray.strategies import Strategy
+
+
+def layers(cfg: Any) -> Callable[[Strategy], Strategy] | None:
+    """The privacy layers an :class:`ExperimentConfig` asks for, as one wrapper (None: none)."""
+    dp = cfg.privacy.dp
+    if not dp.enabled:
+        return None
+    from fedrlhf_ray.privacy.dp import DifferentialPrivacy  # dp_accounting: only when used
+
+    def wrap(inner: Strategy) -> Strategy:
+        return DifferentialPrivacy(
+            inner,
+            noise_multiplier=float(dp.noise_multiplier),
+            clip_norm=float(dp.clip_norm),
+            delta=float(dp.delta),
+            seed=int(cfg.seed),
+            target_epsilon=None if dp.target_epsilon is None else float(dp.target_epsilon),
+            adaptive_clipping=bool(dp.adaptive_clipping),
+            target_quantile=float(dp.target_quantile),
+            clip_learning_rate=float(dp.clip_learning_rate),
+            clipped_count_stddev=None if dp.clipped_count_stddev is None else float(dp.clipped_count_stddev),
+        )
+
+    return wrap

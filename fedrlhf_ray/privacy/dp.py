@@ -1,0 +1,235 @@
+"""Client-level differential privacy: DP-FedAvg (McMahan et al., ICLR 2018) with central noise.
+
+Each round every client is sampled independently with probability q (Poisson sampling, as the
+accountant assumes); each received update's change Δ_k from the global model is clipped to L2
+norm C; the new model is the global one plus the fixed-denominator mean
+
+    (Σ_k clip(Δ_k) + N(0, σ²C² I)) / (q·K),
+
+so one client moves it by at most C/(qK) and the noise on the mean has standard deviation
+σC/(qK). Every client counts once, whatever its sample count: the weighting by samples would
+let one client's influence exceed the bound. The privacy loss is accounted by Google's
+``dp_accounting`` (Rényi DP accountant of a Poisson-sampled Gaussian mechanism per round,
+add-or-remove-one-client adjacency), reported as ε at δ after every round; a round that would
+take ε past ``target_epsilon`` is not started.
+
+Adaptive clipping (Andrew et al., NeurIPS 2021) moves C geometrically towards the
+``target_quantile`` of the update norms, C ← C·exp(−η(b̃ − γ)), where b̃ is the noised share of
+clients whose update was not clipped: (Σ_k 1[‖Δ_k‖ ≤ C] + N(0, σ_b²)) / (qK). That count has
+sensitivity 1, so the update sum's noise multiplier is lowered until both Gaussian releases
+together cost what σ alone would (as in their Theorem 1): σ_Δ = (σ⁻² − σ_b⁻²)^(−1/2). The
+accountant composes both releases as they are; σ_b must exceed σ.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dp_accounting
+import numpy as np
+from dp_accounting.rdp import RdpAccountant
+
+from fedrlhf_ray.local_trainer import RoundInstructions, Weights
+from fedrlhf_ray.seeding import derive_rng
+from fedrlhf_ray.strategies import Strategy, delta_norms
+
+RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+# At large sampling rates the series for fractional Rényi orders may not converge; the
+# accountant then leaves that order out (the bound stays valid) and says so on absl's logger,
+# once per order and round, which would flood a run's console.
+logging.getLogger("absl").addFilter(lambda record: "failed to converge" not in record.getMessage())
+
+
+def round_event(sampling_rate: float, update_noise: float, count_noise: float | None) -> dp_accounting.DpEvent:
+    """One round's mechanism for the accountant: Poisson sampling at ``sampling_rate`` of the
+    Gaussian sum of clipped updates (noise multiplier ``update_noise``) and, with adaptive
+    clipping, of the not-clipped count (sensitivity 1, noise multiplier ``count_noise``)."""
+    gaussian: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(update_noise)
+    if count_noise is not None:
+        gaussian = dp_accounting.ComposedDpEvent([gaussian, dp_accounting.GaussianDpEvent(count_noise)])
+    if sampling_rate >= 1.0:
+        return gaussian
+    return dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
+
+
+def epsilon(events: Sequence[dp_accounting.DpEvent], delta: float) -> float:
+    """ε at ``delta`` of the composition of ``events`` (0 for none)."""
+    if not events:
+        return 0.0
+    accountant = RdpAccountant(neighboring_relation=RELATION)
+    for event in events:
+        accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
+
+
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float | None) -> float:
+    """σ_Δ: the update sum's share of σ once the count query takes its own (Andrew et al. 2021)."""
+    if count_stddev is None:
+        return noise_multiplier
+    rest = noise_multiplier**-2 - count_stddev**-2
+    if rest <= 0:
+        raise ValueError(
+            f"privacy.dp.clipped_count_stddev {count_stddev:g} is too small for noise_multiplier "
+            f"{noise_multiplier:g}: it must exceed it"
+        )
+    return rest**-0.5
+
+
+def clipped_sum(
+    global_weights: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]], clip_norm: float
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(Σ_k clip(Δ_k) in float64 per key, ‖Δ_k‖ per update)."""
+    norms = delta_norms(global_weights, updates) if updates else np.zeros(0)
+    total = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in global_weights.items()}
+    base = {k: np.asarray(v, dtype=np.float64) for k, v in global_weights.items()}
+    for update, norm in zip(updates, norms, strict=True):
+        factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+        for k in total:
+            total[k] += factor * (np.asarray(update[k], dtype=np.float64) - base[k])
+    return total, norms
+
+
+def noised_mean_step(
+    global_weights: Mapping[str, np.ndarray],
+    delta_sum: Mapping[str, np.ndarray],
+    noise_stddev: float,
+    denominator: float,
+    rng: np.random.Generator,
+) -> Weights:
+    """global + (Σ + N(0, noise_stddev² I)) / denominator, in the global weights' dtypes."""
+    out: Weights = {}
+    for k, value in global_weights.items():
+        g = np.asarray(value)
+        noise = noise_stddev * rng.standard_normal(g.shape)
+        step = (np.asarray(delta_sum[k]) + noise) / denominator
+        dtype = g.dtype if np.issubdtype(g.dtype, np.floating) else np.dtype(np.float64)
+        out[k] = (g.astype(np.float64) + step).astype(dtype, copy=False)
+    return out
+
+
+def round_step(
+    noise_multiplier: float, pool_size: int, count: int, adaptive_clipping: bool, clipped_count_stddev: float | None
+) -> tuple[float, float, float | None]:
+    """(sampling rate q, update noise multiplier σ_Δ, count noise σ_b or None) of one round that
+    samples ``count`` of ``pool_size`` clients in expectation."""
+    rate = min(1.0, count / pool_size)
+    count_stddev = None
+    if adaptive_clipping:
+        # Andrew et al. recommend σ_b = expected clients per round / 20.
+        count_stddev = clipped_count_stddev if clipped_count_stddev is not None else rate * pool_size / 20.0
+    return rate, update_noise_multiplier(noise_multiplier, count_stddev), count_stddev
+
+
+def first_round_epsilon(dp_cfg: Any, pool_size: int, count: int) -> float:
+    """ε at δ of one round of a ``DPConfig`` (for checking ``target_epsilon`` up front)."""
+    step = round_step(
+        float(dp_cfg.noise_multiplier), pool_size, count, bool(dp_cfg.adaptive_clipping),
+        None if dp_cfg.clipped_count_stddev is None else float(dp_cfg.clipped_count_stddev),
+    )
+    return epsilon([round_event(*step)], float(dp_cfg.delta))
+
+
+@dataclass
+class DifferentialPrivacy:
+    """DP-FedAvg around a FedAvg-like strategy (FedAvg, FedProx), which still configures the
+    clients' round; see the module docstring. State (rounds accounted, the adaptive clip norm)
+    goes into the driver's checkpoint, so a resumed run accounts and clips exactly as one that
+    never stopped."""
+
+    inner: Strategy
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+    seed: int
+    target_epsilon: float | None = None
+    adaptive_clipping: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+    # One (sampling rate, update noise multiplier, count noise multiplier or None) per round run.
+    steps: list[tuple[float, float, float | None]] = field(default_factory=list)
+    _round: int = 0
+    _rate: float = 1.0
+    _expected: float = 1.0
+    _metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    # -- sampling and accounting ---------------------------------------------------------------
+    def _step_for(self, pool_size: int, count: int) -> tuple[float, float, float | None]:
+        return round_step(self.noise_multiplier, pool_size, count, self.adaptive_clipping, self.clipped_count_stddev)
+
+    def sample_clients(self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator) -> list[int]:
+        """Poisson sampling: each client of ``pool`` independently with probability count/|pool|."""
+        self._round = round_index
+        step = self._step_for(len(pool), count)
+        self._rate = step[0]
+        self._expected = self._rate * len(pool)
+        self.steps.append(step)
+        chosen = rng.random(len(pool)) < self._rate
+        return [int(c) for c, take in zip(pool, chosen, strict=True) if take]
+
+    def epsilon(self) -> float:
+        """ε at δ spent by the rounds run so far."""
+        return epsilon([round_event(*step) for step in self.steps], self.delta)
+
+    def stop_before(self, round_index: int, pool_size: int, count: int) -> str | None:
+        """Why round ``round_index`` must not start (its ε would pass ``target_epsilon``), or None."""
+        if self.target_epsilon is None:
+            return None
+        planned = [round_event(*step) for step in self.steps] + [round_event(*self._step_for(pool_size, count))]
+        after = epsilon(planned, self.delta)
+        if after > self.target_epsilon:
+            return (
+                f"privacy budget: round {round_index} would take ε from {self.epsilon():.3g} to {after:.3g}, "
+                f"past privacy.dp.target_epsilon {self.target_epsilon:g} (δ = {self.delta:g})"
+            )
+        return None
+
+    # -- the round -----------------------------------------------------------------------------
+    def configure_train(self, round_index: int) -> RoundInstructions:
+        return self.inner.configure_train(round_index)
+
+    def aggregate(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[Mapping[str, np.ndarray]],
+        num_samples: Sequence[float],
+    ) -> Weights:
+        _, update_noise, count_stddev = self.steps[-1]
+        clip = self.clip_norm
+        delta_sum, norms = clipped_sum(global_weights, updates, clip)
+        rng = derive_rng(self.seed, "dp-noise", self._round)
+        new = noised_mean_step(global_weights, delta_sum, update_noise * clip, self._expected, rng)
+        self._metrics = {
+            "privacy/clip_norm": clip,
+            "privacy/noise_stddev": update_noise * clip / self._expected,
+        }
+        if count_stddev is not None:
+            unclipped = float((norms <= clip).sum()) + count_stddev * float(rng.standard_normal())
+            share = unclipped / self._expected
+            self.clip_norm = clip * math.exp(-self.clip_learning_rate * (share - self.target_quantile))
+            self._metrics["privacy/unclipped_share_noised"] = share
+        return new
+
+    def round_metrics(self) -> dict[str, float]:
+        return {**self.inner.round_metrics(), **self._metrics, "privacy/epsilon": self.epsilon()}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state(),
+            "steps": [list(step) for step in self.steps],
+            "clip_norm": self.clip_norm,
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state(state.get("inner", {}))
+        self.steps = [(float(a), float(b), None if c is None else float(c)) for a, b, c in state.get("steps", [])]
+        self.clip_norm = float(state.get("clip_norm", self.clip_norm))

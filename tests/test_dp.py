@@ -1,0 +1,161 @@
+"""Client-level differential privacy (DP-FedAvg): clipping, noise, accounting, state (no Ray)."""
+
+from __future__ import annotations
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.rdp import RdpAccountant
+
+from fedrlhf_ray import privacy
+from fedrlhf_ray.config import validate_config
+from fedrlhf_ray.errors import ConfigError
+from fedrlhf_ray.privacy.dp import DifferentialPrivacy, clipped_sum, noised_mean_step
+from fedrlhf_ray.strategies import FedAvg, FedProx, RejectNonFinite, delta_norms, make_strategy
+
+GLOBAL = {"w": np.zeros((4, 5), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
+
+
+def updates(n: int, scale: float, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{k: (scale * rng.standard_normal(v.shape)).astype(np.float32) for k, v in GLOBAL.items()} for _ in range(n)]
+
+
+def dp(**kw) -> DifferentialPrivacy:
+    settings = {"noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5, "seed": 0, **kw}
+    return DifferentialPrivacy(FedAvg(), **settings)
+
+
+def run_rounds(strategy: DifferentialPrivacy, rounds: int, pool: int = 50, count: int = 10) -> dict:
+    g = dict(GLOBAL)
+    for r in range(1, rounds + 1):
+        picked = strategy.sample_clients(r, list(range(pool)), count, np.random.default_rng(r))
+        g = strategy.aggregate(g, updates(len(picked), 0.5, seed=r), [1] * len(picked))
+    return g
+
+
+def test_every_clipped_contribution_is_within_the_bound():
+    ups = updates(8, 3.0)
+    assert (delta_norms(GLOBAL, ups) > 1.0).all()
+    for u in ups:
+        total, norms = clipped_sum(GLOBAL, [u], clip_norm=1.0)
+        assert np.sqrt(sum((v**2).sum() for v in total.values())) <= 1.0 + 1e-9 and norms[0] > 1.0
+    small = updates(1, 0.01)
+    total, _ = clipped_sum(GLOBAL, small, clip_norm=1.0)
+    assert all(np.allclose(total[k], small[0][k]) for k in GLOBAL)  # under the bound: untouched
+
+
+def test_noise_on_the_mean_has_std_sigma_c_over_m():
+    sigma, clip, m = 1.3, 0.7, 10.0
+    zero = {k: np.zeros(v.shape) for k, v in GLOBAL.items()}
+    rng = np.random.default_rng(0)
+    draws = np.concatenate([
+        np.concatenate([v.ravel() for v in noised_mean_step(GLOBAL, zero, sigma * clip, m, rng).values()])
+        for _ in range(2000)
+    ])  # 46,000 values: the sample std is within 1 % of the true one with overwhelming probability
+    assert draws.std() == pytest.approx(sigma * clip / m, rel=0.02)
+    assert abs(draws.mean()) < 0.02 * sigma * clip / m * 10
+
+
+def test_poisson_sampling_at_rate_count_over_pool():
+    strategy = dp()
+    sizes = [len(strategy.sample_clients(r, list(range(200)), 20, np.random.default_rng(r))) for r in range(400)]
+    assert np.mean(sizes) == pytest.approx(20, rel=0.05)
+    assert len(set(sizes)) > 5  # not a fixed size
+
+
+def test_the_runs_epsilon_is_the_librarys_for_the_same_rounds():
+    strategy = dp(noise_multiplier=1.1)
+    run_rounds(strategy, 5)
+    direct = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    direct.compose(dp_accounting.PoissonSampledDpEvent(10 / 50, dp_accounting.GaussianDpEvent(1.1)), 5)
+    assert strategy.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-12)
+    assert strategy.round_metrics()["privacy/epsilon"] == strategy.epsilon()
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_sigma():
+    by_rounds = []
+    for rounds in (1, 3, 10):
+        s = dp()
+        run_rounds(s, rounds)
+        by_rounds.append(s.epsilon())
+    assert by_rounds[0] < by_rounds[1] < by_rounds[2]
+    by_sigma = []
+    for sigma in (0.8, 1.5, 4.0):
+        s = dp(noise_multiplier=sigma)
+        run_rounds(s, 3)
+        by_sigma.append(s.epsilon())
+    assert by_sigma[0] > by_sigma[1] > by_sigma[2]
+
+
+def test_target_epsilon_refuses_the_round_that_would_pass_it():
+    free = dp()
+    run_rounds(free, 4)
+    eps = dp()
+    run_rounds(eps, 3)
+    target = (eps.epsilon() + free.epsilon()) / 2  # between 3 and 4 rounds' ε
+    capped = dp(target_epsilon=target)
+    run_rounds(capped, 3)
+    reason = capped.stop_before(4, 50, 10)
+    assert reason is not None and "target_epsilon" in reason and "round 4" in reason
+    assert dp(target_epsilon=target).stop_before(1, 50, 10) is None
+
+
+def test_state_resumes_the_accountant_and_the_clip_norm_exactly():
+    a = dp(adaptive_clipping=True, clipped_count_stddev=2.0)
+    run_rounds(a, 3)
+    b = dp(adaptive_clipping=True, clipped_count_stddev=2.0)
+    b.load_state(a.state())
+    assert b.epsilon() == a.epsilon() and b.clip_norm == a.clip_norm
+    ga, gb = run_rounds(a, 2), run_rounds(b, 2)
+    assert all(np.array_equal(ga[k], gb[k]) for k in ga)
+    assert a.epsilon() == b.epsilon()
+
+
+def test_adaptive_clipping_tracks_the_update_norms():
+    small, large = dp(adaptive_clipping=True, clipped_count_stddev=2.0), dp(
+        adaptive_clipping=True, clipped_count_stddev=2.0, clip_norm=0.01
+    )
+    g = dict(GLOBAL)
+    for r in range(1, 16):
+        for s in (small, large):
+            picked = s.sample_clients(r, list(range(50)), 25, np.random.default_rng(r))
+            s.aggregate(g, updates(len(picked), 0.05, seed=r), [1] * len(picked))
+    norm = float(np.median(delta_norms(GLOBAL, updates(200, 0.05))))
+    # Both move towards the median update norm (≈ 0.24) from either side.
+    assert small.clip_norm < 1.0 and large.clip_norm > 0.01
+    assert abs(np.log(small.clip_norm / norm)) < abs(np.log(1.0 / norm))
+    assert abs(np.log(large.clip_norm / norm)) < abs(np.log(0.01 / norm))
+    # Splitting σ with the count query costs nothing extra: one round's ε matches σ alone.
+    plain = dp()
+    run_rounds(plain, 1)
+    adaptive = dp(adaptive_clipping=True, clipped_count_stddev=2.0)
+    run_rounds(adaptive, 1)
+    assert adaptive.epsilon() == pytest.approx(plain.epsilon(), rel=0.02)
+
+
+def test_layers_wrap_fedavg_and_fedprox_behind_the_filter():
+    cfg = validate_config({"privacy": {"dp": {"enabled": True}}, "federation": {"strategy": "fedprox"}})
+    strategy = make_strategy(cfg.federation, privacy=privacy.layers(cfg))
+    assert type(strategy) is RejectNonFinite and type(strategy.inner) is DifferentialPrivacy
+    assert type(strategy.inner.inner) is FedProx and strategy.configure_train(1).proximal_mu == 0.01
+    assert privacy.layers(validate_config({})) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "start"),
+    [
+        ({"federation": {"strategy": "median"}}, "privacy.dp.enabled: got true —"),
+        ({"federation": {"baseline": "centralized"}}, "privacy.dp.enabled: got true —"),
+        ({"privacy": {"dp": {"target_epsilon": 0.01}}}, "privacy.dp.target_epsilon: got 0.01 —"),
+        ({"privacy": {"dp": {"adaptive_clipping": True}}}, "privacy.dp.clipped_count_stddev: got 0.25 (the default"),
+        ({"privacy": {"dp": {"noise_multiplier": 0}}}, "privacy.dp.noise_multiplier: got 0 "),
+        ({"privacy": {"dp": {"delta": 1.0}}}, "privacy.dp.delta: got 1.0 "),
+    ],
+)
+def test_impossible_dp_settings_are_one_line(raw, start):
+    merged = {**raw, "privacy": {"dp": {"enabled": True, **raw.get("privacy", {}).get("dp", {})}}}
+    with pytest.raises(ConfigError) as info:
+        validate_config(merged)
+    msg = str(info.value)
+    assert msg.startswith(start) and "\n" not in msg, msg
