@@ -102,7 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--client", type=int, default=0, help="which client to train (default 0)")
     train.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
+
+    audit = sub.add_parser("audit", help="leakage audit: an honest-but-curious server attacks each client's update")
+    _add_config_args(audit)
+    audit.add_argument("--rounds", type=_positive, default=1, help="rounds to run and audit (default 1)")
+    audit.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    audit.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
+    audit.add_argument("--tracking-uri", help="MLflow tracking URI (as for run)")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r} — a whole number of rounds, 1 or more")
+    return value
 
 
 def _config_from(args: argparse.Namespace) -> ExperimentConfig:
@@ -419,6 +436,63 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Run the first ``--rounds`` rounds with the auditing driver and print its attack table."""
+    from rich.table import Table
+
+    from fedrlhf_ray.experiment import run_experiment
+    from fedrlhf_ray.privacy.audit import AuditedDriver
+
+    cfg = _config_from(args)
+    if cfg.federation.baseline != "federated":
+        raise UserError(
+            f"audit: federation.baseline is {cfg.federation.baseline!r} — the audit attacks the updates clients "
+            "send to the server, so it needs baseline: federated"
+        )
+    if cfg.ppo.embedding_dim == 0:
+        raise UserError("audit: ppo.embedding_dim is 0 — the audit attacks the item-embedding table; give it a size")
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": args.rounds})})
+    dp = cfg.privacy.dp
+    mode = f"DP σ={dp.noise_multiplier:g} C={dp.clip_norm:g}" if dp.enabled else "no DP"
+    view = RunView(
+        f"[bold]leakage audit[/bold] · env={cfg.env.name} · K={cfg.clients.num_clients} · "
+        f"strategy={cfg.federation.strategy} · {mode} · {args.rounds} round(s)"
+    )
+    try:
+        result = run_experiment(
+            cfg, out=args.out, tracking_uri=args.tracking_uri, address=args.address,
+            on_start=view.on_start, on_round=view.on_round, handle_sigterm=True,
+            extra_tags={"fedrlhf.audit": "true"}, driver_cls=AuditedDriver,
+        )
+    finally:
+        view.close()
+    rows = [r for r in result.run_dir.client_metrics() if r.get("kind") == "audit" and r["round"] == result.rounds]
+    table = Table(title=f"what the server learns in round {result.rounds} (membership of rated items · reconstruction)")
+    for col in ("client", "rated / items", "update AUC", "update P@n", "release AUC", "release P@n",
+                "release cosine"):
+        table.add_column(col, justify="right")
+    for r in sorted(rows, key=lambda r: r["client"]):
+        table.add_row(
+            str(r["client"]), f"{r['audit/base_rate']:.3f}", f"{r['audit/update/auc']:.3f}",
+            f"{r['audit/update/precision_at_n']:.3f}", f"{r['audit/release/auc']:.3f}",
+            f"{r['audit/release/precision_at_n']:.3f}", f"{r['audit/release/cosine']:.3f}",
+        )
+    m = result.run_dir.round_metrics(result.rounds)
+
+    def mean(key: str) -> str:
+        return f"{m.get(f'audit/{key}/mean', float('nan')):.3f}"
+
+    table.add_row("mean", mean("base_rate"), mean("update/auc"), mean("update/precision_at_n"),
+                  mean("release/auc"), mean("release/precision_at_n"), mean("release/cosine"), style="bold")
+    view.console.print(table)
+    if "privacy/epsilon" in m:
+        view.console.print(f"ε = {m['privacy/epsilon']:.3g} at δ = {dp.delta:g} after {result.rounds} round(s)")
+    if result.tracker is not None:
+        print(f"MLflow run {result.tracker.run_id} in {result.tracker.tracking_uri}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
 def _cause(err: BaseException) -> BaseException:
     """The error itself when it was raised inside a Ray actor (Ray's wrapper adds a traceback)."""
     ray_exceptions = sys.modules.get("ray.exceptions")
@@ -437,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         commands = {"config": cmd_config, "data": cmd_data_info, "run": cmd_run, "tune": cmd_tune,
-                    "ui": cmd_ui, "train": cmd_train}
+                    "ui": cmd_ui, "train": cmd_train, "audit": cmd_audit}
         return commands[args.command](args)
     except (UserError, DatasetError) as err:
         print(f"fedrlhf: error: {' '.join(str(_cause(err)).split())}", file=sys.stderr)

@@ -185,6 +185,7 @@ def run_experiment(
     on_round: RoundHook | None = None,
     handle_sigterm: bool = False,
     check_resources: bool = True,
+    driver_cls: type | None = None,
 ) -> Result:
     """Run ``cfg`` (see the module docstring).
 
@@ -192,7 +193,8 @@ def run_experiment(
     otherwise a new one is made under ``out``. ``trainer_factory`` replaces the RLHF trainer
     (tests and benches); ``only_clients`` trains and evaluates just those clients (single-client
     training). ``check_resources`` is off inside a Tune trial, whose placement group holds its
-    actors' CPUs already.
+    actors' CPUs already. ``driver_cls`` replaces :class:`FederatedDriver` (the leakage audit's
+    driver).
     """
     if trainer_factory is None:
         from fedrlhf_ray.clients_data import build_clients
@@ -232,7 +234,9 @@ def run_experiment(
         before = {}
     life = _Lifecycle(cfg, rd, resume, before, owns_ray=ray_mode == "started")
     try:
-        return life.run(uri, trainer_factory, only_clients, extra_tags, on_start, on_round, FederatedDriver)
+        return life.run(
+            uri, trainer_factory, only_clients, extra_tags, on_start, on_round, driver_cls or FederatedDriver
+        )
     finally:
         life.stop_actors()
 

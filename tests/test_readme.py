@@ -39,13 +39,13 @@ def test_quickstart_commands_are_the_ci_commands():
 
 
 @pytest.mark.parametrize(
-    "command", sorted(set(re.findall(r"`fedrlhf ((?:config|data) \w+|train|run)\b", README)))
+    "command", sorted(set(re.findall(r"`fedrlhf ((?:config|data) \w+|train|run|audit)\b", README)))
 )
 def test_documented_subcommands_parse(command):
     parser = build_parser()
     words = command.split()
     extra = {"config show": ["x.yaml"], "config check": ["x.yaml"], "data info": ["--dataset", "ml-100k"],
-             "train": ["x.yaml"], "run": ["x.yaml"]}.get(command, [])
+             "train": ["x.yaml"], "run": ["x.yaml"], "audit": ["x.yaml"]}.get(command, [])
     args = parser.parse_args(words + extra)
     assert args.command == words[0]
 

@@ -1,0 +1,138 @@
+"""The leakage audit: an honest-but-curious server attacks each client with what it received.
+
+The audit runs an experiment's first round(s) with a driver that, after each round, plays the
+server. It sees two things, exactly as the driver has them:
+
+* **update** — what the client actor sent for that client (its shared weights);
+* **release** — the new global model the round published (under DP: the noised aggregate).
+
+and attacks each client in two ways:
+
+* **membership of its rated items**: rank the rows of the item-embedding table by how far the
+  view moved them from the round's global model, and score that ranking against the items
+  the client's users trained on — ROC AUC (0.5 = chance; from the Mann–Whitney U statistic)
+  and precision@n with n the number of those items, next to the base rate n / items;
+* **reconstruction**: the cosine similarity of the view's change of the model with the
+  client's true update (1 for the plain update itself).
+
+The ground truth (which items a client's users rated) is read from the data by the audit, in
+the driver's process, to score the attack; the attack itself uses only the view. Results are
+round metrics ``audit/<view>/<measure>/mean`` and per-client rows of kind ``audit``, so they land
+in ``metrics.jsonl``, ``client_metrics.jsonl`` and MLflow like every other metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import mannwhitneyu
+
+from fedrlhf_ray.driver import FederatedDriver
+from fedrlhf_ray.local_trainer import ClientUpdate, Weights
+from fedrlhf_ray.strategies import sparse_keys_of
+
+VIEWS = ("update", "release")
+
+
+def row_changes(before: np.ndarray, view: np.ndarray) -> np.ndarray:
+    """L2 distance per row (axis 0) between two versions of a table, padding row 0 left out."""
+    diff = np.asarray(view, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    return np.linalg.norm(diff.reshape(diff.shape[0], -1), axis=1)[1:]
+
+
+def membership_attack(scores: np.ndarray, members: np.ndarray) -> dict[str, float]:
+    """How well ``scores`` (one per item) rank the ``members`` (bool per item) first."""
+    members = np.asarray(members, dtype=bool)
+    n, total = int(members.sum()), members.size
+    if n in (0, total):
+        raise ValueError(f"membership needs members and non-members, got {n} of {total}")
+    u = mannwhitneyu(scores[members], scores[~members], alternative="greater").statistic
+    # Ties (e.g. rows nobody moved) break in no one's favour: rank them at random but seeded.
+    jitter = np.random.default_rng(0).random(total) * 1e-12 * (np.abs(scores).max() + 1.0)
+    top = np.argsort(-(scores + jitter), kind="stable")[:n]
+    return {
+        "auc": float(u / (n * (total - n))),
+        "precision_at_n": float(members[top].mean()),
+        "base_rate": n / total,
+        "members": float(n),
+    }
+
+
+def cosine(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """Cosine similarity of two weight changes over their common keys (0 if either is 0)."""
+    keys = sorted(set(a) & set(b))
+    x = np.concatenate([np.asarray(a[k], dtype=np.float64).ravel() for k in keys])
+    y = np.concatenate([np.asarray(b[k], dtype=np.float64).ravel() for k in keys])
+    denom = np.linalg.norm(x) * np.linalg.norm(y)
+    return float(x @ y / denom) if denom > 0 else 0.0
+
+
+def change(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> Weights:
+    """after − before over their common keys, in float64."""
+    return {k: np.asarray(after[k], np.float64) - np.asarray(before[k], np.float64) for k in after if k in before}
+
+
+def audit_round(
+    before: Mapping[str, np.ndarray],
+    release: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    rated: Mapping[int, np.ndarray],
+    table: str,
+) -> list[dict[str, float]]:
+    """One row per client of ``updates``: each attack on each view (see the module docstring).
+    ``rated[c]``: bool per item (rows 1..n of ``table``) of the items client c's users trained on."""
+    rows = []
+    released = change(before, release)
+    for update in updates:
+        true = change(before, update.weights)
+        row: dict[str, float] = {"client": float(update.client_id)}
+        for view, weights in (("update", update.weights), ("release", release)):
+            attack = membership_attack(row_changes(before[table], weights[table]), rated[update.client_id])
+            row.update({f"audit/{view}/{k}": v for k, v in attack.items() if k in ("auc", "precision_at_n")})
+            row[f"audit/{view}/cosine"] = cosine(true, true if view == "update" else released)
+        row["audit/base_rate"] = attack["base_rate"]
+        rows.append(row)
+    return rows
+
+
+class AuditedDriver(FederatedDriver):
+    """The driver, auditing every round with what it received (see the module docstring)."""
+
+    def __init__(self, cfg: Any, run_dir: Any, **kwargs: Any) -> None:
+        super().__init__(cfg, run_dir, **kwargs)
+        from fedrlhf_ray.clients_data import build_clients
+
+        tables = sparse_keys_of(self.global_weights)
+        if not tables:
+            raise ValueError("the audit needs a policy with an item-embedding table (ppo.embedding_dim > 0)")
+        self.table = tables[0]
+        n_rows = np.shape(self.global_weights[self.table])[0]
+        self.rated: dict[int, np.ndarray] = {}
+        for client in build_clients(cfg):
+            members = np.zeros(n_rows - 1, dtype=bool)
+            for user in client.users:
+                members[np.asarray(user.train_items, dtype=np.int64) - 1] = True
+            self.rated[client.client_id] = members
+        self._round_updates: list[ClientUpdate] = []
+
+    def _received(self, obj: Any) -> Any:
+        obj = super()._received(obj)
+        if isinstance(obj, list):
+            self._round_updates.extend(u for u in obj if isinstance(u, ClientUpdate))
+        elif isinstance(obj, ClientUpdate):
+            self._round_updates.append(obj)
+        return obj
+
+    def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        before = dict(self.global_weights)
+        self._round_updates = []
+        metrics, rows = super().run_round()
+        updates = [u for u in self._round_updates if self.table in u.weights]
+        audit = audit_round(before, self.global_weights, updates, self.rated, self.table)
+        for key in sorted({k for row in audit for k in row if k.startswith("audit/")}):
+            values = [row[key] for row in audit]
+            metrics[f"{key}/mean"] = float(np.mean(values)) if values else float("nan")
+        rows += [{"round": self.round, "kind": "audit", **{**row, "client": int(row["client"])}} for row in audit]
+        return metrics, rows
