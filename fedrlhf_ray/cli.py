@@ -468,22 +468,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
         view.close()
     rows = [r for r in result.run_dir.client_metrics() if r.get("kind") == "audit" and r["round"] == result.rounds]
     table = Table(title=f"what the server learns in round {result.rounds} (membership of rated items · reconstruction)")
-    for col in ("client", "rated / items", "update AUC", "update P@n", "release AUC", "release P@n",
-                "release cosine"):
-        table.add_column(col, justify="right")
+    columns = [("rated / items", "base_rate"), ("update AUC", "update/auc"), ("update P@n", "update/precision_at_n"),
+               ("update cosine", "update/cosine"), ("release AUC", "release/auc"),
+               ("release P@n", "release/precision_at_n"), ("release cosine", "release/cosine")]
+    table.add_column("client", justify="right")
+    for title, _ in columns:
+        table.add_column(title, justify="right")
+    nan = float("nan")
     for r in sorted(rows, key=lambda r: r["client"]):
-        table.add_row(
-            str(r["client"]), f"{r['audit/base_rate']:.3f}", f"{r['audit/update/auc']:.3f}",
-            f"{r['audit/update/precision_at_n']:.3f}", f"{r['audit/release/auc']:.3f}",
-            f"{r['audit/release/precision_at_n']:.3f}", f"{r['audit/release/cosine']:.3f}",
-        )
+        table.add_row(str(r["client"]), *(f"{r.get(f'audit/{key}', nan):.3f}" for _, key in columns))
     m = result.run_dir.round_metrics(result.rounds)
-
-    def mean(key: str) -> str:
-        return f"{m.get(f'audit/{key}/mean', float('nan')):.3f}"
-
-    table.add_row("mean", mean("base_rate"), mean("update/auc"), mean("update/precision_at_n"),
-                  mean("release/auc"), mean("release/precision_at_n"), mean("release/cosine"), style="bold")
+    table.add_row("mean", *(f"{m.get(f'audit/{key}/mean', nan):.3f}" for _, key in columns), style="bold")
     view.console.print(table)
     if "privacy/epsilon" in m:
         view.console.print(f"ε = {m['privacy/epsilon']:.3g} at δ = {dp.delta:g} after {result.rounds} round(s)")

@@ -20,11 +20,13 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
+import numpy as np
 import ray
 
 from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client_store import ClientStore
-from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, RoundInstructions, Weights
+from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.privacy.secagg import MaskingClient, SecAggError, quantize
 from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import split_personal
 
@@ -46,6 +48,8 @@ class ClientHost:
         self.personal_prefixes = tuple(personal_prefixes)
         # Byzantine behaviour of this host's malicious clients (robustness studies only).
         self.attack = attack
+        # This round's secure-aggregation secrets of each client: in memory only, gone after it.
+        self.masking: dict[int, MaskingClient] = {}
         # In-memory copies of the stored records, filled lazily: {client: (trainer state, personal)}.
         self.records: dict[int, dict[str, Any]] = {}
 
@@ -141,6 +145,55 @@ class ClientHost:
         self.store.flush()
         return updates
 
+    # -- secure aggregation (fedrlhf_ray.privacy.secagg) -----------------------------------------
+    def secagg_keys(self, round_index: int, client_ids: list[int]) -> dict[int, tuple[bytes, bytes]]:
+        """Fresh key pairs for this round's clients; only the public halves leave."""
+        self.masking = {c: MaskingClient(c, round_index) for c in client_ids}
+        return {c: m.public_keys() for c, m in self.masking.items()}
+
+    def secagg_shares(
+        self, round_index: int, client_ids: list[int], neighbour_keys: dict[int, dict[int, tuple[bytes, bytes]]],
+        threshold: int,
+    ) -> dict[int, dict[int, bytes]]:
+        """Each client's sealed shares, by recipient (only the recipient can open them)."""
+        return {c: self.masking[c].make_shares(neighbour_keys[c], threshold) for c in client_ids}
+
+    def train_masked(
+        self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions,
+        held: dict[int, dict[int, bytes]], active: list[int], fraction_bits: int,
+    ) -> list[MaskedUpdate]:
+        """Train each client, then send w·θ and w (w: its sample count) as one masked vector.
+        ``active``: the clients whose shares went out, the only ones masks are agreed with."""
+        out = []
+        present = set(active)
+        for c in client_ids:
+            update = self._train(round_index, c, global_weights, instructions)
+            weight = float(update.num_samples)
+            flat = np.concatenate([np.asarray(update.weights[k], np.float64).ravel() for k in sorted(update.weights)])
+            try:
+                vector = quantize(np.concatenate([weight * flat, [weight]]), fraction_bits)
+            except SecAggError:
+                continue  # a non-finite or huge update (an attacker): the client drops out of the sum
+            masking = self.masking[c]
+            masking.keep_shares(held.get(c, {}))
+            masked = masking.mask(vector, present)
+            metrics = dict(update.metrics)
+            if instructions.audit:
+                sent = masked[:-1].view(np.int64).astype(np.float64)
+                metrics["audit/update/cosine"] = cosine_similarity(sent, weight * flat)
+            out.append(MaskedUpdate(c, masked, metrics))
+        self.store.flush()
+        return out
+
+    def secagg_reveal(
+        self, round_index: int, client_ids: list[int], survivors: list[int]
+    ) -> dict[int, dict[int, tuple[str, bytes]]]:
+        """For each surviving client here: the shares it holds of its neighbours' secrets."""
+        alive = set(survivors)
+        revealed = {c: self.masking[c].reveal(alive) for c in client_ids if c in alive}
+        self.masking = {}
+        return revealed
+
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate_clients(
         self, round_index: int, client_ids: list[int], global_weights: Weights, finetune_iterations: int = 0
@@ -162,6 +215,11 @@ class ClientHost:
         self.trainer.finetune(round_index, finetune_iterations)
         after = self.trainer.evaluate(round_index)
         return {**{k.replace("eval/", "eval_global/", 1): v for k, v in before.items()}, **after}
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / denom if denom > 0 else 0.0
 
 
 ClientActor = ray.remote(ClientHost)

@@ -266,6 +266,11 @@ class FederationConfig(_Section):
     norm_bound: Float = Field(
         1.0, gt=0.0, description="L2 bound on each client's change of the model under norm_bound."
     )
+    sparse_rows: bool = Field(
+        True,
+        description="Average item-embedding rows over the clients that changed them (false: over all, "
+        "densely, as secure aggregation and DP must).",
+    )
     personalization: Literal["none", "finetune", "personal_head"] = Field(
         "none", description="How clients personalise the global model before evaluation."
     )
@@ -337,8 +342,24 @@ class DPConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Privacy layers around the aggregation strategy."""
+    """Privacy layers: secure aggregation of the updates, client-level DP of the aggregate."""
 
+    secure_aggregation: bool = Field(
+        False,
+        description="Pairwise-masked updates (Bonawitz et al. 2017, SecAgg+ neighbours): the driver only "
+        "learns the sum; weighted FedAvg, dense rows.",
+    )
+    secagg_fraction_bits: Int = Field(
+        24, ge=8, le=40, description="Fixed-point fraction bits of masked values (rounding ≤ 2^-(bits+1) each)."
+    )
+    secagg_threshold: Float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="Share of a client's neighbours needed to rebuild its secrets (always more than half).",
+    )
+    secagg_neighbours: Int | None = Field(
+        None, ge=2,
+        description="Neighbours per client (SecAgg+); default 2⌈1.5·log2 n⌉; n − 1 or more: everyone.",
+    )
     dp: DPConfig = Field(default_factory=DPConfig)
 
 
@@ -480,6 +501,26 @@ class ExperimentConfig(_Section):
                         f"{first:.3g} at δ = {dp.delta:g} (noise_multiplier {dp.noise_multiplier:g}, {sampled} of "
                         f"{k} clients a round); raise noise_multiplier or target_epsilon"
                     )
+        if self.privacy.secure_aggregation:
+            allowed = ("fedavg", "fedprox")
+            if fed.baseline != "federated" or fed.strategy not in allowed:
+                what = f"federation.baseline {fed.baseline!r}" if fed.baseline != "federated" else (
+                    f"federation.strategy {fed.strategy!r}"
+                )
+                raise ValueError(
+                    f"privacy.secure_aggregation: got true — the driver then only learns the sum of the updates, "
+                    f"which {what} cannot use (it needs fedavg or fedprox, baseline federated)"
+                )
+            if dp.enabled:
+                raise ValueError(
+                    "privacy.secure_aggregation: got true together with privacy.dp.enabled — central DP clips "
+                    "each update on the driver, which masked updates do not allow; use one of them"
+                )
+            if sampled < 3:
+                raise ValueError(
+                    f"privacy.secure_aggregation: got true — it needs at least 3 clients a round "
+                    f"({sampled} are sampled); with 2, each client learns the other's update from the sum"
+                )
         if self.attack.kind != "none" and fed.baseline == "centralized":
             raise ValueError(
                 f"attack.kind: got {self.attack.kind!r} — the centralized baseline pools every client into one, "

@@ -36,7 +36,8 @@ from fedrlhf_ray.client import ClientActor
 from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.evaluation import summarize
-from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, RoundInstructions, Weights
+from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.privacy.secagg import SecAggError
 from fedrlhf_ray.rundir import CLIENT_STORE, RunDir, warn
 from fedrlhf_ray.seeding import derive_rng
 from fedrlhf_ray.state_codec import StateFileError
@@ -118,7 +119,9 @@ class FederatedDriver:
         ]
         self._wait_ready()
         self.global_weights: Weights = self._received(ray.get(self.hosts[0].initial_weights.remote()))
-        self.strategy = make_strategy(fed, sparse_keys=sparse_keys_of(self.global_weights), privacy=privacy.layers(cfg))
+        sparse = sparse_keys_of(self.global_weights) if fed.sparse_rows else []
+        self.strategy = make_strategy(fed, sparse_keys=sparse, privacy=privacy.layers(cfg))
+        self.secure = privacy.secure_aggregation(cfg)
         self.round = 0
         self.actor_restarts = 0
         self.retried_clients = 0
@@ -172,12 +175,36 @@ class FederatedDriver:
         pool = len(self.training_clients)
         return self.strategy.stop_before(round_index, pool, self.cfg.clients_per_round_count(pool))
 
-    def _by_host(self, client_ids: list[int]) -> dict[int, list[int]]:
+    def by_host(self, client_ids: list[int]) -> dict[int, list[int]]:
         """Clients grouped by the host that serves them (client k on host k mod W)."""
         groups: dict[int, list[int]] = {}
         for c in client_ids:
             groups.setdefault(c % self.num_hosts, []).append(c)
         return groups
+
+    def call_hosts_once(
+        self, method: str, round_index: int, groups: dict[int, list[int]], args: dict[int, tuple[Any, ...]]
+    ) -> dict[int, Any]:
+        """``host.method(round_index, ids, *args[h])`` on every host of ``groups``, not retried:
+        a host that dies is left out of the replies (its clients drop out), and later calls
+        find it restarted."""
+        refs = {
+            h: getattr(self.hosts[h], method).remote(round_index, ids, *args.get(h, ())) for h, ids in groups.items()
+        }
+        replies: dict[int, Any] = {}
+        error: Exception | None = None
+        for h, ref in refs.items():
+            try:
+                replies[h] = self._received(ray.get(ref))
+            except RayActorError:
+                self.actor_restarts += 1
+                warn(f"client actor {h} died in round {round_index}; its {len(groups[h])} client(s) drop out")
+                self._await_restart(h)
+            except Exception as err:  # noqa: BLE001 - re-raised below, once every reply is fetched
+                error = error or err
+        if error is not None:
+            raise error
+        return replies
 
     def _call_hosts(
         self, method: str, round_index: int, groups: dict[int, list[int]], *rest: Any
@@ -220,6 +247,13 @@ class FederatedDriver:
         return replies, failed
 
     # -- the round -----------------------------------------------------------------------------
+    def instructions(self, round_index: int) -> RoundInstructions:
+        """What the round's clients are told: the strategy's instructions, and how far back the
+        client stores must keep records."""
+        return dataclasses.replace(
+            self.strategy.configure_train(round_index), keep_from=self.run_dir.oldest_kept_checkpoint()
+        )
+
     def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Train, aggregate and evaluate round ``self.round + 1``: its metrics and client rows.
 
@@ -228,18 +262,31 @@ class FederatedDriver:
         start = time.perf_counter()
         restarts, retried = self.actor_restarts, self.retried_clients
         sampled = self.sample_clients(r)
-        instructions = dataclasses.replace(
-            self.strategy.configure_train(r), keep_from=self.run_dir.oldest_kept_checkpoint()
-        )
+        instructions = self.instructions(r)
         global_ref = ray.put(self.global_weights)
-        updates = self._collect_updates(r, sampled, global_ref, instructions)
+        shared, personal = split_personal(self.global_weights, self.prefixes)
+        updates: Sequence[ClientUpdate | MaskedUpdate]
+        if self.secure is not None:
+            # Masked: the driver only ever holds the survivors' sum (see privacy/secure_round.py).
+            try:
+                summed, updates, extra = self.secure.collect(self, r, sampled, global_ref, instructions, shared)
+            except SecAggError as err:
+                raise RoundFailed(str(err)) from None
+            received = float(sum(u.masked.nbytes for u in updates))
+        else:
+            updates = self._collect_updates(r, sampled, global_ref, instructions)
+            received = float(sum(a.nbytes for u in updates for a in u.weights.values()))
+            extra = {"fed/env_steps": float(sum(u.num_samples for u in updates))}
         train_seconds = time.perf_counter() - start
         if len(updates) < min(self.cfg.federation.min_results, len(sampled)):
             raise RoundFailed(
                 f"round {r}: {len(updates)} of {len(sampled)} clients answered, fewer than federation.min_results"
             )
-        shared, personal = split_personal(self.global_weights, self.prefixes)
-        aggregated = self.strategy.aggregate(shared, [u.weights for u in updates], [u.num_samples for u in updates])
+        if self.secure is not None:
+            aggregated = shared if summed is None else summed
+        else:
+            plain = [u for u in updates if isinstance(u, ClientUpdate)]
+            aggregated = self.strategy.aggregate(shared, [u.weights for u in plain], [u.num_samples for u in plain])
         self.global_weights = merge(aggregated, personal)
         self.round = r
 
@@ -248,8 +295,8 @@ class FederatedDriver:
             "fed/clients_sampled": float(len(sampled)),
             "fed/clients_aggregated": float(len(updates)),
             "fed/stragglers": float(len(sampled) - len(updates)),
-            "fed/env_steps": float(sum(u.num_samples for u in updates)),
-            "fed/update_bytes": float(sum(a.nbytes for u in updates for a in u.weights.values())),
+            **extra,
+            "fed/update_bytes": received,
             "fed/train_seconds": train_seconds,
         }
         for key in sorted({name for u in updates for name in u.metrics}):
@@ -279,7 +326,7 @@ class FederatedDriver:
         advances, as a real client's local state would) before serving anything else.
         """
         fed = self.cfg.federation
-        groups = self._by_host(sampled)
+        groups = self.by_host(sampled)
         if fed.straggler_timeout_s is None:  # nothing to time out: one reply per host is cheapest
             replies, _ = self._call_hosts("train_batch", round_index, groups, global_ref, instructions)
             return sorted((u for batch in replies.values() for u in batch), key=lambda u: u.client_id)
@@ -325,7 +372,7 @@ class FederatedDriver:
         fed = self.cfg.federation
         finetune = fed.finetune_iterations if fed.personalization == "finetune" else 0
         global_ref = ray.put(self.global_weights)
-        groups = self._by_host(self.eval_clients)
+        groups = self.by_host(self.eval_clients)
         replies, failed = self._call_hosts("evaluate_clients", round_index, groups, global_ref, finetune)
         if failed:
             raise RoundFailed(f"round {round_index}: client actors {failed} died twice while evaluating")
@@ -364,7 +411,7 @@ class FederatedDriver:
             except StateFileError as err:
                 warn(f"the checkpoint of round {r} is damaged ({err}); falling back to the one before")
                 continue
-            groups = self._by_host(self.training_clients)
+            groups = self.by_host(self.training_clients)
             replies, failed = self._call_hosts("restore", r, groups)
             damaged = sorted(c for ids in replies.values() for c in ids)
             if damaged or failed:
@@ -381,5 +428,5 @@ class FederatedDriver:
     def placement(self) -> list[dict[str, Any]]:
         """Which Ray node runs each client host, and which clients it serves."""
         nodes = [self._received(n) for n in ray.get([h.node_id.remote() for h in self.hosts])]
-        groups = self._by_host(self.training_clients)
+        groups = self.by_host(self.training_clients)
         return [{"host": i, "node_id": n, "clients": groups.get(i, [])} for i, n in enumerate(nodes)]

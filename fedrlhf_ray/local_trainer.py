@@ -27,11 +27,15 @@ class RoundInstructions:
     ``keep_local``: the client shares nothing (local-only baseline).
     ``keep_from``: the oldest round the driver may still restore, so the client store keeps
     the records a fall back to it needs.
+    ``audit``: a leakage audit runs; under secure aggregation the client scores, itself, how
+    close the masked vector it sent is to its true update (``audit/update/cosine``): only
+    that number leaves, not the update.
     """
 
     proximal_mu: float = 0.0
     keep_local: bool = False
     keep_from: int = 0
+    audit: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,17 @@ class ClientUpdate:
     client_id: int
     weights: Weights
     num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MaskedUpdate:
+    """What a client sends under secure aggregation: its weighted update and its weight as one
+    vector of the ring Z_2^64, masked (uniformly random to anyone without the other clients'
+    masks), and scalar metrics. The driver can only use it in the masked sum."""
+
+    client_id: int
+    masked: np.ndarray  # uint64
     metrics: dict[str, float] = field(default_factory=dict)
 
 

@@ -104,3 +104,80 @@ def test_robust_strategies_shrug_off_a_scaled_attacker_that_drags_fedavg(ray_ses
     assert distances["fedavg"] > 10.0, distances
     for strategy in ("krum", "median", "trimmed_mean", "norm_bound"):
         assert distances[strategy] < 3.0, distances
+
+
+SECAGG = {"secure_aggregation": True}
+
+
+def dense(**sections):
+    return cfg_for(federation={"clients_per_round": 1.0, "sparse_rows": False}, **sections)
+
+
+def test_secure_aggregation_ends_with_the_plain_dense_runs_model(ray_session, tmp_path):
+    plain = run(dense(), tmp_path / "plain").run_dir.load_checkpoint(4)["global_weights"]
+    masked = run(dense(privacy=SECAGG), tmp_path / "secagg")
+    got = masked.run_dir.load_checkpoint(4)["global_weights"]
+    for k in plain:
+        # Fixed-point rounding (2^-25 per weighted value) is all that differs, through 4 rounds of SGD.
+        np.testing.assert_allclose(got[k], plain[k], rtol=0, atol=1e-5, err_msg=k)
+    rows = [r for r in masked.run_dir.metrics() if r["round"] >= 1]
+    assert all(r["fed/dropouts"] == 0 and r["fed/clients_aggregated"] == K for r in rows)
+
+
+def test_the_driver_never_holds_an_unmasked_update(ray_session, tmp_path, monkeypatch):
+    from fedrlhf_ray.driver import FederatedDriver
+    from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate
+
+    seen: list = []
+    original = FederatedDriver._received
+    monkeypatch.setattr(FederatedDriver, "_received", lambda self, obj: seen.append(obj) or original(self, obj))
+    run(dense(privacy=SECAGG), tmp_path / "secagg")
+    plain_updates: list[ClientUpdate] = []
+    monkeypatch.setattr(
+        FederatedDriver, "_received",
+        lambda self, obj: plain_updates.extend(u for u in (obj if isinstance(obj, list) else []) if isinstance(u, ClientUpdate))
+        or original(self, obj),
+    )
+    run(dense(), tmp_path / "plain")
+
+    def flat(objs):
+        for obj in objs:
+            yield from (obj if isinstance(obj, list) else [obj])
+
+    received = list(flat(seen))
+    assert not any(isinstance(o, ClientUpdate) for o in received)
+    masked = [o for o in received if isinstance(o, MaskedUpdate)]
+    assert len(masked) == 4 * K and all(o.masked.dtype == np.uint64 for o in masked)
+    # Each masked vector against the same client's true update of the same round (the plain
+    # dense run computes exactly those): no correlation, and nothing like its scale.
+    true = {(i // K + 1, u.client_id): u for i, u in enumerate(plain_updates)}
+    for i, m in enumerate(masked):
+        u = true[(i // K + 1, m.client_id)]
+        x = np.concatenate([u.weights[k].ravel() for k in sorted(u.weights)])
+        seen_values = m.masked[:-1].view(np.int64).astype(np.float64)
+        assert abs(np.corrcoef(seen_values, x)[0, 1]) < 0.1
+        assert np.abs(seen_values).mean() > 1e15
+
+
+def test_a_host_lost_after_sharing_drops_its_clients_and_the_round_still_aggregates(ray_session, tmp_path):
+    crash = {"round": 2, "client": 3, "times": 1, "marker": str(tmp_path / "attempts"), "how": "sigkill"}
+    factory = mlp_trainer_factory(K, seed=SEED, lr_decay=0.8, crash=crash)
+    # Four hosts: losing client 3's host (clients 3 and 7) leaves 6 of 8, and every survivor
+    # still has the 4 of its 7 neighbours that rebuilding a secret needs.
+    cfg = dense(privacy=SECAGG, ray={"num_workers": 4, "cpus_per_worker": 0.5})
+    result = run_experiment(cfg, run_dir=tmp_path / "drop", trainer_factory=factory)
+    rows = {int(r["round"]): r for r in result.run_dir.metrics()}
+    assert rows[2]["fed/dropouts"] == 2 and rows[2]["fed/clients_aggregated"] == 6
+    assert rows[2]["fed/actor_restarts"] == 1 and rows[2]["secagg/threshold"] == 4
+    assert all(rows[r]["fed/dropouts"] == 0 for r in (1, 3, 4))
+    weights = result.run_dir.load_checkpoint(4)["global_weights"]
+    assert all(np.isfinite(v).all() for v in weights.values())
+
+
+def test_too_many_dropouts_fail_the_round_in_one_line(ray_session, tmp_path):
+    from fedrlhf_ray.driver import RoundFailed
+
+    crash = {"round": 2, "client": 3, "times": 1, "marker": str(tmp_path / "attempts"), "how": "sigkill"}
+    factory = mlp_trainer_factory(K, seed=SEED, lr_decay=0.8, crash=crash)
+    with pytest.raises(RoundFailed, match="too many dropouts for the threshold"):
+        run_experiment(dense(privacy=SECAGG), run_dir=tmp_path / "half", trainer_factory=factory)

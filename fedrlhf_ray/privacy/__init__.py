@@ -1,11 +1,30 @@
-"""Privacy layers that wrap an aggregation strategy (see ``strategies.make_strategy``)."""
+"""Privacy layers: DP wraps the aggregation strategy (see ``strategies.make_strategy``); secure
+aggregation replaces how the driver collects the round (``secure_round``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedrlhf_ray.strategies import Strategy
+
+if TYPE_CHECKING:
+    from fedrlhf_ray.privacy.secure_round import SecureAggregation
+
+
+def secure_aggregation(cfg: Any) -> SecureAggregation | None:
+    """The secure-aggregation round an :class:`ExperimentConfig` asks for (None: plain updates)."""
+    p = cfg.privacy
+    if not p.secure_aggregation:
+        return None
+    from fedrlhf_ray.privacy.secure_round import SecureAggregation
+
+    return SecureAggregation(
+        fraction_bits=int(p.secagg_fraction_bits),
+        threshold_fraction=float(p.secagg_threshold),
+        neighbours=None if p.secagg_neighbours is None else int(p.secagg_neighbours),
+        seed=int(cfg.seed),
+    )
 
 
 def layers(cfg: Any) -> Callable[[Strategy], Strategy] | None:

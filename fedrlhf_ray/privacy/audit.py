@@ -23,6 +23,7 @@ in ``metrics.jsonl``, ``client_metrics.jsonl`` and MLflow like every other metri
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,10 +31,10 @@ import numpy as np
 from scipy.stats import mannwhitneyu
 
 from fedrlhf_ray.driver import FederatedDriver
-from fedrlhf_ray.local_trainer import ClientUpdate, Weights
+from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.privacy.secagg import dequantize
+from fedrlhf_ray.privacy.secure_round import unflatten
 from fedrlhf_ray.strategies import sparse_keys_of
-
-VIEWS = ("update", "release")
 
 
 def row_changes(before: np.ndarray, view: np.ndarray) -> np.ndarray:
@@ -77,21 +78,34 @@ def change(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) ->
 def audit_round(
     before: Mapping[str, np.ndarray],
     release: Mapping[str, np.ndarray],
-    updates: Sequence[ClientUpdate],
+    updates: Sequence[ClientUpdate | MaskedUpdate],
     rated: Mapping[int, np.ndarray],
     table: str,
 ) -> list[dict[str, float]]:
     """One row per client of ``updates``: each attack on each view (see the module docstring).
-    ``rated[c]``: bool per item (rows 1..n of ``table``) of the items client c's users trained on."""
+    ``rated[c]``: bool per item (rows 1..n of ``table``) of the items client c's users trained on.
+
+    A masked update is attacked as the weights it would be read as. Its cosine with the true
+    update is what the client itself scored (``audit/update/cosine`` in its metrics, the
+    true update never leaving it); the release's cosine is then not known to the server."""
     rows = []
     released = change(before, release)
+    shared = {k: before[k] for k in release}
     for update in updates:
-        true = change(before, update.weights)
         row: dict[str, float] = {"client": float(update.client_id)}
-        for view, weights in (("update", update.weights), ("release", release)):
+        if isinstance(update, MaskedUpdate):
+            seen = unflatten(dequantize(update.masked[:-1], 0), shared)
+            true = None
+        else:
+            seen = update.weights
+            true = change(before, update.weights)
+        for view, weights in (("update", seen), ("release", release)):
             attack = membership_attack(row_changes(before[table], weights[table]), rated[update.client_id])
             row.update({f"audit/{view}/{k}": v for k, v in attack.items() if k in ("auc", "precision_at_n")})
-            row[f"audit/{view}/cosine"] = cosine(true, true if view == "update" else released)
+            if true is not None:
+                row[f"audit/{view}/cosine"] = cosine(true, true if view == "update" else released)
+        if true is None:
+            row["audit/update/cosine"] = float(update.metrics.get("audit/update/cosine", float("nan")))
         row["audit/base_rate"] = attack["base_rate"]
         rows.append(row)
     return rows
@@ -115,13 +129,16 @@ class AuditedDriver(FederatedDriver):
             for user in client.users:
                 members[np.asarray(user.train_items, dtype=np.int64) - 1] = True
             self.rated[client.client_id] = members
-        self._round_updates: list[ClientUpdate] = []
+        self._round_updates: list[ClientUpdate | MaskedUpdate] = []
+
+    def instructions(self, round_index: int) -> RoundInstructions:
+        return dataclasses.replace(super().instructions(round_index), audit=True)
 
     def _received(self, obj: Any) -> Any:
         obj = super()._received(obj)
         if isinstance(obj, list):
-            self._round_updates.extend(u for u in obj if isinstance(u, ClientUpdate))
-        elif isinstance(obj, ClientUpdate):
+            self._round_updates.extend(u for u in obj if isinstance(u, (ClientUpdate, MaskedUpdate)))
+        elif isinstance(obj, (ClientUpdate, MaskedUpdate)):
             self._round_updates.append(obj)
         return obj
 
@@ -129,7 +146,7 @@ class AuditedDriver(FederatedDriver):
         before = dict(self.global_weights)
         self._round_updates = []
         metrics, rows = super().run_round()
-        updates = [u for u in self._round_updates if self.table in u.weights]
+        updates = [u for u in self._round_updates if isinstance(u, MaskedUpdate) or self.table in u.weights]
         audit = audit_round(before, self.global_weights, updates, self.rated, self.table)
         for key in sorted({k for row in audit for k in row if k.startswith("audit/")}):
             values = [row[key] for row in audit]

@@ -1,0 +1,114 @@
+"""A round under secure aggregation: the driver's side of ``privacy.secagg``'s protocol.
+
+The driver relays and sums; the clients' actors hold every secret. Four calls per host:
+``secagg_keys`` (public keys out), ``secagg_shares`` (sealed shares out, relayed to their
+recipients), ``train_masked`` (the masked vectors w·θ ‖ w) and ``secagg_reveal`` (the shares
+that remove the masks). A host lost in a phase is not retried — its secrets died with it — its
+clients drop out: before sharing they leave the round, after it the survivors' shares remove
+their masks. The result is the dense, sample-weighted FedAvg of the survivors, exact up to
+fixed-point rounding (≤ n·2^-(f+1) per weighted coordinate before the division by Σw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedrlhf_ray.local_trainer import MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.privacy.secagg import (
+    RING,
+    SecAggError,
+    dequantize,
+    neighbour_graph,
+    secagg_plus_degree,
+    share_threshold,
+    unmask_sum,
+)
+from fedrlhf_ray.seeding import derive_rng
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """Settings of ``privacy.secure_aggregation`` and the round it runs."""
+
+    fraction_bits: int
+    threshold_fraction: float
+    neighbours: int | None
+    seed: int
+
+    def degree(self, num_clients: int) -> int:
+        wanted = secagg_plus_degree(num_clients) if self.neighbours is None else self.neighbours
+        return min(num_clients - 1, wanted)
+
+    def collect(
+        self, driver: Any, round_index: int, sampled: list[int], global_ref: Any,
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
+    ) -> tuple[Weights | None, list[MaskedUpdate], dict[str, float]]:
+        """(the survivors' FedAvg of the shared weights or None, their masked updates, metrics)."""
+        r = round_index
+        replies = driver.call_hosts_once("secagg_keys", r, driver.by_host(sampled), {})
+        keys = {c: k for reply in replies.values() for c, k in reply.items()}
+        members = sorted(keys)
+        if len(members) < 3:
+            raise SecAggError(f"round {r}: {len(members)} clients answered; secure aggregation needs at least 3")
+        graph = neighbour_graph(members, self.degree(len(members)), derive_rng(self.seed, "secagg-graph", r))
+        threshold = share_threshold(min(len(v) for v in graph.values()), self.threshold_fraction)
+
+        groups = driver.by_host(members)
+        share_args = {h: ({c: {j: keys[j] for j in graph[c]} for c in ids}, threshold) for h, ids in groups.items()}
+        replies = driver.call_hosts_once("secagg_shares", r, groups, share_args)
+        sealed = {c: s for reply in replies.values() for c, s in reply.items()}
+        active = sorted(sealed)
+        held: dict[int, dict[int, bytes]] = {c: {} for c in active}
+        for sender, blobs in sealed.items():
+            for receiver, blob in blobs.items():
+                if receiver in held:
+                    held[receiver][sender] = blob
+
+        groups = driver.by_host(active)
+        train_args = {
+            h: (global_ref, instructions, {c: held[c] for c in ids}, active, self.fraction_bits)
+            for h, ids in groups.items()
+        }
+        replies = driver.call_hosts_once("train_masked", r, groups, train_args)
+        updates = sorted((u for reply in replies.values() for u in reply), key=lambda u: u.client_id)
+        survivors = [u.client_id for u in updates]
+        metrics = {
+            "fed/dropouts": float(len(sampled) - len(survivors)),
+            "secagg/neighbours": float(min(len(v) for v in graph.values())),
+            "secagg/threshold": float(threshold),
+        }
+        if not survivors:
+            return None, [], metrics
+        masked_sum = np.zeros(len(updates[0].masked), dtype=RING)
+        for u in updates:
+            masked_sum = masked_sum + u.masked
+        groups = driver.by_host(survivors)
+        replies = driver.call_hosts_once("secagg_reveal", r, groups, {h: (survivors,) for h in groups})
+        revealed = {c: shares for reply in replies.values() for c, shares in reply.items()}
+        in_round = set(active)
+        sub_graph = {c: [j for j in graph[c] if j in in_round] for c in active}
+        total = dequantize(unmask_sum(masked_sum, r, sub_graph, keys, set(survivors), revealed, threshold),
+                           self.fraction_bits)
+        weight = total[-1]
+        if weight <= 0:
+            raise SecAggError(f"round {r}: the survivors' total sample count is {weight:g}")
+        return unflatten(total[:-1] / weight, shared), updates, metrics
+
+
+def unflatten(flat: np.ndarray, template: Mapping[str, np.ndarray]) -> Weights:
+    """A flat vector (keys in sorted order, as the clients flatten) back to named arrays."""
+    out: Weights = {}
+    offset = 0
+    for k in sorted(template):
+        ref = np.asarray(template[k])
+        size = ref.size
+        dtype = ref.dtype if np.issubdtype(ref.dtype, np.floating) else np.dtype(np.float64)
+        out[k] = flat[offset : offset + size].reshape(ref.shape).astype(dtype)
+        offset += size
+    if offset != flat.size:
+        raise SecAggError(f"the unmasked sum has {flat.size} values, the shared weights {offset}")
+    return out
