@@ -358,7 +358,8 @@ class PrivacyConfig(_Section):
     )
     secagg_neighbours: Int | None = Field(
         None, ge=2,
-        description="Neighbours per client (SecAgg+); default 2⌈1.5·log2 n⌉; n − 1 or more: everyone.",
+        description="Neighbours per client (SecAgg+, rounded down to even); default 2⌈1.5·log2 n⌉; "
+        "n − 1 or more: everyone.",
     )
     dp: DPConfig = Field(default_factory=DPConfig)
 

@@ -38,7 +38,7 @@ def test_row_changes_and_cosine():
     assert cosine(a, {"x": np.zeros(2), "y": np.zeros(1)}) == 0.0
 
 
-def movielens_audit_cfg(data, **dp):
+def movielens_audit_cfg(data, *extra, **dp):
     """The paper's MovieLens setting, one round, 4 clients, lighter PPO."""
     overrides = [
         "clients.num_clients=4", "federation.rounds=1", "tracking.enabled=false",
@@ -48,6 +48,7 @@ def movielens_audit_cfg(data, **dp):
     ]
     if dp:
         overrides += ["privacy.dp.enabled=true", *(f"privacy.dp.{k}={v}" for k, v in dp.items())]
+    overrides += list(extra)
     return load_config(REPO_ROOT / "tune_configs" / "movielens_paper.yaml", overrides)
 
 
@@ -69,11 +70,24 @@ def test_plain_fedavg_updates_give_the_rated_movies_away(ray_session, shared_dat
 
 @pytest.mark.slow
 def test_dp_noise_drives_the_released_models_leak_towards_chance(ray_session, shared_data, tmp_path):
+    """Central DP protects what is published, not the updates from the driver that adds the noise."""
     aucs = {}
-    for sigma in (0.1, 1.0, 10.0):
-        cfg = movielens_audit_cfg(shared_data, noise_multiplier=sigma, clip_norm=0.1)
+    for sigma in (0.001, 0.01, 1.0):
+        cfg = movielens_audit_cfg(shared_data, noise_multiplier=sigma, clip_norm=1.0)
         metrics, _ = audited(cfg, tmp_path, f"dp{sigma}")
         aucs[sigma] = metrics["audit/release/auc/mean"]
-        assert metrics["privacy/epsilon"] > 0
-    assert aucs[0.1] > aucs[1.0] > aucs[10.0], aucs
-    assert abs(aucs[10.0] - 0.5) < 0.05, aucs
+        assert metrics["audit/update/auc/mean"] >= 0.7  # the driver still sees each update in the clear
+    # Measured: 0.805, 0.622, then chance (plain dense FedAvg's release: 0.808).
+    assert aucs[0.001] > aucs[0.01] + 0.1 > aucs[1.0] + 0.1, aucs
+    assert abs(aucs[1.0] - 0.5) < 0.05, aucs
+
+
+@pytest.mark.slow
+def test_under_secure_aggregation_the_server_learns_nothing_from_an_update(ray_session, shared_data, tmp_path):
+    cfg = movielens_audit_cfg(shared_data, "privacy.secure_aggregation=true", "federation.sparse_rows=false")
+    metrics, rows = audited(cfg, tmp_path, "secagg")
+    assert len(rows) == 4
+    for row in rows:
+        assert abs(row["audit/update/auc"] - 0.5) < 0.05, row
+        assert abs(row["audit/update/cosine"]) < 0.01, row  # scored by the client itself
+    assert abs(metrics["audit/update/auc/mean"] - 0.5) < 0.05
