@@ -218,6 +218,7 @@ class ClientHost:
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two flat vectors (0 if either is 0)."""
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))
     return float(a @ b) / denom if denom > 0 else 0.0
 

@@ -182,36 +182,10 @@ class FederatedDriver:
             groups.setdefault(c % self.num_hosts, []).append(c)
         return groups
 
-    def call_hosts_once(
-        self, method: str, round_index: int, groups: dict[int, list[int]], args: dict[int, tuple[Any, ...]]
-    ) -> dict[int, Any]:
-        """``host.method(round_index, ids, *args[h])`` on every host of ``groups``, not retried:
-        a host that dies is left out of the replies (its clients drop out), and later calls
-        find it restarted."""
-        refs = {
-            h: getattr(self.hosts[h], method).remote(round_index, ids, *args.get(h, ())) for h, ids in groups.items()
-        }
-        replies: dict[int, Any] = {}
-        error: Exception | None = None
-        for h, ref in refs.items():
-            try:
-                replies[h] = self._received(ray.get(ref))
-            except RayActorError:
-                self.actor_restarts += 1
-                warn(f"client actor {h} died in round {round_index}; its {len(groups[h])} client(s) drop out")
-                self._await_restart(h)
-            except Exception as err:  # noqa: BLE001 - re-raised below, once every reply is fetched
-                error = error or err
-        if error is not None:
-            raise error
-        return replies
-
-    def _call_hosts(
-        self, method: str, round_index: int, groups: dict[int, list[int]], *rest: Any
-    ) -> tuple[dict[int, Any], list[int]]:
-        """``host.method(round_index, ids, *rest)`` on every host of ``groups``; a host that dies
-        is retried once after Ray restarted it. Returns the replies by host and the hosts lost twice."""
-        refs = {h: getattr(self.hosts[h], method).remote(round_index, ids, *rest) for h, ids in groups.items()}
+    def _fetch(self, refs: dict[int, Any]) -> tuple[dict[int, Any], list[int]]:
+        """Every host's reply (through :meth:`_received`) and the hosts whose actor died. Every
+        reply is fetched before another error is re-raised: Ray prints a traceback for each
+        error nobody fetched, which would bury the one-line message of this one."""
         replies: dict[int, Any] = {}
         lost: list[int] = []
         error: Exception | None = None
@@ -221,11 +195,34 @@ class FederatedDriver:
             except RayActorError:
                 lost.append(h)
             except Exception as err:  # noqa: BLE001 - re-raised below
-                # Every other reply is still fetched: Ray prints a traceback for each error
-                # nobody fetched, which would bury the one-line message of this one.
                 error = error or err
         if error is not None:
             raise error
+        return replies, lost
+
+    def call_hosts_once(
+        self, method: str, round_index: int, groups: dict[int, list[int]], args: dict[int, tuple[Any, ...]]
+    ) -> dict[int, Any]:
+        """``host.method(round_index, ids, *args[h])`` on every host of ``groups``, not retried:
+        a host that dies is left out of the replies (its clients drop out), and later calls
+        find it restarted."""
+        replies, lost = self._fetch(
+            {h: getattr(self.hosts[h], method).remote(round_index, ids, *args.get(h, ())) for h, ids in groups.items()}
+        )
+        for h in lost:
+            self.actor_restarts += 1
+            warn(f"client actor {h} died in round {round_index}; its {len(groups[h])} client(s) drop out")
+            self._await_restart(h)
+        return replies
+
+    def _call_hosts(
+        self, method: str, round_index: int, groups: dict[int, list[int]], *rest: Any
+    ) -> tuple[dict[int, Any], list[int]]:
+        """``host.method(round_index, ids, *rest)`` on every host of ``groups``; a host that dies
+        is retried once after Ray restarted it. Returns the replies by host and the hosts lost twice."""
+        replies, lost = self._fetch(
+            {h: getattr(self.hosts[h], method).remote(round_index, ids, *rest) for h, ids in groups.items()}
+        )
         failed = []
         for h in lost:
             self.actor_restarts += 1

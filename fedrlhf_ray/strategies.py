@@ -472,6 +472,15 @@ class _Aggregation:
     ) -> Weights:
         if not updates:
             return dict(global_weights)
+        return self._combine(global_weights, updates, num_samples)
+
+    def _combine(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[Mapping[str, np.ndarray]],
+        num_samples: Sequence[float],
+    ) -> Weights:
+        """The new weights from at least one update."""
         return aggregate(
             global_weights, updates, num_samples,
             method=self.method, sparse_keys=self.sparse_keys, **self._options(),
@@ -552,14 +561,12 @@ class Krum(_Aggregation):
     def _selected(self, updates: Sequence[Mapping[str, np.ndarray]]) -> list[int]:
         return krum_select(updates, self.num_byzantine, 1)
 
-    def aggregate(
+    def _combine(
         self,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
     ) -> Weights:
-        if not updates:
-            return dict(global_weights)
         if len(updates) <= 2 * self.num_byzantine + 2:
             # Too few updates for Krum's guarantee (stragglers, rejected updates): the
             # coordinate median still resists a minority of attackers.
@@ -597,25 +604,22 @@ class NormBound(_Aggregation):
         if not (math.isfinite(self.norm_bound) and self.norm_bound > 0):
             raise ValueError(f"norm_bound must be finite and > 0, got {self.norm_bound}")
 
-    def aggregate(
+    def _combine(
         self,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
     ) -> Weights:
-        if not updates:
-            return dict(global_weights)
         clipped = [clip_to_norm(global_weights, u, self.norm_bound) for u in updates]
         return aggregate(global_weights, clipped, num_samples, method="fedavg", sparse_keys=self.sparse_keys)
 
 
 @dataclass
-class RejectNonFinite:
-    """Drops every update holding NaN or inf before the inner strategy sees any, and counts
-    them (``fed/rejected``)."""
+class StrategyWrapper:
+    """A layer around a strategy that delegates everything to it; layers (the non-finite
+    filter here, DP in ``fedrlhf_ray.privacy.dp``) override what they change."""
 
     inner: Strategy
-    rejected: int = 0
 
     @property
     def name(self) -> str:
@@ -638,6 +642,31 @@ class RejectNonFinite:
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
     ) -> Weights:
+        return self.inner.aggregate(global_weights, updates, num_samples)
+
+    def round_metrics(self) -> dict[str, float]:
+        return self.inner.round_metrics()
+
+    def state(self) -> dict[str, Any]:
+        return self.inner.state()
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state(state)
+
+
+@dataclass
+class RejectNonFinite(StrategyWrapper):
+    """Drops every update holding NaN or inf before the inner strategy sees any, and counts
+    them (``fed/rejected``)."""
+
+    rejected: int = 0
+
+    def aggregate(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[Mapping[str, np.ndarray]],
+        num_samples: Sequence[float],
+    ) -> Weights:
         keep = finite_updates(updates)
         self.rejected = keep.count(False)
         samples = list(num_samples)
@@ -650,12 +679,6 @@ class RejectNonFinite:
     def round_metrics(self) -> dict[str, float]:
         return {**self.inner.round_metrics(), "fed/rejected": float(self.rejected)}
 
-    def state(self) -> dict[str, Any]:
-        return self.inner.state()
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        self.inner.load_state(state)
-
 
 @dataclass(frozen=True)
 class LocalOnly(_Aggregation):
@@ -667,7 +690,7 @@ class LocalOnly(_Aggregation):
     def configure_train(self, round_index: int) -> RoundInstructions:
         return RoundInstructions(keep_local=True)
 
-    def aggregate(
+    def _combine(
         self,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[Mapping[str, np.ndarray]],

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import mannwhitneyu
 
+from fedrlhf_ray.client import cosine_similarity
 from fedrlhf_ray.driver import FederatedDriver
 from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate, RoundInstructions, Weights
 from fedrlhf_ray.privacy.secagg import dequantize
@@ -66,8 +67,7 @@ def cosine(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
     keys = sorted(set(a) & set(b))
     x = np.concatenate([np.asarray(a[k], dtype=np.float64).ravel() for k in keys])
     y = np.concatenate([np.asarray(b[k], dtype=np.float64).ravel() for k in keys])
-    denom = np.linalg.norm(x) * np.linalg.norm(y)
-    return float(x @ y / denom) if denom > 0 else 0.0
+    return cosine_similarity(x, y)
 
 
 def change(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> Weights:

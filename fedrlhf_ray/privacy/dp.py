@@ -33,9 +33,9 @@ import dp_accounting
 import numpy as np
 from dp_accounting.rdp import RdpAccountant
 
-from fedrlhf_ray.local_trainer import RoundInstructions, Weights
+from fedrlhf_ray.local_trainer import Weights
 from fedrlhf_ray.seeding import derive_rng
-from fedrlhf_ray.strategies import Strategy, delta_norms
+from fedrlhf_ray.strategies import StrategyWrapper, delta_norms
 
 RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
@@ -135,13 +135,12 @@ def first_round_epsilon(dp_cfg: Any, pool_size: int, count: int) -> float:
 
 
 @dataclass
-class DifferentialPrivacy:
+class DifferentialPrivacy(StrategyWrapper):
     """DP-FedAvg around a FedAvg-like strategy (FedAvg, FedProx), which still configures the
     clients' round; see the module docstring. State (rounds accounted, the adaptive clip norm)
     goes into the driver's checkpoint, so a resumed run accounts and clips exactly as one that
     never stopped."""
 
-    inner: Strategy
     noise_multiplier: float
     clip_norm: float
     delta: float
@@ -154,13 +153,8 @@ class DifferentialPrivacy:
     # One (sampling rate, update noise multiplier, count noise multiplier or None) per round run.
     steps: list[tuple[float, float, float | None]] = field(default_factory=list)
     _round: int = 0
-    _rate: float = 1.0
     _expected: float = 1.0
     _metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
 
     # -- sampling and accounting ---------------------------------------------------------------
     def _step_for(self, pool_size: int, count: int) -> tuple[float, float, float | None]:
@@ -170,10 +164,10 @@ class DifferentialPrivacy:
         """Poisson sampling: each client of ``pool`` independently with probability count/|pool|."""
         self._round = round_index
         step = self._step_for(len(pool), count)
-        self._rate = step[0]
-        self._expected = self._rate * len(pool)
+        rate = step[0]
+        self._expected = rate * len(pool)
         self.steps.append(step)
-        chosen = rng.random(len(pool)) < self._rate
+        chosen = rng.random(len(pool)) < rate
         return [int(c) for c, take in zip(pool, chosen, strict=True) if take]
 
     def epsilon(self) -> float:
@@ -194,9 +188,6 @@ class DifferentialPrivacy:
         return None
 
     # -- the round -----------------------------------------------------------------------------
-    def configure_train(self, round_index: int) -> RoundInstructions:
-        return self.inner.configure_train(round_index)
-
     def aggregate(
         self,
         global_weights: Mapping[str, np.ndarray],
