@@ -15,11 +15,14 @@ def test_membership_attack_scores_a_ranking():
     members = np.zeros(100, dtype=bool)
     members[:10] = True
     perfect = membership_attack(np.where(members, 1.0, 0.0), members)
+    assert perfect.pop("p_value") < 1e-6
     assert perfect == {"auc": 1.0, "precision_at_n": 1.0, "base_rate": 0.1, "members": 10.0}
     assert membership_attack(np.where(members, 0.0, 1.0), members)["auc"] == 0.0
     rng = np.random.default_rng(0)
-    chance = [membership_attack(rng.random(100), members)["auc"] for _ in range(200)]
-    assert abs(np.mean(chance) - 0.5) < 0.02
+    chance = [membership_attack(rng.random(100), members) for _ in range(200)]
+    assert abs(np.mean([c["auc"] for c in chance]) - 0.5) < 0.02
+    # Under the null the p-value is uniform: about 5% of chance attacks fall below 0.05.
+    assert 0.01 < np.mean([c["p_value"] < 0.05 for c in chance]) < 0.1
     # Rows nobody moved tie: the AUC counts ties as half, precision@n does not favour members.
     flat = membership_attack(np.zeros(100), members)
     assert flat["auc"] == 0.5 and flat["precision_at_n"] <= 0.3
@@ -88,6 +91,9 @@ def test_under_secure_aggregation_the_server_learns_nothing_from_an_update(ray_s
     metrics, rows = audited(cfg, tmp_path, "secagg")
     assert len(rows) == 4
     for row in rows:
-        assert abs(row["audit/update/auc"] - 0.5) < 0.05, row
+        # The masks are drawn from fresh OS randomness, so the AUC is a random draw at chance:
+        # with a client's ~40 rated items its spread is ~0.046 (measured 0.447 once). The test
+        # is that the attack does no better than chance, at a 1e-4 false-alarm rate per client.
+        assert row["audit/update/p_value"] > 1e-4, row
         assert abs(row["audit/update/cosine"]) < 0.01, row  # scored by the client itself
-    assert abs(metrics["audit/update/auc/mean"] - 0.5) < 0.05
+    assert abs(metrics["audit/update/auc/mean"] - 0.5) < 0.1  # ~4 spreads of a 4-client mean

@@ -10,8 +10,10 @@ and attacks each client in two ways:
 
 * **membership of its rated items**: rank the rows of the item-embedding table by how far the
   view moved them from the round's global model, and score that ranking against the items
-  the client's users trained on — ROC AUC (0.5 = chance; from the Mann–Whitney U statistic)
-  and precision@n with n the number of those items, next to the base rate n / items;
+  the client's users trained on — ROC AUC (0.5 = chance; from the Mann–Whitney U statistic),
+  the test's one-sided p-value (how likely an attack at chance would score this well: AUC
+  alone swings by about 1/√(12n) with n members, so a small client's chance AUC can sit well
+  off 0.5) and precision@n with n the number of those items, next to the base rate n / items;
 * **reconstruction**: the cosine similarity of the view's change of the model with the
   client's true update (1 for the plain update itself).
 
@@ -50,12 +52,13 @@ def membership_attack(scores: np.ndarray, members: np.ndarray) -> dict[str, floa
     n, total = int(members.sum()), members.size
     if n in (0, total):
         raise ValueError(f"membership needs members and non-members, got {n} of {total}")
-    u = mannwhitneyu(scores[members], scores[~members], alternative="greater").statistic
+    test = mannwhitneyu(scores[members], scores[~members], alternative="greater")
     # Ties (e.g. rows nobody moved) break in no one's favour: rank them at random but seeded.
     jitter = np.random.default_rng(0).random(total) * 1e-12 * (np.abs(scores).max() + 1.0)
     top = np.argsort(-(scores + jitter), kind="stable")[:n]
     return {
-        "auc": float(u / (n * (total - n))),
+        "auc": float(test.statistic / (n * (total - n))),
+        "p_value": float(test.pvalue),
         "precision_at_n": float(members[top].mean()),
         "base_rate": n / total,
         "members": float(n),
@@ -101,7 +104,7 @@ def audit_round(
             true = change(before, update.weights)
         for view, weights in (("update", seen), ("release", release)):
             attack = membership_attack(row_changes(before[table], weights[table]), rated[update.client_id])
-            row.update({f"audit/{view}/{k}": v for k, v in attack.items() if k in ("auc", "precision_at_n")})
+            row.update({f"audit/{view}/{k}": v for k, v in attack.items() if k in ("auc", "p_value", "precision_at_n")})
             if true is not None:
                 row[f"audit/{view}/cosine"] = cosine(true, true if view == "update" else released)
         if true is None:
