@@ -42,6 +42,9 @@ def attacked_update(
     out: Weights = {}
     for k, v in update.items():
         a = np.asarray(v)
+        if k not in global_weights:  # not a weight (DP's not-clipped bit): sent as it is
+            out[k] = a
+            continue
         g = np.asarray(global_weights[k], dtype=np.float64)
         if kind == "sign_flip":
             sent = g - scale * (a - g)

@@ -250,6 +250,14 @@ class RunView:
             f"closed {closed:.0%} of the random→oracle gap in mean liked-hit rate; "
             f"{time.perf_counter() - self.start:.0f}s for {result.rounds - self.first_round} rounds"
         )
+        dp = result.summary.get("privacy")
+        if dp is not None:
+            self.console.print(
+                f"client-level DP ({dp['mode']} noise): ε = {dp['epsilon']:.3g} at δ = {dp['delta']:g} "
+                f"after {result.rounds} round(s)"
+            )
+        if "stopped" in result.summary:
+            self.console.print(f"stopped early: {result.summary['stopped']}")
         if result.tracker is not None:
             print(f"MLflow run {result.tracker.run_id} in {result.tracker.tracking_uri}")
         print(f"run directory: {result.run_dir}")

@@ -111,6 +111,13 @@ class ClientHost:
         size = self.store.save(client_id, round_index, record, keep_from=instructions.keep_from)
         self.records[client_id] = record
         metrics = {**metrics, "store/record_bytes": size, "store/save_ms": 1e3 * (time.perf_counter() - start)}
+        if instructions.dp_clip > 0:
+            from fedrlhf_ray.privacy.client_dp import client_noise, privatize
+
+            size = sum(int(np.size(v)) for v in shared.values()) + int(instructions.dp_count)
+            normals = client_noise(self.store.noise_secret(client_id), round_index, size)
+            shared, _ = privatize({k: global_weights[k] for k in shared}, shared, instructions, normals)
+        # An attacker deviates after the protocol's steps: what it sends is the attack's.
         if self.attack is not None:
             shared = self.attack.apply(round_index, client_id, global_weights, shared)
         return ClientUpdate(client_id, shared, int(num_samples), {k: float(v) for k, v in metrics.items()})
@@ -168,7 +175,8 @@ class ClientHost:
         present = set(active)
         for c in client_ids:
             update = self._train(round_index, c, global_weights, instructions)
-            weight = float(update.num_samples)
+            # Under DP every client counts once (the bound on one client's influence).
+            weight = 1.0 if instructions.dp_clip > 0 else float(update.num_samples)
             flat = np.concatenate([np.asarray(update.weights[k], np.float64).ravel() for k in sorted(update.weights)])
             try:
                 vector = quantize(np.concatenate([weight * flat, [weight]]), fraction_bits)

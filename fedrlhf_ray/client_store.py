@@ -5,6 +5,7 @@ the PPO optimizer state, the personal parameters) is private to its client. Only
 actor serving that client writes or reads it, here; the driver never receives it. Layout::
 
     <root>/client-000007/round-000003.npz    client 7's record after round 3, which it trained
+    <root>/client-000007/noise.key           client 7's secret for its DP noise (if it adds any)
 
 one file per round the client trained (NumPy arrays plus a JSON tree, see ``state_codec``:
 nothing is unpickled), committed atomically and on disk before the client's update is sent.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from fedrlhf_ray import state_codec
 from fedrlhf_ray.rundir import atomic_write
 
 _VERSION_RE = re.compile(r"^round-(\d{6})\.npz$")
+NOISE_KEY_BYTES = 32
 
 
 class ClientStore:
@@ -71,6 +74,24 @@ class ClientStore:
             path.unlink(missing_ok=True)
         self._versions[client_id] = [v for v in versions if v not in older[1:]]
         return len(data)
+
+    def noise_secret(self, client_id: int) -> bytes:
+        """The client's secret for its differential-privacy noise: drawn from the operating
+        system's entropy on first use and kept, so a retried or resumed round adds the same
+        noise while nobody without this file (the driver included) can predict or remove it."""
+        path = self._folder(client_id) / "noise.key"
+        try:
+            secret = path.read_bytes()
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            secret = secrets.token_bytes(NOISE_KEY_BYTES)
+            atomic_write(path, secret)
+            return secret
+        except OSError as err:
+            raise state_codec.StateFileError(f"{path}: unreadable ({err.strerror or err})") from None
+        if len(secret) != NOISE_KEY_BYTES:
+            raise state_codec.StateFileError(f"{path}: damaged ({len(secret)} bytes, not {NOISE_KEY_BYTES})")
+        return secret
 
     @staticmethod
     def flush() -> None:

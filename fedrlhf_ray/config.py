@@ -320,9 +320,15 @@ class AttackConfig(_Section):
 
 
 class DPConfig(_Section):
-    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018) with central noise."""
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018), central or distributed noise."""
 
-    enabled: bool = Field(False, description="Clip every update and add Gaussian noise to their sum (driver side).")
+    enabled: bool = Field(False, description="Clip every update and add Gaussian noise to their sum.")
+    mode: Literal["central", "distributed"] = Field(
+        "central",
+        description="Who adds the noise: the driver (central), or each sampled client its share from its own "
+        "secret (distributed: with secure aggregation the driver never sees an un-noised sum). Under secure "
+        "aggregation the clients clip in both modes.",
+    )
     noise_multiplier: Float = Field(1.0, gt=0.0, description="σ: the noise on the sum has std σ·C.")
     clip_norm: Float = Field(1.0, gt=0.0, description="C: each client's model change is clipped to this L2 norm.")
     delta: Float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the reported (ε, δ) guarantee.")
@@ -511,11 +517,6 @@ class ExperimentConfig(_Section):
                 raise ValueError(
                     f"privacy.secure_aggregation: got true — the driver then only learns the sum of the updates, "
                     f"which {what} cannot use (it needs fedavg or fedprox, baseline federated)"
-                )
-            if dp.enabled:
-                raise ValueError(
-                    "privacy.secure_aggregation: got true together with privacy.dp.enabled — central DP clips "
-                    "each update on the driver, which masked updates do not allow; use one of them"
                 )
             if sampled < 3:
                 raise ValueError(

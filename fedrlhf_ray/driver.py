@@ -37,6 +37,7 @@ from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.evaluation import summarize
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.privacy.secagg import SecAggError
 from fedrlhf_ray.rundir import CLIENT_STORE, RunDir, warn
 from fedrlhf_ray.seeding import derive_rng
@@ -265,8 +266,11 @@ class FederatedDriver:
         updates: Sequence[ClientUpdate | MaskedUpdate]
         if self.secure is not None:
             # Masked: the driver only ever holds the survivors' sum (see privacy/secure_round.py).
+            template = {**shared, UNCLIPPED_KEY: np.zeros(1)} if instructions.dp_count else shared
             try:
-                summed, updates, extra = self.secure.collect(self, r, sampled, global_ref, instructions, shared)
+                weighted_sum, total_weight, updates, extra = self.secure.collect(
+                    self, r, sampled, global_ref, instructions, template
+                )
             except SecAggError as err:
                 raise RoundFailed(str(err)) from None
             received = float(sum(u.masked.nbytes for u in updates))
@@ -275,12 +279,12 @@ class FederatedDriver:
             received = float(sum(a.nbytes for u in updates for a in u.weights.values()))
             extra = {"fed/env_steps": float(sum(u.num_samples for u in updates))}
         train_seconds = time.perf_counter() - start
-        if len(updates) < min(self.cfg.federation.min_results, len(sampled)):
+        if len(updates) < min(self.cfg.federation.min_results, len(sampled)) and not extra.get("secagg/skipped"):
             raise RoundFailed(
                 f"round {r}: {len(updates)} of {len(sampled)} clients answered, fewer than federation.min_results"
             )
         if self.secure is not None:
-            aggregated = shared if summed is None else summed
+            aggregated = self.strategy.aggregate_masked(shared, weighted_sum, total_weight)
         else:
             plain = [u for u in updates if isinstance(u, ClientUpdate)]
             aggregated = self.strategy.aggregate(shared, [u.weights for u in plain], [u.num_samples for u in plain])

@@ -349,6 +349,7 @@ class _Lifecycle:
             summary["privacy"] = {
                 k.removeprefix("privacy/"): v for k, v in progress.metrics.items() if k.startswith("privacy/")
             }
+            summary["privacy"].update(delta=self.cfg.privacy.dp.delta, mode=self.cfg.privacy.dp.mode)
         if "eval/liked_hit_rate/mean" in final:
             summary["gap_closed"] = gap_closed(
                 final["eval/liked_hit_rate/mean"], final["eval/random_hit_rate/mean"],

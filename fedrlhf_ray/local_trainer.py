@@ -30,12 +30,20 @@ class RoundInstructions:
     ``audit``: a leakage audit runs; under secure aggregation the client scores, itself, how
     close the masked vector it sent is to its true update (``audit/update/cosine``): only
     that number leaves, not the update.
+    ``dp_clip``: differential privacy on the client's side (0: none): clip the change of the
+    shared weights to this L2 norm, add N(0, ``dp_noise_stddev``²) to each coordinate from the
+    client's own secret randomness, and, with ``dp_count``, send the bit "not clipped" plus
+    N(0, ``dp_count_stddev``²) too (adaptive clipping); see ``fedrlhf_ray.privacy.dp``.
     """
 
     proximal_mu: float = 0.0
     keep_local: bool = False
     keep_from: int = 0
     audit: bool = False
+    dp_clip: float = 0.0
+    dp_noise_stddev: float = 0.0
+    dp_count: bool = False
+    dp_count_stddev: float = 0.0
 
 
 @dataclass(frozen=True)

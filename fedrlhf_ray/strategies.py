@@ -431,6 +431,10 @@ class Strategy(Protocol):
         num_samples: Sequence[float],
     ) -> Weights: ...
 
+    def aggregate_masked(
+        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+    ) -> Weights: ...
+
     def round_metrics(self) -> dict[str, float]: ...
 
     def state(self) -> dict[str, Any]: ...
@@ -485,6 +489,18 @@ class _Aggregation:
             global_weights, updates, num_samples,
             method=self.method, sparse_keys=self.sparse_keys, **self._options(),
         )
+
+    def aggregate_masked(
+        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+    ) -> Weights:
+        """The new weights from a secure sum (Σ w·θ over the survivors, Σ w): their weighted
+        mean, dense (the only aggregate a sum gives; the config refuses the others with it)."""
+        if total_weight <= 0:
+            return dict(global_weights)
+        return {
+            k: (np.asarray(weighted_sum[k], np.float64) / total_weight).astype(_out_dtype([np.asarray(v)]))
+            for k, v in global_weights.items()
+        }
 
     def round_metrics(self) -> dict[str, float]:
         """What the last :meth:`aggregate` measured (wrappers report theirs, e.g. ``fed/rejected``)."""
@@ -643,6 +659,11 @@ class StrategyWrapper:
         num_samples: Sequence[float],
     ) -> Weights:
         return self.inner.aggregate(global_weights, updates, num_samples)
+
+    def aggregate_masked(
+        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+    ) -> Weights:
+        return self.inner.aggregate_masked(global_weights, weighted_sum, total_weight)
 
     def round_metrics(self) -> dict[str, float]:
         return self.inner.round_metrics()

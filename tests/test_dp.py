@@ -6,11 +6,16 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
+from scipy import stats
 
 from fedrlhf_ray import privacy
+from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.config import validate_config
 from fedrlhf_ray.errors import ConfigError
+from fedrlhf_ray.local_trainer import RoundInstructions
+from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY, client_noise, privatize
 from fedrlhf_ray.privacy.dp import DifferentialPrivacy, clipped_sum, noised_mean_step
+from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import FedAvg, FedProx, RejectNonFinite, delta_norms, make_strategy
 
 GLOBAL = {"w": np.zeros((4, 5), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
@@ -151,6 +156,7 @@ def test_layers_wrap_fedavg_and_fedprox_behind_the_filter():
         ({"privacy": {"dp": {"adaptive_clipping": True}}}, "privacy.dp.clipped_count_stddev: got 0.25 (the default"),
         ({"privacy": {"dp": {"noise_multiplier": 0}}}, "privacy.dp.noise_multiplier: got 0 "),
         ({"privacy": {"dp": {"delta": 1.0}}}, "privacy.dp.delta: got 1.0 "),
+        ({"privacy": {"dp": {"mode": "local"}}}, "privacy.dp.mode: got 'local' "),
     ],
 )
 def test_impossible_dp_settings_are_one_line(raw, start):
@@ -159,3 +165,100 @@ def test_impossible_dp_settings_are_one_line(raw, start):
         validate_config(merged)
     msg = str(info.value)
     assert msg.startswith(start) and "\n" not in msg, msg
+
+
+# --------------------------------------------------------------------------- distributed noise
+
+
+def test_client_noise_is_standard_normal_and_a_function_of_the_secret_and_round():
+    secret = bytes(range(32))
+    draws = client_noise(secret, 3, 200_001)
+    assert draws.shape == (200_001,) and np.isfinite(draws).all()
+    # Fixed secret: a deterministic draw, tested against N(0, 1) like any sample of that size.
+    assert stats.kstest(draws, "norm").pvalue > 1e-3
+    assert abs(draws.mean()) < 0.01 and draws.std() == pytest.approx(1.0, rel=0.01)
+    np.testing.assert_array_equal(draws, client_noise(secret, 3, 200_001))
+    assert abs(np.corrcoef(draws[:1000], client_noise(secret, 4, 1000))[0, 1]) < 0.15
+    assert abs(np.corrcoef(draws[:1000], client_noise(bytes(32), 3, 1000))[0, 1]) < 0.15
+
+
+def test_the_client_clips_its_own_change_and_adds_its_share_of_the_noise():
+    rng = np.random.default_rng(1)
+    big = {k: (3.0 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in GLOBAL.items()}
+    size = sum(v.size for v in GLOBAL.values())
+    clip_only = RoundInstructions(dp_clip=1.0, dp_count=True)
+    sent, norm = privatize(GLOBAL, big, clip_only, np.zeros(size + 1))
+    assert norm > 1.0 and sent[UNCLIPPED_KEY].tolist() == [0.0]  # clipped: its bit is 0
+    sent.pop(UNCLIPPED_KEY)
+    assert delta_norms(GLOBAL, [sent])[0] == pytest.approx(1.0, rel=1e-6)
+    assert all(sent[k].dtype == GLOBAL[k].dtype for k in GLOBAL)
+    small = {k: v + np.float32(1e-3) for k, v in GLOBAL.items()}
+    sent, _ = privatize(GLOBAL, small, clip_only, np.zeros(size + 1))
+    assert sent[UNCLIPPED_KEY].tolist() == [1.0] and np.allclose(sent["w"], small["w"])
+    noisy = RoundInstructions(dp_clip=1.0, dp_noise_stddev=0.5)
+    draws = np.concatenate([
+        np.concatenate([v.ravel() for v in privatize(GLOBAL, GLOBAL, noisy, client_noise(b"k" * 32, r, size))[0].values()])
+        for r in range(500)
+    ])
+    assert draws.std() == pytest.approx(0.5, rel=0.03)
+
+
+def test_distributed_shares_sum_to_the_central_noise_on_the_mean():
+    """m clients each add N(0, σ²C²/m): the released mean's noise is σC/(qK), as in central mode."""
+    sigma, clip, pool, count = 1.3, 0.7, 20, 10
+    size = sum(v.size for v in GLOBAL.values())
+    steps = []
+    for r in range(1, 301):
+        strategy = dp(noise_multiplier=sigma, clip_norm=clip, mode="distributed")
+        picked = strategy.sample_clients(r, list(range(pool)), count, np.random.default_rng(r))
+        told = strategy.configure_train(r)
+        assert told.dp_clip == clip and told.dp_noise_stddev == pytest.approx(sigma * clip / np.sqrt(len(picked)))
+        sent = [privatize(GLOBAL, GLOBAL, told, client_noise(bytes([c]) * 32, r, size))[0] for c in picked]
+        new = strategy.aggregate(GLOBAL, sent, [1.0] * len(sent))
+        steps.append(np.concatenate([new[k].ravel() for k in sorted(new)]).astype(np.float64))
+    assert np.concatenate(steps).std() == pytest.approx(sigma * clip / (0.5 * pool), rel=0.03)
+    assert strategy.round_metrics()["privacy/noise_stddev"] == pytest.approx(sigma * clip / (0.5 * pool))
+
+
+def test_dropouts_take_their_noise_along_and_are_accounted():
+    strategy = dp(noise_multiplier=1.0, mode="distributed")
+    picked = strategy.sample_clients(1, list(range(50)), 10, np.random.default_rng(0))
+    m = len(picked)
+    zero = {k: np.zeros(v.shape) for k, v in GLOBAL.items()}
+    strategy.aggregate_masked(GLOBAL, zero, total_weight=m // 2)  # half dropped after masking
+    rate, noise, _ = strategy.steps[-1]
+    assert noise == pytest.approx(np.sqrt((m // 2) / m))
+    full = dp(noise_multiplier=1.0, mode="distributed")
+    full.sample_clients(1, list(range(50)), 10, np.random.default_rng(0))
+    full.aggregate_masked(GLOBAL, zero, total_weight=m)
+    assert full.steps[-1] == (rate, 1.0, None) and strategy.epsilon() > full.epsilon()
+    # Nobody at all: the driver releases the whole noise itself (an empty sample's mechanism).
+    empty = dp(noise_multiplier=1.0, mode="distributed")
+    empty.sample_clients(1, list(range(50)), 10, np.random.default_rng(0))
+    released = empty.aggregate_masked(GLOBAL, zero, total_weight=0)
+    assert np.concatenate([v.ravel() for v in released.values()]).std() > 0.01
+    assert empty.steps[-1] == (rate, 1.0, None)
+
+
+def test_under_secure_aggregation_clients_clip_and_the_driver_noises_the_sum_in_central_mode():
+    strategy = dp(noise_multiplier=1.0, clip_norm=0.5, clients_clip=True)
+    strategy.sample_clients(1, list(range(10)), 10, np.random.default_rng(0))
+    told = strategy.configure_train(1)
+    assert told.dp_clip == 0.5 and told.dp_noise_stddev == 0.0 and not told.dp_count
+    zero = {k: np.zeros(v.shape) for k, v in GLOBAL.items()}
+    released = strategy.aggregate_masked(GLOBAL, zero, total_weight=10)
+    assert np.concatenate([v.ravel() for v in released.values()]).std() == pytest.approx(0.05, rel=0.5)
+    adaptive = dp(noise_multiplier=1.0, mode="distributed", adaptive_clipping=True, clipped_count_stddev=5.0)
+    adaptive.sample_clients(1, list(range(10)), 10, np.random.default_rng(0))
+    told = adaptive.configure_train(1)
+    assert told.dp_count and told.dp_count_stddev == pytest.approx(5.0 / np.sqrt(10))
+
+
+def test_the_noise_secret_is_made_once_kept_and_checked(tmp_path):
+    store = ClientStore(tmp_path)
+    first = store.noise_secret(3)
+    assert len(first) == 32 and store.noise_secret(3) == first and ClientStore(tmp_path).noise_secret(3) == first
+    assert store.noise_secret(4) != first
+    (tmp_path / "client-000003" / "noise.key").write_bytes(b"short")
+    with pytest.raises(StateFileError, match="damaged"):
+        ClientStore(tmp_path).noise_secret(3)

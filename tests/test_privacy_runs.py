@@ -109,8 +109,8 @@ def test_robust_strategies_shrug_off_a_scaled_attacker_that_drags_fedavg(ray_ses
 SECAGG = {"secure_aggregation": True}
 
 
-def dense(**sections):
-    return cfg_for(federation={"clients_per_round": 1.0, "sparse_rows": False}, **sections)
+def dense(rounds=4, **sections):
+    return cfg_for(rounds=rounds, federation={"clients_per_round": 1.0, "sparse_rows": False}, **sections)
 
 
 def test_secure_aggregation_ends_with_the_plain_dense_runs_model(ray_session, tmp_path):
@@ -181,6 +181,74 @@ def test_too_many_dropouts_fail_the_round_in_one_line(ray_session, tmp_path):
     factory = mlp_trainer_factory(K, seed=SEED, lr_decay=0.8, crash=crash)
     with pytest.raises(RoundFailed, match="too many dropouts for the threshold"):
         run_experiment(dense(privacy=SECAGG), run_dir=tmp_path / "half", trainer_factory=factory)
+
+
+DISTRIBUTED = {**SECAGG, "dp": {**DP["dp"], "mode": "distributed"}}
+
+
+def test_distributed_dp_under_secure_aggregation_the_driver_only_sees_a_noised_sum(ray_session, tmp_path, monkeypatch):
+    from fedrlhf_ray.privacy.dp import DifferentialPrivacy
+
+    sums = []
+    original = DifferentialPrivacy.aggregate_masked
+
+    def spy(self, global_weights, weighted_sum, total_weight):
+        sums.append((dict(global_weights), dict(weighted_sum), total_weight, self.steps[-1][1]))
+        return original(self, global_weights, weighted_sum, total_weight)
+
+    monkeypatch.setattr(DifferentialPrivacy, "aggregate_masked", spy)
+    result = run(dense(privacy=DISTRIBUTED), tmp_path / "distributed")
+    assert len(sums) == 4
+    for g, total, weight, sigma in sums:
+        assert weight == K
+        # Σθ − K·g = Σ clip(Δ) (norm ≤ K·C) + the clients' noise (norm ≈ σC√d ≫ K·C here): the
+        # sum the driver unmasks is the noise's, to within the clipped signal.
+        excess = np.concatenate([(np.asarray(total[k]) - weight * np.asarray(g[k], np.float64)).ravel() for k in g])
+        expected = sigma * 0.5 * np.sqrt(excess.size)
+        assert 0.1 * expected > K * 0.5
+        assert np.linalg.norm(excess) == pytest.approx(expected, rel=0.1)
+    # Accounted like central DP with the same q and σ (no dropouts).
+    assert result.summary["privacy"]["epsilon"] == pytest.approx(epsilon([round_event(1.0, 1.2, None)] * 4, 1e-5))
+    rows = [r for r in result.run_dir.metrics() if r["round"] >= 1]
+    assert all(r["fed/dropouts"] == 0 and r["privacy/noise_stddev"] == pytest.approx(1.2 * 0.5 / K) for r in rows)
+
+
+def test_distributed_noise_comes_from_the_clients_kept_secrets_so_a_resume_is_exact(ray_session, tmp_path):
+    import shutil
+
+    half = run(dense(rounds=2, privacy=DISTRIBUTED), tmp_path / "a")
+    keys = sorted(p.name for p in (half.run_dir.path / "clients").glob("client-*/noise.key"))
+    assert len(keys) == K
+    shutil.copytree(half.run_dir.path, tmp_path / "b")
+    ends = []
+    for name in ("a", "b"):
+        path = tmp_path / name
+        done = run(resume_config(path, ["federation.rounds=4"]), path, resume=True)
+        ends.append(done.run_dir.load_checkpoint(4)["global_weights"])
+    for k in ends[0]:
+        np.testing.assert_array_equal(ends[0][k], ends[1][k], err_msg=k)
+    # A fresh run draws fresh secrets: its noise, and so its model, differ.
+    other = run(dense(privacy=DISTRIBUTED), tmp_path / "c").run_dir.load_checkpoint(4)["global_weights"]
+    assert any(not np.array_equal(other[k], ends[0][k]) for k in other)
+
+
+def test_distributed_dp_without_secure_aggregation_sends_clipped_noised_updates(ray_session, tmp_path, monkeypatch):
+    from fedrlhf_ray.driver import FederatedDriver
+    from fedrlhf_ray.local_trainer import ClientUpdate
+
+    seen: list = []
+    original = FederatedDriver._received
+    monkeypatch.setattr(FederatedDriver, "_received", lambda self, obj: seen.append(obj) or original(self, obj))
+    cfg = dense(privacy={"dp": {**DP["dp"], "mode": "distributed", "adaptive_clipping": True,
+                                "clipped_count_stddev": 2.0}})
+    result = run(cfg, tmp_path / "plain")
+    updates = [u for obj in seen for u in (obj if isinstance(obj, list) else [obj]) if isinstance(u, ClientUpdate)]
+    assert len(updates) == 4 * K
+    assert all("privacy/unclipped" in u.weights for u in updates)
+    rows = [r for r in result.run_dir.metrics() if r["round"] >= 1]
+    assert all(np.isfinite(r["privacy/unclipped_share_noised"]) for r in rows)
+    clips = [r["privacy/clip_norm"] for r in rows]
+    assert len(set(clips)) == 4  # adaptive: C moved every round
 
 
 @pytest.mark.slow

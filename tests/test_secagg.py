@@ -110,7 +110,6 @@ def test_values_outside_the_fixed_point_range_are_refused():
         ({"federation": {"strategy": "krum"}, "clients": {"num_clients": 6}},
          "privacy.secure_aggregation: got true — the driver then only"),
         ({"federation": {"baseline": "local"}}, "privacy.secure_aggregation: got true — the driver then only"),
-        ({"privacy": {"dp": {"enabled": True}}}, "privacy.secure_aggregation: got true together with privacy.dp"),
         ({"clients": {"num_clients": 2}}, "privacy.secure_aggregation: got true — it needs at least 3 clients"),
         ({"privacy": {"secagg_fraction_bits": 60}}, "privacy.secagg_fraction_bits: got 60 "),
     ],

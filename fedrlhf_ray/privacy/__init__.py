@@ -46,6 +46,9 @@ def layers(cfg: Any) -> Callable[[Strategy], Strategy] | None:
             target_quantile=float(dp.target_quantile),
             clip_learning_rate=float(dp.clip_learning_rate),
             clipped_count_stddev=None if dp.clipped_count_stddev is None else float(dp.clipped_count_stddev),
+            mode=str(dp.mode),
+            # The driver cannot clip a masked update: under secure aggregation the clients do.
+            clients_clip=bool(cfg.privacy.secure_aggregation),
         )
 
     return wrap

@@ -35,6 +35,7 @@ from scipy.stats import mannwhitneyu
 from fedrlhf_ray.client import cosine_similarity
 from fedrlhf_ray.driver import FederatedDriver
 from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.privacy.secagg import dequantize
 from fedrlhf_ray.privacy.secure_round import unflatten
 from fedrlhf_ray.strategies import sparse_keys_of
@@ -97,7 +98,12 @@ def audit_round(
     for update in updates:
         row: dict[str, float] = {"client": float(update.client_id)}
         if isinstance(update, MaskedUpdate):
-            seen = unflatten(dequantize(update.masked[:-1], 0), shared)
+            # The masked vector as the server would read it (without the weight at its end,
+            # and without a DP not-clipped bit if it carries one).
+            flat = dequantize(update.masked[:-1], 0)
+            with_bit = flat.size > sum(np.size(v) for v in shared.values())
+            seen = unflatten(flat, {**shared, UNCLIPPED_KEY: np.zeros(1)} if with_bit else shared)
+            seen.pop(UNCLIPPED_KEY, None)
             true = None
         else:
             seen = update.weights

@@ -19,10 +19,25 @@ clients whose update was not clipped: (Σ_k 1[‖Δ_k‖ ≤ C] + N(0, σ_b²)) 
 sensitivity 1, so the update sum's noise multiplier is lowered until both Gaussian releases
 together cost what σ alone would (as in their Theorem 1): σ_Δ = (σ⁻² − σ_b⁻²)^(−1/2). The
 accountant composes both releases as they are; σ_b must exceed σ.
+
+**Where clipping and noise happen.** ``mode: central`` — the driver clips and adds the noise;
+it sees every update (or, under secure aggregation, the clipped sum) before the noise.
+``mode: distributed`` — each of the m sampled clients clips its own change and adds
+N(0, σ_Δ²C²/m) (and N(0, σ_b²/m) on its not-clipped bit) from its own secret randomness
+(:func:`client_noise`): the m shares sum to the mechanism's noise, so with secure aggregation
+the driver never holds a sum without it. Under secure aggregation clients always clip (the
+driver cannot clip a masked update). If some of the m drop out, less noise reaches the sum:
+the round is accounted with what arrived, σ·√(s/m) for s survivors — so a round with dropouts
+costs more ε than planned (``target_epsilon`` is checked before a round, on the plan). A round
+with no contribution gets the whole noise from the driver: the mechanism of an empty sample
+is noise too. The per-client floats are rounded to the secure sum's fixed-point grid after the
+noise is added; the accountant does not model that rounding (Kairouz et al. 2021's discrete
+Gaussian would; not built here).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -33,9 +48,12 @@ import dp_accounting
 import numpy as np
 from dp_accounting.rdp import RdpAccountant
 
-from fedrlhf_ray.local_trainer import Weights
+from fedrlhf_ray.local_trainer import RoundInstructions, Weights
+from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.seeding import derive_rng
 from fedrlhf_ray.strategies import StrategyWrapper, delta_norms
+
+MODES = ("central", "distributed")
 
 RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
@@ -137,9 +155,10 @@ def first_round_epsilon(dp_cfg: Any, pool_size: int, count: int) -> float:
 @dataclass
 class DifferentialPrivacy(StrategyWrapper):
     """DP-FedAvg around a FedAvg-like strategy (FedAvg, FedProx), which still configures the
-    clients' round; see the module docstring. State (rounds accounted, the adaptive clip norm)
-    goes into the driver's checkpoint, so a resumed run accounts and clips exactly as one that
-    never stopped."""
+    clients' round; see the module docstring. ``clients_clip``: the clients clip (distributed
+    noise, or a secure sum); the driver then only sums. State (rounds accounted, the adaptive
+    clip norm) goes into the driver's checkpoint, so a resumed run accounts and clips exactly
+    as one that never stopped."""
 
     noise_multiplier: float
     clip_norm: float
@@ -150,11 +169,20 @@ class DifferentialPrivacy(StrategyWrapper):
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     clipped_count_stddev: float | None = None
+    mode: str = "central"
+    clients_clip: bool = False
     # One (sampling rate, update noise multiplier, count noise multiplier or None) per round run.
     steps: list[tuple[float, float, float | None]] = field(default_factory=list)
     _round: int = 0
     _expected: float = 1.0
+    _sampled: int = 0
     _metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"privacy.dp.mode: got {self.mode!r} — allowed: {', '.join(MODES)}")
+        if self.mode == "distributed":
+            self.clients_clip = True
 
     # -- sampling and accounting ---------------------------------------------------------------
     def _step_for(self, pool_size: int, count: int) -> tuple[float, float, float | None]:
@@ -168,7 +196,9 @@ class DifferentialPrivacy(StrategyWrapper):
         self._expected = rate * len(pool)
         self.steps.append(step)
         chosen = rng.random(len(pool)) < rate
-        return [int(c) for c, take in zip(pool, chosen, strict=True) if take]
+        sampled = [int(c) for c, take in zip(pool, chosen, strict=True) if take]
+        self._sampled = len(sampled)
+        return sampled
 
     def epsilon(self) -> float:
         """ε at δ spent by the rounds run so far."""
@@ -188,24 +218,75 @@ class DifferentialPrivacy(StrategyWrapper):
         return None
 
     # -- the round -----------------------------------------------------------------------------
+    def configure_train(self, round_index: int) -> RoundInstructions:
+        """The inner strategy's instructions and, when the clients clip, the clip norm and
+        each client's share of the noise (nothing in central mode: the driver adds it)."""
+        instructions = self.inner.configure_train(round_index)
+        if not self.clients_clip:
+            return instructions
+        _, update_noise, count_stddev = self.steps[-1]
+        share = 1.0 / math.sqrt(max(1, self._sampled)) if self.mode == "distributed" else 0.0
+        return dataclasses.replace(
+            instructions,
+            dp_clip=self.clip_norm,
+            dp_noise_stddev=update_noise * self.clip_norm * share,
+            dp_count=count_stddev is not None,
+            dp_count_stddev=(count_stddev or 0.0) * share,
+        )
+
     def aggregate(
         self,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
     ) -> Weights:
-        _, update_noise, count_stddev = self.steps[-1]
+        if not self.clients_clip:
+            delta_sum, norms = clipped_sum(global_weights, updates, self.clip_norm)
+            return self._release(global_weights, delta_sum, float((norms <= self.clip_norm).sum()), len(updates))
+        # Distributed noise without a secure sum: each update arrives clipped and noised.
+        base = {k: np.asarray(v, dtype=np.float64) for k, v in global_weights.items()}
+        delta_sum = {
+            k: sum((np.asarray(u[k], np.float64) - g for u in updates), np.zeros_like(g)) for k, g in base.items()
+        }
+        unclipped = sum(float(np.asarray(u[UNCLIPPED_KEY])[0]) for u in updates if UNCLIPPED_KEY in u)
+        return self._release(global_weights, delta_sum, unclipped, len(updates))
+
+    def aggregate_masked(
+        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+    ) -> Weights:
+        """From a secure sum of clipped (and, distributed, noised) updates, each of weight 1."""
+        contributors = round(total_weight)
+        delta_sum = {
+            k: np.asarray(weighted_sum[k], np.float64) - contributors * np.asarray(g, np.float64)
+            for k, g in global_weights.items()
+        }
+        unclipped = float(np.asarray(weighted_sum[UNCLIPPED_KEY])[0]) if UNCLIPPED_KEY in weighted_sum else 0.0
+        return self._release(global_weights, delta_sum, unclipped, contributors)
+
+    def _release(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        delta_sum: Mapping[str, np.ndarray],
+        unclipped: float,
+        contributors: int,
+    ) -> Weights:
+        """global + (Σ clipped Δ + the noise the clients did not add) / (qK); adaptive clipping."""
+        rate, update_noise, count_stddev = self.steps[-1]
+        driver_share = 1.0
+        if self.mode == "distributed" and contributors > 0:
+            driver_share = 0.0
+            if contributors < self._sampled:  # dropouts took their noise with them
+                kept = math.sqrt(contributors / self._sampled)
+                self.steps[-1] = (rate, update_noise * kept, None if count_stddev is None else count_stddev * kept)
         clip = self.clip_norm
-        delta_sum, norms = clipped_sum(global_weights, updates, clip)
         rng = derive_rng(self.seed, "dp-noise", self._round)
-        new = noised_mean_step(global_weights, delta_sum, update_noise * clip, self._expected, rng)
+        new = noised_mean_step(global_weights, delta_sum, driver_share * update_noise * clip, self._expected, rng)
         self._metrics = {
             "privacy/clip_norm": clip,
-            "privacy/noise_stddev": update_noise * clip / self._expected,
+            "privacy/noise_stddev": self.steps[-1][1] * clip / self._expected,
         }
         if count_stddev is not None:
-            unclipped = float((norms <= clip).sum()) + count_stddev * float(rng.standard_normal())
-            share = unclipped / self._expected
+            share = (unclipped + driver_share * count_stddev * float(rng.standard_normal())) / self._expected
             self.clip_norm = clip * math.exp(-self.clip_learning_rate * (share - self.target_quantile))
             self._metrics["privacy/unclipped_share_noised"] = share
         return new

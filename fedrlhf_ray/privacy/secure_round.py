@@ -5,8 +5,9 @@ The driver relays and sums; the clients' actors hold every secret. Four calls pe
 recipients), ``train_masked`` (the masked vectors w·θ ‖ w) and ``secagg_reveal`` (the shares
 that remove the masks). A host lost in a phase is not retried — its secrets died with it — its
 clients drop out: before sharing they leave the round, after it the survivors' shares remove
-their masks. The result is the dense, sample-weighted FedAvg of the survivors, exact up to
-fixed-point rounding (≤ n·2^-(f+1) per weighted coordinate before the division by Σw).
+their masks. The result is the survivors' sum Σ w·θ and Σ w (w: a client's sample count, or
+1 under DP), exact up to fixed-point rounding (≤ n·2^-(f+1) per coordinate); the strategy
+turns it into the new model (the dense weighted FedAvg, or DP's noised step).
 """
 
 from __future__ import annotations
@@ -46,9 +47,14 @@ class SecureAggregation:
     def collect(
         self, driver: Any, round_index: int, sampled: list[int], global_ref: Any,
         instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
-    ) -> tuple[Weights | None, list[MaskedUpdate], dict[str, float]]:
-        """(the survivors' FedAvg of the shared weights or None, their masked updates, metrics)."""
+    ) -> tuple[Weights, float, list[MaskedUpdate], dict[str, float]]:
+        """(the survivors' Σ w·θ, by name as in ``shared``; Σ w; their masked updates; metrics).
+        No survivors: zeros and 0."""
         r = round_index
+        if len(sampled) < 3:
+            # Only DP's Poisson sampling draws so few: no sum of them could hide an update, so
+            # the round collects none (DP still releases its noise).
+            return {k: np.zeros(np.shape(v)) for k, v in shared.items()}, 0.0, [], {"secagg/skipped": 1.0}
         replies = driver.call_hosts_once("secagg_keys", r, driver.by_host(sampled), {})
         keys = {c: k for reply in replies.values() for c, k in reply.items()}
         members = sorted(keys)
@@ -82,7 +88,7 @@ class SecureAggregation:
             "secagg/threshold": float(threshold),
         }
         if not survivors:
-            return None, [], metrics
+            return {k: np.zeros(np.shape(v)) for k, v in shared.items()}, 0.0, [], metrics
         masked_sum = np.zeros(len(updates[0].masked), dtype=RING)
         for u in updates:
             masked_sum = masked_sum + u.masked
@@ -93,21 +99,22 @@ class SecureAggregation:
         sub_graph = {c: [j for j in graph[c] if j in in_round] for c in active}
         total = dequantize(unmask_sum(masked_sum, r, sub_graph, keys, set(survivors), revealed, threshold),
                            self.fraction_bits)
-        weight = total[-1]
+        weight = float(total[-1])
         if weight <= 0:
             raise SecAggError(f"round {r}: the survivors' total sample count is {weight:g}")
-        return unflatten(total[:-1] / weight, shared), updates, metrics
+        return unflatten(total[:-1], shared, dtype=np.dtype(np.float64)), weight, updates, metrics
 
 
-def unflatten(flat: np.ndarray, template: Mapping[str, np.ndarray]) -> Weights:
-    """A flat vector (keys in sorted order, as the clients flatten) back to named arrays."""
+def unflatten(flat: np.ndarray, template: Mapping[str, np.ndarray], dtype: np.dtype | None = None) -> Weights:
+    """A flat vector (keys in sorted order, as the clients flatten) back to named arrays, in
+    ``dtype`` or the template's float dtypes."""
     out: Weights = {}
     offset = 0
     for k in sorted(template):
         ref = np.asarray(template[k])
         size = ref.size
-        dtype = ref.dtype if np.issubdtype(ref.dtype, np.floating) else np.dtype(np.float64)
-        out[k] = flat[offset : offset + size].reshape(ref.shape).astype(dtype)
+        kind = dtype or (ref.dtype if np.issubdtype(ref.dtype, np.floating) else np.dtype(np.float64))
+        out[k] = flat[offset : offset + size].reshape(ref.shape).astype(kind)
         offset += size
     if offset != flat.size:
         raise SecAggError(f"the unmasked sum has {flat.size} values, the shared weights {offset}")
