@@ -9,7 +9,9 @@ Configurations, each a real run of the lifecycle (client actors, driver, client 
 * ``plain``: FedAvg with dense rows (``federation.sparse_rows: false``, what secure aggregation
   computes, so the three move the same model);
 * ``secagg``: ``privacy.secure_aggregation: true`` (default SecAgg+ neighbour count);
-* ``dp``: central DP-FedAvg (σ = 1, C = 1; clipping and noise on the driver).
+* ``dp``: central DP-FedAvg (σ = 1, C = 1; clipping and noise on the driver);
+* ``dp+secagg``: distributed DP under secure aggregation (each client clips and adds its share
+  of the noise from its own secret, then masks).
 
 Trainers: the MLP trainer of ``bench/engine_overhead.py`` (50 clients' worth of tiny SGD: the
 protocol's own cost shows), and the RLHF trainer on the synthetic world of
@@ -47,10 +49,12 @@ from fedrlhf_ray.experiment import run_experiment  # noqa: E402
 from fedrlhf_ray.torch_trainer import mlp_trainer_factory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {
+MODES: dict[str, dict[str, Any]] = {
     "plain": {},
     "secagg": {"privacy": {"secure_aggregation": True}},
     "dp": {"privacy": {"dp": {"enabled": True, "noise_multiplier": 1.0, "clip_norm": 1.0}}},
+    "dp+secagg": {"privacy": {"secure_aggregation": True,
+                              "dp": {"enabled": True, "noise_multiplier": 1.0, "clip_norm": 1.0, "mode": "distributed"}}},
 }
 
 
@@ -60,7 +64,7 @@ class CountingDriver(FederatedDriver):
     received_bytes: ClassVar[dict[int, int]] = {}
 
     def _received(self, obj: Any) -> Any:
-        rnd = self.round + 1
+        rnd = getattr(self, "round", 0) + 1  # the initial weights arrive before round 1
         CountingDriver.received_bytes[rnd] = CountingDriver.received_bytes.get(rnd, 0) + len(
             pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         )

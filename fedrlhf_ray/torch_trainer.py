@@ -180,7 +180,10 @@ class MLPTrainer:
         self._maybe_crash(round_index, cid)
         anchor_t = None
         if anchor is not None and proximal_mu > 0:
-            anchor_t = {k: torch.from_numpy(np.asarray(anchor[k], dtype=np.float32)) for k in self._params}
+            # Personal parameters have no global copy: the proximal term covers the shared ones.
+            anchor_t = {
+                k: torch.from_numpy(np.asarray(anchor[k], dtype=np.float32)) for k in self._params if k in anchor
+            }
         g = _generator(derive_seed(self.seed, "batches", round_index, cid))
         loss = self._sgd(cid, self.epochs, g, anchor_t, proximal_mu, self.lr * self.lr_decay**self.rounds_done)
         self.rounds_done += 1
@@ -241,7 +244,7 @@ class MLPTrainer:
                 idx = order[i : i + self.batch_size]
                 loss = F.cross_entropy(self.model(x[idx]), y[idx])
                 if anchor is not None:
-                    prox = sum(((p - anchor[k]) ** 2).sum() for k, p in zip(names, params, strict=True))
+                    prox = sum(((p - anchor[k]) ** 2).sum() for k, p in zip(names, params, strict=True) if k in anchor)
                     loss = loss + 0.5 * proximal_mu * prox
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():

@@ -251,6 +251,45 @@ def test_distributed_dp_without_secure_aggregation_sends_clipped_noised_updates(
     assert len(set(clips)) == 4  # adaptive: C moved every round
 
 
+PERSONAL_FEDPROX = {"personalization": "personal_head", "personal_layers": ["4."], "strategy": "fedprox",
+                    "fedprox_mu": 0.1}
+
+
+def test_secure_aggregation_with_fedprox_and_a_personal_head_resumes_exactly(ray_session, tmp_path):
+    """Masks cancel exactly, so a resumed secure run ends bit for bit as the uninterrupted one;
+    personal layers stay on the clients and out of the masked vectors."""
+    def cfg(rounds):
+        return cfg_for(rounds=rounds, privacy=SECAGG,
+                       federation={"clients_per_round": 1.0, "sparse_rows": False, **PERSONAL_FEDPROX})
+
+    whole = run(cfg(4), tmp_path / "whole")
+    half = run(cfg(2), tmp_path / "half")
+    resumed = run(resume_config(half.run_dir.path, ["federation.rounds=4"]), half.run_dir.path, resume=True)
+    a = whole.run_dir.load_checkpoint(4)["global_weights"]
+    b = resumed.run_dir.load_checkpoint(4)["global_weights"]
+    before = whole.run_dir.load_checkpoint(3)["global_weights"]
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert all(np.array_equal(a[k], before[k]) for k in a if k.startswith("4."))  # never aggregated
+    assert any(not np.array_equal(a[k], before[k]) for k in a if not k.startswith("4."))
+    shared = sum(v.size for k, v in a.items() if not k.startswith("4."))
+    rows = [r for r in whole.run_dir.metrics() if r["round"] >= 1]
+    assert all(r["fed/update_bytes"] == K * 8 * (shared + 1) for r in rows)  # w·θ_shared ‖ w, 64-bit
+
+
+def test_distributed_dp_composes_with_fedprox_a_personal_head_and_adaptive_clipping(ray_session, tmp_path):
+    privacy_cfg = {**SECAGG, "dp": {**DISTRIBUTED["dp"], "adaptive_clipping": True, "clipped_count_stddev": 2.0}}
+    cfg = cfg_for(privacy=privacy_cfg, federation={"clients_per_round": 1.0, **PERSONAL_FEDPROX})
+    result = run(cfg, tmp_path / "all")
+    weights = result.run_dir.load_checkpoint(4)["global_weights"]
+    shared = sum(v.size for k, v in weights.items() if not k.startswith("4."))
+    rows = [r for r in result.run_dir.metrics() if r["round"] >= 1]
+    # The masked vector: the shared weights, the not-clipped bit, the weight.
+    assert all(r["fed/update_bytes"] == K * 8 * (shared + 2) for r in rows)
+    assert len({r["privacy/clip_norm"] for r in rows}) == 4
+    assert result.summary["privacy"]["mode"] == "distributed" and result.summary["privacy"]["epsilon"] > 0
+
+
 @pytest.mark.slow
 def test_the_quickstart_under_dp_still_beats_random(ray_session, tmp_path):
     from fedrlhf_ray.config import load_config

@@ -21,9 +21,25 @@ from tests.conftest import REPO_ROOT, write_sweep
 
 
 def test_shipped_sweeps_validate():
-    for name in ("lambda_sweep.yaml", "movielens_lambda_sweep.yaml"):
+    for name in ("lambda_sweep.yaml", "movielens_lambda_sweep.yaml", "privacy_sweep.yaml", "robustness_sweep.yaml"):
         sweep = load_sweep(REPO_ROOT / "tune_configs" / name)
         assert sweep.settings.search_space and sweep.base_config.federation.rounds >= 2
+
+
+def test_privacy_and_attack_fields_are_sweepable():
+    """σ, C and the attack are searched like any field; every grid point is a valid run."""
+    privacy_sweep = load_sweep(REPO_ROOT / "tune_configs" / "privacy_sweep.yaml")
+    trial = privacy_sweep.trial_config({"privacy.dp.noise_multiplier": 1.0, "privacy.dp.clip_norm": 0.2})
+    assert trial.privacy.dp.enabled and trial.privacy.dp.mode == "distributed" and trial.privacy.secure_aggregation
+    assert (trial.privacy.dp.noise_multiplier, trial.privacy.dp.clip_norm) == (1.0, 0.2)
+    robustness = load_sweep(REPO_ROOT / "tune_configs" / "robustness_sweep.yaml")
+    kinds = robustness.settings.search_space["attack.kind"].representatives()
+    strategies = robustness.settings.search_space["federation.strategy"].representatives()
+    assert "sign_flip" in kinds and "multi_krum" in strategies
+    for kind in kinds:
+        for strategy in strategies:
+            cfg = robustness.trial_config({"attack.kind": kind, "federation.strategy": strategy})
+            assert (cfg.attack.kind, cfg.federation.strategy) == (kind, strategy)
 
 
 @pytest.mark.parametrize(
