@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="inspect datasets")
     data_sub = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    info = data_sub.add_parser("info", help="load a MovieLens copy and print its statistics")
-    info.add_argument("--dataset", required=True, help="ml-latest-small, ml-100k, ml-1m or ml-25m")
-    info.add_argument("--path", help="extracted folder or official zip")
+    info = data_sub.add_parser("info", help="load a MovieLens or IMDb copy and print its statistics")
+    info.add_argument("--dataset", required=True, help="ml-latest-small, ml-100k, ml-1m, ml-25m or imdb")
+    info.add_argument("--path", help="extracted folder or official archive (imdb: also a folder of .tar.gz parts)")
     info.add_argument("--cache-dir", help="cache directory (default $FEDRLHF_CACHE or ~/.cache/fedrlhf)")
     info.add_argument("--download", action="store_true", help="download the official archive if needed")
     info.add_argument("--heldout-fraction", type=float, default=0.2, help="held-out fraction per user")
@@ -147,8 +147,11 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     from envs.data.movielens import SUPPORTED_DATASETS, describe, load_movielens
     from envs.data.partition import temporal_split
 
+    if args.dataset == "imdb":
+        return _imdb_info(args)
     if args.dataset not in SUPPORTED_DATASETS:
-        raise UserError(f"--dataset: got {args.dataset!r} — allowed: {', '.join(SUPPORTED_DATASETS)}")
+        allowed = ", ".join([*SUPPORTED_DATASETS, "imdb"])
+        raise UserError(f"--dataset: got {args.dataset!r} — allowed: {allowed}")
     if not 0.0 < args.heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction: got {args.heldout_fraction} — must lie in (0, 1)")
     data = load_movielens(args.dataset, args.path, cache_dir=args.cache_dir, download=args.download)
@@ -166,6 +169,22 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     table.add_column("value", justify="right")
     for key, value in stats.items():
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    Console().print(table)
+    return 0
+
+
+def _imdb_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from envs.data.imdb import load_imdb
+
+    data = load_imdb(args.path, cache_dir=args.cache_dir, download=args.download)
+    table = Table(title=f"imdb ({data.source})")
+    table.add_column("split / label")
+    table.add_column("reviews", justify="right")
+    for key, value in data.counts().items():
+        table.add_row(key.replace("_", " / "), f"{value:,}")
     Console().print(table)
     return 0
 

@@ -58,7 +58,7 @@ def download_and_extract(fmt: Format, cache_root: Path, url: str, expected: str)
     what = f"{url} (downloaded to {tmp_zip})"
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _fetch(url, out)
+            digest = stream_download(url, out)
         if digest != expected:
             raise DatasetError(
                 f"{what}: sha256 checksum mismatch: expected {expected}, got {digest}; "
@@ -82,7 +82,7 @@ def download_and_extract(fmt: Format, cache_root: Path, url: str, expected: str)
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _fetch(url: str, out: IO[bytes]) -> str:
+def stream_download(url: str, out: IO[bytes]) -> str:
     """Stream ``url`` into ``out``; return the sha256 hex digest of the bytes received."""
     h = hashlib.sha256()
     received = 0

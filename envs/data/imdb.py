@@ -1,0 +1,215 @@
+"""The IMDb Large Movie Review Dataset (aclImdb v1.0, Maas et al. 2011), read where it lies.
+
+Three shapes of the official tree are accepted, all without unpacking anything to disk:
+
+* an extracted folder: ``aclImdb/`` itself, or a folder holding it;
+* the official ``aclImdb_v1.tar.gz`` (or any ``.tar.gz`` / ``.tar`` of the tree);
+* a folder of archives that each hold part of the tree under the official ``aclImdb/...``
+  paths (``../shared/data/imdb``: train, test and unlabelled as three ``.tar.gz`` files);
+* with no path, the official archive in the cache (``<cache>/imdb/aclImdb_v1.tar.gz``), which
+  ``download=True`` fetches first if it is missing: streamed to a temporary file, checked against
+  its published sha256 and only then renamed into place, so a failed or tampered download leaves
+  nothing behind.
+
+A review is ``aclImdb/<split>/<pos|neg|unsup>/<id>_<rating>.txt``: raw UTF-8 with its original
+``<br />`` tags. Positive reviews are rated 7–10, negative 1–4, unlabelled ones 0, and the
+unlabelled ones exist only under ``train``. Anything else — a damaged or truncated archive, a
+review that is not UTF-8, a rating off its label's range, a review given twice, a missing
+labelled split — is a :class:`DatasetError` with one line that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from envs.data.movielens.download import stream_download
+from envs.data.movielens.errors import DatasetError
+from envs.data.movielens.parsed_cache import default_cache_dir
+
+OFFICIAL_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+# sha256 of the official aclImdb_v1.tar.gz, as pinned by several independent public projects
+# that download it (dataset managers in Rust, Go and Julia, and checksum-checked shell scripts).
+OFFICIAL_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
+ARCHIVE_NAME = "aclImdb_v1.tar.gz"
+
+SPLITS = ("train", "test", "unsup")
+LABELS = {"pos": 1, "neg": 0, "unsup": -1}
+RATINGS = {"pos": range(7, 11), "neg": range(1, 5), "unsup": range(0, 1)}
+MEMBER_RE = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# Everything tarfile and gzip raise on a damaged, truncated or foreign file.
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
+@dataclass(frozen=True)
+class Review:
+    """One review: ``label`` 1 positive, 0 negative, -1 unlabelled; ``rating`` 1–10 (0 unlabelled)."""
+
+    split: str
+    review_id: int
+    label: int
+    rating: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ImdbData:
+    """The reviews of each split (``train``, ``test``, ``unsup``), sorted by label then id."""
+
+    source: str
+    reviews: dict[str, list[Review]]
+
+    def counts(self) -> dict[str, int]:
+        """Reviews per split and label, e.g. ``train_pos``: 12,500 for the official data."""
+        out: dict[str, int] = {}
+        for split in ("train", "test"):
+            for name, label in (("pos", 1), ("neg", 0)):
+                out[f"{split}_{name}"] = sum(r.label == label for r in self.reviews[split])
+        out["unsup"] = len(self.reviews["unsup"])
+        return out
+
+
+def _review(name: str, data: bytes, where: str) -> Review | None:
+    """The review of member/file ``name`` (None: not a review file), checked."""
+    match = MEMBER_RE.search(name)
+    if match is None:
+        return None
+    split, kind, review_id, rating = match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
+    if kind == "unsup" and split != "train":
+        raise DatasetError(f"{where}: {name}: unlabelled reviews belong under aclImdb/train/unsup")
+    if (kind != "unsup" and rating not in RATINGS[kind]) or (kind == "unsup" and rating != 0):
+        allowed = RATINGS[kind]
+        raise DatasetError(
+            f"{where}: {name}: rating {rating} is off the {kind} range {allowed.start}–{allowed.stop - 1}"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{where}: {name}: not UTF-8 text (byte offset {err.start})") from None
+    return Review("unsup" if kind == "unsup" else split, review_id, LABELS[kind], rating, text)
+
+
+def _from_archive(path: Path) -> Iterator[Review]:
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                if not member.isfile() or MEMBER_RE.search(member.name) is None:
+                    continue
+                handle = archive.extractfile(member)
+                if handle is None:
+                    continue
+                review = _review(member.name, handle.read(), str(path))
+                if review is not None:
+                    yield review
+    except ARCHIVE_ERRORS as err:
+        raise DatasetError(
+            f"{path}: not a readable tar archive ({type(err).__name__}: {err}) — it is damaged or "
+            "truncated; copy or download it again"
+        ) from None
+
+
+def _from_folder(root: Path) -> Iterator[Review]:
+    for path in sorted(root.glob("*/*/*.txt")):
+        rel = f"aclImdb/{path.relative_to(root).as_posix()}"
+        if MEMBER_RE.search(rel) is None:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise DatasetError(f"{path}: unreadable ({err.strerror or err})") from None
+        review = _review(rel, data, str(root))
+        if review is not None:
+            yield review
+
+
+def _sources(path: Path) -> tuple[str, list[Iterator[Review]]]:
+    if path.is_file():
+        return f"archive {path}", [_from_archive(path)]
+    if not path.is_dir():
+        raise DatasetError(f"{path}: no such file or folder — give the aclImdb folder or its .tar.gz archive(s)")
+    for root in (path, path / "aclImdb"):
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return f"folder {root}", [_from_folder(root)]
+    archives = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
+    if archives:
+        return f"archives in {path}", [_from_archive(p) for p in archives]
+    raise DatasetError(
+        f"{path}: holds neither an aclImdb/ tree (train/ and test/) nor .tar.gz archives of it"
+    )
+
+
+def fetch_official(cache_dir: str | Path | None = None, url: str = OFFICIAL_URL,
+                   expected: str = OFFICIAL_SHA256) -> Path:
+    """Download the official archive into ``<cache>/imdb/`` (checked, atomic); its path."""
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = folder / "imdb"
+    target = folder / ARCHIVE_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{ARCHIVE_NAME}.", suffix=".part")
+    except OSError as err:
+        raise DatasetError(f"{folder}: cannot write the download cache: {err}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = stream_download(url, out)
+        if digest != expected:
+            raise DatasetError(
+                f"{url}: sha256 checksum mismatch: expected {expected}, got {digest}; the download was discarded"
+            )
+        os.replace(tmp, target)
+    except OSError as err:
+        raise DatasetError(f"{target}: cannot store the download ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def load_imdb(
+    path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    download: bool = False,
+    url: str = OFFICIAL_URL,
+    expected: str = OFFICIAL_SHA256,
+) -> ImdbData:
+    """Every review under ``path``, or in the cached official archive (see the module docstring)."""
+    if path is None:
+        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        cached = folder / "imdb" / ARCHIVE_NAME
+        if not cached.is_file():
+            if not download:
+                raise DatasetError(
+                    f"imdb: not found in the cache ({cached}) — give the path of a copy (--path), "
+                    f"or allow (--download) the download of {url}"
+                )
+            cached = fetch_official(cache_dir, url, expected)
+        path = cached
+    path = Path(path).expanduser()
+    source, streams = _sources(path)
+    reviews: dict[str, list[Review]] = {s: [] for s in SPLITS}
+    seen: set[tuple[str, int, int]] = set()
+    for stream in streams:
+        for review in stream:
+            key = (review.split, review.label, review.review_id)
+            if key in seen:
+                kind = {1: "pos", 0: "neg", -1: "unsup"}[review.label]
+                raise DatasetError(f"{path}: review {review.split}/{kind}/{review.review_id} is given twice")
+            seen.add(key)
+            reviews[review.split].append(review)
+    for split in ("train", "test"):
+        for label, kind in ((1, "pos"), (0, "neg")):
+            if not any(r.label == label for r in reviews[split]):
+                raise DatasetError(
+                    f"{path}: no aclImdb/{split}/{kind}/ reviews — the copy is incomplete (the official "
+                    "tree has 12,500 in each)"
+                )
+    for split in SPLITS:
+        reviews[split].sort(key=lambda r: (-r.label, r.review_id))
+    return ImdbData(source, reviews)
