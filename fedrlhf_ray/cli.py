@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--heldout-fraction", type=float, default=0.2, help="held-out fraction per user")
     info.add_argument("--min-ratings", type=int, default=20, help="minimum ratings of an eligible user")
 
+    prep = sub.add_parser("prepare", help="build a task's public models once (imdb: tokenizer, GPT-2, evaluator)")
+    prep.add_argument("task", choices=["imdb"], help="the task to prepare")
+    prep.add_argument("config", nargs="?", help="experiment YAML file whose env.imdb and lm settings to use "
+                      "(default: the built-in ones)")
+    prep.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a field, e.g. --set lm.pretrain_steps=500 (repeatable)",
+    )
+
     run = sub.add_parser("run", help="federated RLHF (or a baseline) on Ray client actors")
     run.add_argument("config", nargs="?", help="experiment YAML file (not needed with --resume)")
     run.add_argument(
@@ -197,13 +206,27 @@ SUMMARY_METRICS = (
 )
 
 
-class RunView:
-    """What ``fedrlhf run`` / ``train`` print: a header, a live progress bar, the result table."""
+TEXT_METRICS = (
+    ("sentiment", "sentiment (own reward model)"),
+    ("sentiment_independent", "sentiment (independent evaluator)"),
+    ("fluency", "fluency (1 − NLL/ln V)"),
+    ("reward", "reward λ·s + (1−λ)·f"),
+    ("kl_to_reference", "KL to reference (nats/sequence)"),
+    ("perplexity_reference", "perplexity under reference"),
+    ("distinct_2", "distinct-2"),
+)
 
-    def __init__(self, title: str) -> None:
+
+class RunView:
+    """What ``fedrlhf run`` / ``train`` print: a header, a live progress bar, the result table.
+
+    ``text``: the IMDb task, whose metrics are sentiment, fluency and KL instead of hit rates."""
+
+    def __init__(self, title: str, text: bool = False) -> None:
         from rich.console import Console
 
         self.console = Console()
+        self.text = text
         self.title = title
         self.progress: Any = None
         self.task: Any = None
@@ -227,6 +250,18 @@ class RunView:
 
     def on_round(self, p: Any) -> None:
         m, last = p.metrics, p.last_eval
+        if self.text:
+            self.progress.update(
+                self.task, completed=p.completed_rounds,
+                description=(
+                    f"clients {int(m['fed/clients_aggregated'])}/{int(m['fed/clients_sampled'])}"
+                    f" · sentiment {last.get('eval/sentiment_independent/mean', float('nan')):.3f}"
+                    f" · fluency {last.get('eval/fluency/mean', float('nan')):.3f}"
+                    f" · KL {last.get('eval/kl_to_reference/mean', float('nan')):.2f}"
+                    f" · {m['fed/round_seconds']:.1f}s"
+                ),
+            )
+            return
         self.progress.update(
             self.task, completed=p.completed_rounds,
             description=(
@@ -248,6 +283,9 @@ class RunView:
 
         self.close()
         first, last = result.initial, result.final
+        if self.text:
+            self._text_result(result, num_clients)
+            return
         table = Table(title=f"held-out evaluation over {num_clients} client(s) (mean · worst decile)")
         for col in ("metric", "random", "round 0", f"round {result.rounds}", "oracle"):
             table.add_column(col, justify="left" if col == "metric" else "right")
@@ -269,6 +307,24 @@ class RunView:
             f"closed {closed:.0%} of the random→oracle gap in mean liked-hit rate; "
             f"{time.perf_counter() - self.start:.0f}s for {result.rounds - self.first_round} rounds"
         )
+        self._result_footer(result)
+
+    def _text_result(self, result: Any, num_clients: int) -> None:
+        from rich.table import Table
+
+        first, last = result.initial, result.final
+        table = Table(title=f"held-out prompts of {num_clients} client(s) (mean · worst decile)")
+        for col in ("metric", "round 0 (reference)", f"round {result.rounds}"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        for key, label in TEXT_METRICS:
+            cells = [f"{m.get(f'eval/{key}/mean', float('nan')):.3f} · "
+                     f"{m.get(f'eval/{key}/worst_decile', float('nan')):.3f}" for m in (first, last)]
+            table.add_row(label, *cells)
+        self.console.print(table)
+        self.console.print(f"{time.perf_counter() - self.start:.0f}s for {result.rounds - self.first_round} rounds")
+        self._result_footer(result)
+
+    def _result_footer(self, result: Any) -> None:
         dp = result.summary.get("privacy")
         if dp is not None:
             self.console.print(
@@ -305,6 +361,38 @@ def _run(cfg: ExperimentConfig, view: RunView, resume_dir: Path | None, args: ar
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedrlhf_ray.config import apply_overrides, validate_config
+    from fedrlhf_ray.text.prepare import is_prepared, prepare
+
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        cfg = validate_config(apply_overrides({"env": {"name": "imdb"}}, args.overrides))
+    if cfg.env.name != "imdb":
+        raise UserError(f"prepare imdb: {args.config} is an env.name {cfg.env.name!r} experiment, not imdb")
+    cached = is_prepared(cfg)
+    folder, report = prepare(cfg, progress=True)
+    table = Table(title=f"IMDb models ({'cached' if cached else 'prepared'}) in {folder}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    pre, ev = report.get("pretrain"), report["evaluator"]
+    if pre is not None:
+        table.add_row("GPT-2 parameters", f"{pre['parameters']:,}")
+        table.add_row("pre-training tokens seen / corpus", f"{pre['tokens_seen']:,} / {pre['corpus_tokens']:,}")
+        table.add_row("held-out perplexity (before → after)",
+                      f"{pre['heldout_perplexity_initial']:.1f} → {pre['heldout_perplexity']:.1f}")
+        seconds = report["tokenizer_seconds"] + report["pretrain_seconds"]
+        table.add_row("tokenizer + pre-training seconds", f"{seconds:.0f}")
+    table.add_row("evaluator test accuracy (25,000 reviews)", f"{ev['test_accuracy']:.3f}")
+    table.add_row("total seconds", f"{report['seconds']:.0f}")
+    Console().print(table)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedrlhf_ray.experiment import resume_config
 
@@ -321,7 +409,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     fed = cfg.federation
     view = RunView(
         f"[bold]{fed.baseline}[/bold] RLHF · env={cfg.env.name} · K={cfg.clients.num_clients} clients · "
-        f"strategy={fed.strategy} · personalization={fed.personalization} · {fed.rounds} rounds"
+        f"strategy={fed.strategy} · personalization={fed.personalization} · {fed.rounds} rounds",
+        text=cfg.env.name == "imdb",
     )
     return _run(cfg, view, resume_dir, args)
 
@@ -337,7 +426,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     lam = cfg.client_lambdas()[args.client]
     view = RunView(
         f"[bold]single-client RLHF[/bold] · env={cfg.env.name} · client {args.client} · λ={lam:g} · "
-        f"{cfg.federation.rounds} rounds × {cfg.ppo.local_iterations} PPO iterations"
+        f"{cfg.federation.rounds} rounds × {cfg.ppo.local_iterations} PPO iterations",
+        text=cfg.env.name == "imdb",
     )
     return _run(cfg, view, None, args, only_clients=[args.client])
 
@@ -532,8 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         args = build_parser().parse_args(argv)
-        commands = {"config": cmd_config, "data": cmd_data_info, "run": cmd_run, "tune": cmd_tune,
-                    "ui": cmd_ui, "train": cmd_train, "audit": cmd_audit}
+        commands = {"config": cmd_config, "data": cmd_data_info, "prepare": cmd_prepare, "run": cmd_run,
+                    "tune": cmd_tune, "ui": cmd_ui, "train": cmd_train, "audit": cmd_audit}
         return commands[args.command](args)
     except (UserError, DatasetError) as err:
         print(f"fedrlhf: error: {' '.join(str(_cause(err)).split())}", file=sys.stderr)

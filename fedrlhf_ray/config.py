@@ -114,10 +114,110 @@ class DataConfig(_Section):
     min_ratings: Int = Field(20, ge=2, description="Users with fewer ratings are not eligible as clients.")
 
 
-class EnvConfig(_Section):
-    """The recommendation environment."""
+class ImdbConfig(_Section):
+    """IMDb reviews and the text env (used when ``env.name`` is ``imdb``)."""
 
-    name: Literal["synthetic", "movielens"] = Field("synthetic", description="Which environment.")
+    path: str | None = Field(
+        None, min_length=1,
+        description="aclImdb folder, the official aclImdb_v1.tar.gz, or a folder of part archives; "
+        "default: the cache directory.",
+    )
+    cache_dir: str | None = Field(
+        None, min_length=1, description="Cache directory (default $FEDRLHF_CACHE or ~/.cache/fedrlhf)."
+    )
+    download: bool = Field(False, description="Download the official archive if no copy is found.")
+    label_skew: Float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Heterogeneity: client k's share of positive reviews runs linearly from 0.5 − s/2 "
+        "(first client) to 0.5 + s/2 (last); 0 = IID, 1 = first client all negative, last all positive.",
+    )
+    reviews_per_client: Int = Field(
+        1000, ge=20, description="Labelled training reviews per client (its private human feedback)."
+    )
+    test_prompts_per_client: Int = Field(
+        32, ge=1, description="Held-out prompts per client, from its own shard of the IMDb test split."
+    )
+    prompt_tokens: Int = Field(8, ge=1, le=256, description="Prompt length in tokens (the paper cuts to 8).")
+    generate_tokens: Int = Field(
+        16, ge=1, le=256, description="G: tokens generated per episode (the paper: 32); end-of-text ends it early."
+    )
+
+
+class SentimentConfig(_Section):
+    """Each client's sentiment reward model and the independent evaluator (IMDb)."""
+
+    pretrained: str | None = Field(
+        None, min_length=1,
+        description="A Hugging Face sequence classifier (folder, or name in the local Hugging Face cache, "
+        "e.g. lvwerra/distilbert-imdb) used as every client's scorer instead of training one; never downloaded.",
+    )
+    feedback: Literal["labels", "preferences"] = Field(
+        "labels",
+        description="'labels': fit on the client's labelled reviews; 'preferences': fit by Bradley–Terry on "
+        "a simulated human's comparisons of pairs of the policy's continuations (the human's taste is a "
+        "model of the client's labelled reviews).",
+    )
+    preference_pairs: Int = Field(
+        64, ge=1, description="'preferences': comparisons the client's human answers per round."
+    )
+    beta: Float = Field(4.0, ge=0.0, description="'preferences': Bradley–Terry rationality of the simulated human.")
+    hash_buckets: Int = Field(
+        2**18, ge=0, description="Hashed token-bigram features added to the token unigrams (0: unigrams only)."
+    )
+    epochs: Int = Field(4, ge=1, description="Epochs of Adam over the client's reviews (or comparisons).")
+    lr: Float = Field(0.1, gt=0.0, description="Adam learning rate.")
+    weight_decay: Float = Field(0.0, ge=0.0, description="L2 penalty on the weights.")
+    max_review_tokens: Int = Field(256, ge=8, description="Reviews are cut to this many tokens for training.")
+
+
+class LMConfig(_Section):
+    """The language-model policy and its frozen reference (IMDb); see ``fedrlhf prepare imdb``."""
+
+    pretrained: str | None = Field(
+        None, min_length=1,
+        description="A Hugging Face causal LM (folder, or name in the local Hugging Face cache, e.g. gpt2) "
+        "as policy initialisation and reference; never downloaded. Default: the small GPT-2 "
+        "`fedrlhf prepare imdb` pre-trains.",
+    )
+    vocab_size: Int = Field(4096, ge=300, le=65536, description="Byte-level BPE vocabulary size (prepare).")
+    n_layer: Int = Field(2, ge=1, le=48, description="Transformer blocks (prepare).")
+    n_embd: Int = Field(64, ge=8, le=4096, description="Hidden size (prepare); a multiple of n_head.")
+    n_head: Int = Field(2, ge=1, le=64, description="Attention heads (prepare).")
+    context: Int = Field(64, ge=16, le=2048, description="Context length in tokens (prepare and the text env).")
+    corpus: Literal["train+unsup", "unsup"] = Field(
+        "train+unsup",
+        description="Pre-training text: IMDb train + unlabelled reviews (the issue's setting), or only the "
+        "unlabelled ones (so no client's review text is in the public model).",
+    )
+    max_texts: Int = Field(0, ge=0, description="Use at most this many reviews for prepare (0: all).")
+    pretrain_steps: Int = Field(4000, ge=1, description="Optimizer steps of pre-training.")
+    pretrain_batch_size: Int = Field(32, ge=1, description="Sequences per pre-training step.")
+    pretrain_lr: Float = Field(3e-3, gt=0.0, description="Peak AdamW learning rate (cosine decay).")
+    pretrain_seed: Int = Field(
+        0, ge=0, description="Seed of prepare: the public model is the same whatever the experiment's seed."
+    )
+    kl_coeff: Float = Field(0.05, ge=0.0, description="β of the KL(π ‖ π_ref) penalty in PPO's loss.")
+    adaptive_kl: bool = Field(
+        False, description="Adapt β per client towards target_kl (Ziegler et al.); β is kept in the client's record."
+    )
+    target_kl: Float = Field(2.0, gt=0.0, description="Adaptive KL: target KL per generated sequence (nats).")
+    kl_horizon: Float = Field(
+        10.0, gt=0.0, description="Adaptive KL: rounds over which β moves by the (clipped) relative error."
+    )
+    eval_temperature: Float = Field(1.0, gt=0.0, description="Sampling temperature of evaluation generations.")
+    sentiment: SentimentConfig = Field(default_factory=SentimentConfig)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> LMConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd: got {self.n_embd} — must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+class EnvConfig(_Section):
+    """The environment: slate recommendation (synthetic, MovieLens) or IMDb text continuation."""
+
+    name: Literal["synthetic", "movielens", "imdb"] = Field("synthetic", description="Which environment.")
     slate_size: Int = Field(10, ge=2, le=100, description="Candidates shown per step (M).")
     session_length: Int = Field(10, ge=1, le=1000, description="Steps per episode (one session).")
     history_length: Int = Field(10, ge=1, le=200, description="Recent training items in the observation.")
@@ -129,6 +229,7 @@ class EnvConfig(_Section):
     like_threshold: Float = Field(4.0, gt=0.0, le=5.0, description="A rating at or above this is 'liked'.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    imdb: ImdbConfig = Field(default_factory=ImdbConfig)
 
     @model_validator(mode="after")
     def _positives_fit_slate(self) -> EnvConfig:
@@ -431,6 +532,7 @@ class ExperimentConfig(_Section):
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings)
+    lm: LMConfig = Field(default_factory=LMConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
@@ -542,6 +644,24 @@ class ExperimentConfig(_Section):
             shortfall = _cpu_shortfall(self, self.ray.num_cpus, "ray.num_cpus")
             if shortfall:
                 raise ValueError(shortfall)
+        return self
+
+    @model_validator(mode="after")
+    def _text_window_fits(self) -> ExperimentConfig:
+        if self.env.name != "imdb":
+            return self
+        imdb, lm = self.env.imdb, self.lm
+        window = imdb.prompt_tokens + imdb.generate_tokens
+        if lm.pretrained is None and window > lm.context:
+            raise ValueError(
+                f"env.imdb.generate_tokens: got {imdb.generate_tokens} — env.imdb.prompt_tokens "
+                f"({imdb.prompt_tokens}) + generate_tokens = {window} must fit lm.context ({lm.context})"
+            )
+        if lm.sentiment.feedback == "preferences" and lm.sentiment.pretrained is not None:
+            raise ValueError(
+                "lm.sentiment.feedback: got 'preferences' — a pretrained scorer (lm.sentiment.pretrained) "
+                "is not fitted, so it learns from no feedback; use feedback: labels or unset pretrained"
+            )
         return self
 
     @model_validator(mode="after")

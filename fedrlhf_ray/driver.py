@@ -102,10 +102,16 @@ class FederatedDriver:
             self.training_clients = list(self.eval_clients)
         self.num_hosts = num_workers(cfg, len(self.eval_clients)) if only_clients is None else 1
         if trainer_factory is None:
-            from fedrlhf_ray.rlhf_trainer import RLHFTrainerFactory  # imports RLlib: only when used
-
             cfg_dict = cfg.to_dict()
-            trainer_factory = lambda w, n: RLHFTrainerFactory(cfg_dict, w, n)  # noqa: E731
+            # Both import RLlib: only when used.
+            if cfg.env.name == "imdb":
+                from fedrlhf_ray.text.trainer import TextTrainerFactory
+
+                trainer_factory = lambda w, n: TextTrainerFactory(cfg_dict, w, n)  # noqa: E731
+            else:
+                from fedrlhf_ray.rlhf_trainer import RLHFTrainerFactory
+
+                trainer_factory = lambda w, n: RLHFTrainerFactory(cfg_dict, w, n)  # noqa: E731
         self.store_root = client_store_root(cfg, self.run_dir)
         self.prefixes = personal_prefixes(cfg)
         # Ray actor handles: their methods are called with .remote(), which Ray's typing of a

@@ -26,6 +26,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -197,9 +198,17 @@ def run_experiment(
     driver).
     """
     if trainer_factory is None:
-        from fedrlhf_ray.clients_data import build_clients
+        # Data problems surface here, before anything is created.
+        if cfg.env.name == "imdb":
+            from fedrlhf_ray.clients_data import build_imdb_shards
+            from fedrlhf_ray.text.prepare import prepare
 
-        build_clients(cfg)  # data problems surface here, before anything is created
+            build_imdb_shards(cfg)
+            prepare(cfg, progress=sys.stderr.isatty(), announce=True)  # a no-op once prepared
+        else:
+            from fedrlhf_ray.clients_data import build_clients
+
+            build_clients(cfg)
     if not resume and run_dir is None:
         check_out_location(out)
     if cfg.federation.client_state_dir is not None:
@@ -269,6 +278,7 @@ class _Lifecycle:
         self.tracker_status_before: str | None = None
         self.new_rounds = 0
         self.finished = False
+        self.samples: Any = None  # the IMDb task's SampleWriter
 
     def run(self, uri, trainer_factory, only_clients, extra_tags, on_start, on_round, driver_cls) -> Result:
         cfg, rd = self.cfg, self.rd
@@ -278,12 +288,17 @@ class _Lifecycle:
             rd.write_config(cfg.to_dict())  # on resume: a raised federation.rounds is kept
             self.tracker = self._start_tracking(uri, extra_tags)
             self.driver = driver_cls(cfg, rd, trainer_factory=trainer_factory, only_clients=only_clients)
+            if cfg.env.name == "imdb" and trainer_factory is None:
+                from fedrlhf_ray.text.samples import SampleWriter
+
+                self.samples = SampleWriter(cfg)
             if self.resume:
                 self.driver.restore()
                 initial = rd.round_metrics(0)
             else:
                 initial, rows = self.driver.initial_evaluation()
                 rd.append_metrics([initial], rows)
+                self._write_samples(0)
             if self.tracker is not None:
                 if self.resume:
                     self.tracker.reopen()
@@ -307,6 +322,8 @@ class _Lifecycle:
                 rd.append_metrics([metrics], rows)
                 self.driver.checkpoint()
                 self.new_rounds += 1
+                if any(k.startswith("eval/") for k in metrics):
+                    self._write_samples(self.driver.round)
                 if self.tracker is not None:  # after the checkpoint: a logged round is a resumable round
                     self.tracker.log_round(self.driver.round, metrics, rows)
                 progress.completed_rounds = self.driver.round
@@ -325,6 +342,14 @@ class _Lifecycle:
         except BaseException as err:
             self._fail(err)
             raise
+
+    def _write_samples(self, round_index: int) -> None:
+        """The IMDb task's sample generations of the global model, to the run dir and MLflow."""
+        if self.samples is None or self.driver is None:
+            return
+        name = self.rd.write_samples(round_index, self.samples.text(round_index, self.driver.global_weights))
+        if self.tracker is not None:
+            self.tracker.log_artifacts(self.rd.path, [name], "samples")
 
     # -- tracking ------------------------------------------------------------------------------
     def _start_tracking(self, uri: str | None, extra_tags: dict[str, str] | None) -> tracking.RunTracker | None:

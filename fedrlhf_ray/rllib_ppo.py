@@ -182,7 +182,7 @@ def set_weights(algo: Algorithm, weights: dict[str, np.ndarray]) -> None:
 def acting_weights(algo: Algorithm) -> dict[str, np.ndarray]:
     """The weights of the local env runner's module: the policy that actually samples."""
     module = algo.env_runner.module
-    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+    return {k: np.asarray(v).copy() for k, v in module.get_state().items()}
 
 
 def set_prox_anchor(algo: Algorithm, weights: dict[str, np.ndarray] | None, mu: float = 0.0) -> None:

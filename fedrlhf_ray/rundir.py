@@ -45,6 +45,7 @@ CURVES = "learning_curves.png"
 FINAL_WEIGHTS = "global_weights.npz"
 CLIENT_STORE = "clients"
 CHECKPOINT_PREFIX = "checkpoint"
+SAMPLES_DIR = "samples"  # the IMDb task's sample generations, one text file a round
 CHECKPOINTS_KEPT = 2
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d{{6}})\.npz$")
 
@@ -163,6 +164,13 @@ class RunDir:
         buffer = io.BytesIO()
         np.savez(buffer, **weights)
         atomic_write(self.path / FINAL_WEIGHTS, buffer.getvalue())
+
+    def write_samples(self, round_index: int, text: str) -> str:
+        """A round's sample generations; returns the file's name relative to the run dir."""
+        name = f"{SAMPLES_DIR}/round_{round_index:04d}.txt"
+        (self.path / SAMPLES_DIR).mkdir(exist_ok=True)
+        atomic_write(self.path / name, text.encode())
+        return name
 
     # -- metrics -------------------------------------------------------------------------------
     def append_metrics(self, rows: list[dict[str, Any]], client_rows: list[dict[str, Any]]) -> None:

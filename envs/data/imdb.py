@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from envs.data.movielens.download import stream_download
 from envs.data.movielens.errors import DatasetError
 from envs.data.movielens.parsed_cache import default_cache_dir
@@ -213,3 +215,74 @@ def load_imdb(
     for split in SPLITS:
         reviews[split].sort(key=lambda r: (-r.label, r.review_id))
     return ImdbData(source, reviews)
+
+
+class ShardError(ValueError):
+    """The requested client shards cannot be cut from the data (the message names the setting)."""
+
+
+@dataclass(frozen=True)
+class ImdbShard:
+    """One client's private reviews: labelled training reviews (its human feedback) and held-out
+    test reviews (whose openings are its evaluation prompts)."""
+
+    client_id: int
+    train: tuple[Review, ...]
+    test: tuple[Review, ...]
+
+    @property
+    def positive_share(self) -> float:
+        return sum(r.label for r in self.train) / max(1, len(self.train))
+
+
+def positive_shares(num_clients: int, label_skew: float) -> list[float]:
+    """Client k's share of positive reviews: linear from 0.5 − s/2 to 0.5 + s/2 (0.5 for one client)."""
+    if num_clients == 1:
+        return [0.5]
+    return [0.5 + label_skew * (k / (num_clients - 1) - 0.5) for k in range(num_clients)]
+
+
+def shard_imdb(
+    data: ImdbData, *, num_clients: int, reviews_per_client: int, test_per_client: int,
+    label_skew: float = 0.0, seed: int = 0,
+) -> list[ImdbShard]:
+    """K disjoint shards, IID (``label_skew`` 0) or skewed by label, deterministic in ``seed``.
+
+    Reviews whose text repeats another's are dropped first, so no text is in two shards.
+    """
+    shards: dict[int, dict[str, list[Review]]] = {k: {"train": [], "test": []} for k in range(num_clients)}
+    shares = positive_shares(num_clients, label_skew)
+    for split, per_client, setting in (
+        ("train", reviews_per_client, "reviews_per_client"), ("test", test_per_client, "test_prompts_per_client")
+    ):
+        seen: set[str] = set()
+        unique = []
+        for review in data.reviews[split]:
+            if review.text not in seen:
+                seen.add(review.text)
+                unique.append(review)
+        rng = np.random.default_rng([seed, SPLITS.index(split)])
+        for label in (1, 0):
+            pool = [r for r in unique if r.label == label]
+            order = rng.permutation(len(pool))
+            positives = [round(per_client * s) for s in shares]
+            wanted = positives if label == 1 else [per_client - p for p in positives]
+            if sum(wanted) > len(pool):
+                name = "positive" if label == 1 else "negative"
+                raise ShardError(
+                    f"{setting}: got {per_client} — {num_clients} clients need {sum(wanted)} {name} {split} "
+                    f"reviews and the data has {len(pool)} distinct ones; lower it or clients.num_clients"
+                )
+            start = 0
+            for k, count in enumerate(wanted):
+                shards[k][split].extend(pool[i] for i in order[start:start + count])
+                start += count
+    out = []
+    for k in range(num_clients):
+        parts = {}
+        for split in ("train", "test"):
+            reviews = shards[k][split]
+            order = np.random.default_rng([seed, 7, k, SPLITS.index(split)]).permutation(len(reviews))
+            parts[split] = tuple(reviews[i] for i in order)
+        out.append(ImdbShard(k, parts["train"], parts["test"]))
+    return out

@@ -1,0 +1,280 @@
+"""``fedrlhf prepare imdb``: the public models of the IMDb task, built once and cached.
+
+1. a byte-level BPE tokenizer (Hugging Face ``tokenizers``) trained on the pre-training corpus;
+2. a small GPT-2 (``transformers``' ``GPT2LMHeadModel``) pre-trained on it, on CPU: random windows
+   of the concatenated reviews, AdamW with warm-up and cosine decay;
+3. the independent sentiment evaluator: a :class:`BagOfTokens` trained on the full IMDb training
+   set, scored on the full test set.
+
+The folder is named by a hash of every setting that changes the result (and of the data's counts),
+so a changed setting prepares anew and an unchanged one is reused; it appears atomically (built in a
+temporary folder, then renamed). With ``lm.pretrained`` (a Hugging Face model) only the evaluator is
+built, over that model's tokenizer. Everything is a function of ``lm.pretrain_seed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.text.lm import END_OF_TEXT, LanguageModel, clean_review, load_prepared, load_pretrained
+from fedrlhf_ray.text.sentiment import BagOfTokens
+
+REPORT = "report.json"
+EVALUATOR = "evaluator.safetensors"
+# Held-out perplexity is measured on this many test reviews (never in any pre-training corpus).
+PERPLEXITY_REVIEWS = 500
+
+
+def _settings(cfg: Any) -> dict[str, Any]:
+    lm, sent = cfg.lm, cfg.lm.sentiment
+    model = (
+        {"pretrained": lm.pretrained}
+        if lm.pretrained is not None
+        else {k: getattr(lm, k) for k in (
+            "vocab_size", "n_layer", "n_embd", "n_head", "context", "corpus", "max_texts",
+            "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
+        )}
+    )
+    evaluator = {k: getattr(sent, k) for k in ("hash_buckets", "epochs", "lr", "weight_decay", "max_review_tokens")}
+    return {"version": 1, "seed": lm.pretrain_seed, "model": model, "evaluator": evaluator}
+
+
+def cache_root(cfg: Any) -> Path:
+    from envs.data.movielens.parsed_cache import default_cache_dir
+
+    base = cfg.env.imdb.cache_dir
+    return (Path(base).expanduser() if base else default_cache_dir()) / "imdb-lm"
+
+
+def prepared_folder(cfg: Any) -> Path:
+    """Where the prepared models of ``cfg``'s settings live (whether or not they exist yet)."""
+    digest = hashlib.sha256(json.dumps(_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root(cfg) / digest
+
+
+def is_prepared(cfg: Any) -> bool:
+    return (prepared_folder(cfg) / REPORT).exists()
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"), disable=not enabled, transient=False,
+    )
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tokenizer
+
+
+def _token_stream(tokenizer: Any, texts: list[str], eos: int, chunk: int = 2000) -> np.ndarray:
+    """All texts' tokens, each followed by end-of-text, as one array (encoded in chunks: a
+    tokenizers Encoding keeps offsets and strings too, gigabytes for the whole corpus)."""
+    parts = []
+    for start in range(0, len(texts), chunk):
+        for enc in tokenizer.encode_batch(texts[start:start + chunk]):
+            parts.append(np.asarray(enc.ids + [eos], dtype=np.int32))
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _windows(stream: np.ndarray, starts: np.ndarray, width: int) -> torch.Tensor:
+    return torch.as_tensor(np.stack([stream[s:s + width] for s in starts]))
+
+
+@torch.no_grad()
+def perplexity(model: Any, stream: np.ndarray, width: int, max_windows: int = 256) -> float:
+    """exp(mean next-token NLL) over consecutive windows of a held-out token stream."""
+    model.eval()
+    count = min(max_windows, (len(stream) - 1) // width)
+    if count == 0:
+        return float("nan")
+    losses = []
+    for start in range(0, count, 32):
+        starts = np.arange(start, min(count, start + 32)) * width
+        batch = _windows(stream, starts, width)
+        losses.append(float(model(input_ids=batch, labels=batch).loss) * len(starts))
+    return math.exp(sum(losses) / count)
+
+
+def pretrain(cfg: Any, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool) -> tuple[Any, dict]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedrlhf_ray.text.lm import quiet_transformers
+
+    quiet_transformers()
+    lm = cfg.lm
+    eos = int(tokenizer.token_to_id(END_OF_TEXT))
+    torch.manual_seed(lm.pretrain_seed)
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=tokenizer.get_vocab_size(), n_positions=lm.context, n_embd=lm.n_embd, n_layer=lm.n_layer,
+        n_head=lm.n_head, bos_token_id=eos, eos_token_id=eos,
+    ))
+    stream = _token_stream(tokenizer, corpus, eos)
+    held = _token_stream(tokenizer, heldout, eos)
+    rng = np.random.default_rng([lm.pretrain_seed, 1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lm.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, lm.pretrain_steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, lm.pretrain_steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ppl_before = perplexity(model, held, lm.context)
+    model.train()
+    with _progress(progress) as bar:
+        task = bar.add_task("pre-training GPT-2", total=lm.pretrain_steps, info="")
+        for step in range(lm.pretrain_steps):
+            starts = rng.integers(0, len(stream) - lm.context, size=lm.pretrain_batch_size)
+            batch = _windows(stream, starts, lm.context)
+            loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if step % 50 == 0 or step == lm.pretrain_steps - 1:
+                bar.update(task, completed=step + 1, info=f"loss {loss.item():.3f}")
+    model.eval()
+    stats = {
+        "corpus_tokens": len(stream),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "heldout_perplexity_initial": ppl_before,
+        "heldout_perplexity": perplexity(model, held, lm.context),
+        "tokens_seen": lm.pretrain_steps * lm.pretrain_batch_size * lm.context,
+    }
+    return model, stats
+
+
+def train_evaluator(cfg: Any, lm: LanguageModel, train: list[Any], test: list[Any]) -> tuple[BagOfTokens, dict]:
+    """The independent sentiment evaluator: all 25,000 training reviews, scored on all 25,000 test ones."""
+    sent = cfg.lm.sentiment
+    x_train = lm.encode([r.text for r in train], sent.max_review_tokens)
+    x_test = lm.encode([r.text for r in test], sent.max_review_tokens)
+    model = BagOfTokens(lm.vocab_size, sent.hash_buckets)
+    fit = model.fit_labels(
+        x_train, np.array([r.label for r in train]), epochs=sent.epochs, lr=sent.lr,
+        weight_decay=sent.weight_decay, seed=cfg.lm.pretrain_seed,
+    )
+    accuracy = float(((model.positive_probability(x_test) > 0.5) == np.array([r.label for r in test])).mean())
+    return model, {"train_accuracy": fit["accuracy"], "test_accuracy": accuracy,
+                   "train_reviews": len(train), "test_reviews": len(test)}
+
+
+def save_evaluator(model: BagOfTokens, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weights": model.weights.weight.detach(), "bias": model.bias.detach()}, str(path),
+              metadata={"vocab_size": str(model.vocab_size), "hash_buckets": str(model.hash_buckets)})
+
+
+def load_evaluator(path: Path) -> BagOfTokens:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        model = BagOfTokens(int(meta["vocab_size"]), int(meta["hash_buckets"]))
+        with torch.no_grad():
+            model.weights.weight.copy_(f.get_tensor("weights"))
+            model.bias.copy_(f.get_tensor("bias"))
+    return model
+
+
+def prepare(
+    cfg: Any, *, progress: bool = False, data: Any = None, announce: bool = False
+) -> tuple[Path, dict[str, Any]]:
+    """Build (or find) the prepared models for ``cfg``; returns their folder and report.
+
+    ``announce``: say on stderr that a preparation starts (a run that prepares first)."""
+    folder = prepared_folder(cfg)
+    if (folder / REPORT).exists():
+        return folder, read_report(folder)
+    if cfg.lm.pretrained is not None:
+        load_pretrained(cfg.lm.pretrained)  # a missing model is one line before any work
+    if announce:
+        print(f"preparing the IMDb models once (cached in {folder}); `fedrlhf prepare imdb` does it ahead",
+              file=sys.stderr, flush=True)
+    from envs.data.imdb import load_imdb
+
+    imdb = cfg.env.imdb
+    if data is None:
+        data = load_imdb(imdb.path, cache_dir=imdb.cache_dir, download=imdb.download)
+    lm_cfg = cfg.lm
+    start = time.perf_counter()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=folder.parent))
+    try:
+        report: dict[str, Any] = {"settings": _settings(cfg), "data": data.counts()}
+        if lm_cfg.pretrained is None:
+            splits = ("train", "unsup") if lm_cfg.corpus == "train+unsup" else ("unsup",)
+            texts = [clean_review(r.text) for s in splits for r in data.reviews[s]]
+            if lm_cfg.max_texts:
+                pick = np.random.default_rng([lm_cfg.pretrain_seed, 0]).permutation(len(texts))[: lm_cfg.max_texts]
+                texts = [texts[i] for i in sorted(pick)]
+            heldout = [clean_review(r.text) for r in data.reviews["test"][::max(1, 25000 // PERPLEXITY_REVIEWS)]]
+            t0 = time.perf_counter()
+            tokenizer = train_tokenizer(texts, lm_cfg.vocab_size)
+            report["tokenizer_seconds"] = time.perf_counter() - t0
+            tokenizer.save(str(work / "tokenizer.json"))
+            t0 = time.perf_counter()
+            model, stats = pretrain(cfg, tokenizer, texts, heldout, progress)
+            report["pretrain_seconds"] = time.perf_counter() - t0
+            report["pretrain"] = {**stats, "texts": len(texts)}
+            model.save_pretrained(str(work / "model"), safe_serialization=True)
+            lm = load_prepared(work)
+        else:
+            lm = load_pretrained(lm_cfg.pretrained)
+        t0 = time.perf_counter()
+        evaluator, ev_stats = train_evaluator(cfg, lm, data.reviews["train"], data.reviews["test"])
+        report["evaluator"] = {**ev_stats, "seconds": time.perf_counter() - t0}
+        save_evaluator(evaluator, work / EVALUATOR)
+        report["seconds"] = time.perf_counter() - start
+        (work / REPORT).write_text(json.dumps(report, indent=2))
+        try:
+            os.rename(work, folder)
+        except OSError:
+            if not (folder / REPORT).exists():  # not a concurrent prepare that finished first
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return folder, read_report(folder)
+
+
+def read_report(folder: Path) -> dict[str, Any]:
+    try:
+        report = json.loads((folder / REPORT).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{folder / REPORT}: the prepared IMDb models are damaged ({type(err).__name__}); delete {folder} "
+            "and run fedrlhf prepare imdb again"
+        ) from None
+    if not isinstance(report, dict):
+        raise UserError(f"{folder / REPORT}: not a prepare report; delete {folder} and run fedrlhf prepare imdb again")
+    return report
