@@ -314,7 +314,7 @@ class RunView:
 
         first, last = result.initial, result.final
         table = Table(title=f"held-out prompts of {num_clients} client(s) (mean · worst decile)")
-        for col in ("metric", "round 0 (reference)", f"round {result.rounds}"):
+        for col in ("metric", "round 0", f"round {result.rounds}"):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for key, label in TEXT_METRICS:
             cells = [f"{m.get(f'eval/{key}/mean', float('nan')):.3f} · "

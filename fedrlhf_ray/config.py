@@ -207,12 +207,6 @@ class LMConfig(_Section):
     eval_temperature: Float = Field(1.0, gt=0.0, description="Sampling temperature of evaluation generations.")
     sentiment: SentimentConfig = Field(default_factory=SentimentConfig)
 
-    @model_validator(mode="after")
-    def _heads_divide(self) -> LMConfig:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd: got {self.n_embd} — must be a multiple of n_head ({self.n_head})")
-        return self
-
 
 class EnvConfig(_Section):
     """The environment: slate recommendation (synthetic, MovieLens) or IMDb text continuation."""
@@ -651,6 +645,8 @@ class ExperimentConfig(_Section):
         if self.env.name != "imdb":
             return self
         imdb, lm = self.env.imdb, self.lm
+        if lm.n_embd % lm.n_head:
+            raise ValueError(f"lm.n_embd: got {lm.n_embd} — must be a multiple of lm.n_head ({lm.n_head})")
         window = imdb.prompt_tokens + imdb.generate_tokens
         if lm.pretrained is None and window > lm.context:
             raise ValueError(

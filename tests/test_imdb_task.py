@@ -413,3 +413,122 @@ def test_a_missing_hugging_face_model_is_one_line(tmp_path):
         load_pretrained(str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match=r"^lm.sentiment.pretrained: 'no-such/model' is not a sequence classifier"):
         HFSentiment("no-such/model", str)
+
+
+# -- whole runs through the experiment lifecycle -------------------------------------------------
+
+
+def _run(cfg_raw: dict, out: Path, **kwargs):
+    from fedrlhf_ray.experiment import run_experiment
+
+    return run_experiment(validate_config(cfg_raw), out=out, check_resources=False, **kwargs)
+
+
+@pytest.mark.slow
+def test_short_ppo_run_raises_the_independent_sentiment(ray_session, prepared, tmp_path):
+    """λ = 1 (sentiment only): a few rounds of PPO on the clients' own reward models make the
+    independent evaluator — trained on all of IMDb, never seen by the clients — rate the held-out
+    continuations more positive than the pre-trained policy's."""
+    raw = tiny_config(Path(prepared[0].env.imdb.path).parent, Path(prepared[0].env.imdb.cache_dir),
+                      clients={"num_clients": 2}, shaping={"lambda": 1.0},
+                      env={"imdb": {"reviews_per_client": 2000, "test_prompts_per_client": 48}},
+                      lm={**TINY_LM, "kl_coeff": 0.01},
+                      ppo={"lr": 2e-3, "gamma": 1.0, "train_batch_size": 256, "minibatch_size": 64, "num_epochs": 4,
+                           "local_iterations": 3, "num_envs": 16, "entropy_coeff": 0.0, "vf_loss_coeff": 0.1},
+                      federation={"rounds": 3})
+    result = _run(raw, tmp_path)
+    before, after = result.initial, result.final
+    gain = after["eval/sentiment_independent/mean"] - before["eval/sentiment_independent/mean"]
+    assert gain >= 0.10, (before["eval/sentiment_independent/mean"], after["eval/sentiment_independent/mean"])
+    assert after["eval/sentiment/mean"] > before["eval/sentiment/mean"] + 0.10  # its own reward model too
+    assert after["eval/kl_to_reference/mean"] > 0.0 == before["eval/kl_to_reference/mean"]
+    # Sample generations of the global model, one file per evaluated round.
+    samples = sorted(p.name for p in (result.run_dir.path / "samples").iterdir())
+    assert samples == ["round_0000.txt", "round_0001.txt", "round_0002.txt", "round_0003.txt"]
+    text = (result.run_dir.path / "samples" / "round_0003.txt").read_text()
+    assert text.count("⟶") == 16 and "This movie was" in text
+
+
+@pytest.mark.slow
+def test_secure_aggregation_dp_fedprox_and_personal_head_resume_exactly(ray_session, prepared, tmp_path):
+    """The LM task composes with the engine's privacy and personalization: masked sums with
+    distributed DP, FedProx and a personal value head; a run resumed from its state after round 1
+    ends bit for bit where the uninterrupted one does."""
+    from fedrlhf_ray.rundir import RunDir
+
+    data, cache = Path(prepared[0].env.imdb.path).parent, Path(prepared[0].env.imdb.cache_dir)
+    raw = tiny_config(
+        data, cache, lm={**TINY_LM, "adaptive_kl": True},
+        federation={"rounds": 2, "strategy": "fedprox", "fedprox_mu": 0.01, "personalization": "personal_head",
+                    "personal_layers": ["value_head"]},
+        privacy={"secure_aggregation": True,
+                 "dp": {"enabled": True, "mode": "distributed", "noise_multiplier": 0.5, "clip_norm": 5.0}},
+    )
+    # Each client's DP noise comes from a secret in its client store, so the resumed run must be
+    # the same run: its directory as it stood after round 1, copied while the run went on.
+    import shutil
+
+    copy = tmp_path / "after-round-1"
+
+    def keep_round_one(progress):
+        if progress.completed_rounds == 1:
+            shutil.copytree(progress.run_dir.path, copy)
+
+    whole = _run(raw, tmp_path / "whole", on_round=keep_round_one)
+    resumed = _run(raw, tmp_path / "unused", run_dir=copy, resume=True)
+    a = RunDir(whole.run_dir.path).load_checkpoint(2)["global_weights"]
+    b = RunDir(resumed.run_dir.path).load_checkpoint(2)["global_weights"]
+    assert a.keys() == b.keys()
+    differ = {k: float(np.abs(a[k] - b[k]).max()) for k in a if not np.array_equal(a[k], b[k])}
+    assert differ == {}
+    assert whole.final == resumed.final
+    assert "privacy/epsilon" in RunDir(whole.run_dir.path).metrics()[-1]
+
+
+@pytest.mark.slow
+def test_centralized_and_local_baselines_run_on_the_same_data(ray_session, prepared, tmp_path):
+    data, cache = Path(prepared[0].env.imdb.path).parent, Path(prepared[0].env.imdb.cache_dir)
+    for baseline in ("centralized", "local"):
+        result = _run(tiny_config(data, cache, federation={"rounds": 1, "baseline": baseline}), tmp_path / baseline)
+        assert result.status == "completed"
+        rows = [r for r in result.run_dir.client_metrics() if r["kind"] == "eval" and r["round"] == 1]
+        assert sorted(r["client"] for r in rows) == [0, 1, 2]
+        train = [r for r in result.run_dir.client_metrics() if r["kind"] == "train"]
+        assert [r["client"] for r in train] == ([3] if baseline == "centralized" else [0, 1, 2])
+
+
+# -- user mistakes: one line, exit status 2 ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("lm.n_embd=65", "lm.n_embd: got 65 — must be a multiple of lm.n_head (2)"),
+    ("env.imdb.generate_tokens=60", "env.imdb.generate_tokens: got 60 — env.imdb.prompt_tokens (8) + generate_tokens = 68 must fit lm.context (64)"),
+    ("lm.sentiment.pretrained=x", "lm.sentiment.feedback: got 'preferences' — a pretrained scorer"),
+    ("env.imdb.label_skew=2", "env.imdb.label_skew: got 2"),
+])
+def test_bad_imdb_settings_are_one_line(override, message, capsys):
+    from fedrlhf_ray.cli import main
+    from tests.conftest import REPO_ROOT
+
+    args = ["config", "check", str(REPO_ROOT / "tune_configs" / "imdb_small.yaml"), "--set", override]
+    if override.startswith("lm.sentiment.pretrained"):
+        args += ["--set", "lm.sentiment.feedback=preferences"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_too_many_reviews_and_a_missing_model_are_one_line(shared_data, tmp_path, capsys, monkeypatch):
+    from fedrlhf_ray.cli import main
+    from tests.conftest import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO_ROOT / "tune_configs" / "imdb_small.yaml")
+    path = f"env.imdb.path={shared_data / 'imdb'}"
+    assert main(["run", config, "--set", path, "--set", "env.imdb.reviews_per_client=6000", "--out", "runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "env.imdb.reviews_per_client: got 6000 — 5 clients need 15000 positive" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    assert main(["prepare", "imdb", config, "--set", path, "--set", f"lm.pretrained={tmp_path / 'gpt2'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a causal language model in a local folder" in err

@@ -68,13 +68,23 @@ def load_prepared(folder: Path) -> LanguageModel:
     from transformers import GPT2LMHeadModel
 
     quiet_transformers()
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    model = GPT2LMHeadModel.from_pretrained(str(folder / "model"), local_files_only=True, use_safetensors=True)
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        model = GPT2LMHeadModel.from_pretrained(str(folder / "model"), local_files_only=True, use_safetensors=True)
+    except Exception as err:  # noqa: BLE001 - tokenizers, safetensors and transformers each raise their own
+        raise damaged(folder, err) from None
     model.eval()
     eos = tokenizer.token_to_id(END_OF_TEXT)
     if eos is None:
         raise UserError(f"{folder / 'tokenizer.json'}: no {END_OF_TEXT} token; delete {folder} and prepare again")
     return LanguageModel(tokenizer, model, int(eos), str(folder))
+
+
+def damaged(folder: Path, err: BaseException) -> UserError:
+    return UserError(
+        f"{folder}: the prepared IMDb models are damaged ({type(err).__name__}); delete the folder and run "
+        "fedrlhf prepare imdb again"
+    )
 
 
 def load_pretrained(name: str, field: str = "lm.pretrained") -> LanguageModel:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fedrlhf_ray.errors import UserError
-from fedrlhf_ray.text.lm import END_OF_TEXT, LanguageModel, clean_review, load_prepared, load_pretrained
+from fedrlhf_ray.text.lm import END_OF_TEXT, LanguageModel, clean_review, damaged, load_prepared, load_pretrained
 from fedrlhf_ray.text.sentiment import BagOfTokens
 
 REPORT = "report.json"
@@ -197,12 +197,15 @@ def save_evaluator(model: BagOfTokens, path: Path) -> None:
 def load_evaluator(path: Path) -> BagOfTokens:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        model = BagOfTokens(int(meta["vocab_size"]), int(meta["hash_buckets"]))
-        with torch.no_grad():
-            model.weights.weight.copy_(f.get_tensor("weights"))
-            model.bias.copy_(f.get_tensor("bias"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            model = BagOfTokens(int(meta["vocab_size"]), int(meta["hash_buckets"]))
+            with torch.no_grad():
+                model.weights.weight.copy_(f.get_tensor("weights"))
+                model.bias.copy_(f.get_tensor("bias"))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types, torch a RuntimeError
+        raise damaged(path.parent, err) from None
     return model
 
 
@@ -214,7 +217,12 @@ def prepare(
     ``announce``: say on stderr that a preparation starts (a run that prepares first)."""
     folder = prepared_folder(cfg)
     if (folder / REPORT).exists():
-        return folder, read_report(folder)
+        report = read_report(folder)
+        # A damaged file is one line here, before a run starts actors that would each fail on it.
+        if cfg.lm.pretrained is None:
+            load_prepared(folder)
+        load_evaluator(folder / EVALUATOR)
+        return folder, report
     if cfg.lm.pretrained is not None:
         load_pretrained(cfg.lm.pretrained)  # a missing model is one line before any work
     if announce:

@@ -142,7 +142,8 @@ class HFSentiment:
                 f"cache with safetensors weights ({type(err).__name__}); download it yourself "
                 f"(huggingface-cli download {name}) or leave {field} unset to train one per client"
             ) from None
-        self.model.eval()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device).eval()
         self.decode = decode
         labels = {str(v).lower(): int(k) for k, v in (self.model.config.id2label or {}).items()}
         self.positive = next((i for name_, i in labels.items() if name_.startswith("pos")), 1)
@@ -153,5 +154,5 @@ class HFSentiment:
             return np.zeros(0)
         texts = [self.decode(s) for s in sequences]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=512)
-        probs = torch.softmax(self.model(**batch).logits.float(), dim=-1)
-        return probs[:, self.positive].numpy().astype(np.float64)
+        probs = torch.softmax(self.model(**batch.to(self.device)).logits.float(), dim=-1)
+        return probs[:, self.positive].cpu().numpy().astype(np.float64)
