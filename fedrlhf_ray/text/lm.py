@@ -109,20 +109,6 @@ def load_pretrained(name: str, field: str = "lm.pretrained") -> LanguageModel:
     return LanguageModel(backend, model, int(eos if eos is not None else 0), name)
 
 
-def load_lm(cfg: Any) -> LanguageModel:
-    """The experiment's LM: ``lm.pretrained``, or the prepared one (which must exist)."""
-    if cfg.lm.pretrained is not None:
-        return load_pretrained(cfg.lm.pretrained)
-    from fedrlhf_ray.text.prepare import prepared_folder
-
-    folder = prepared_folder(cfg)
-    if not (folder / "report.json").exists():
-        raise UserError(
-            f"the IMDb language model is not prepared ({folder}); run: fedrlhf prepare imdb <experiment file>"
-        )
-    return load_prepared(folder)
-
-
 @torch.no_grad()
 def continuation_logprobs(model: Any, prompt: np.ndarray, continuations: list[np.ndarray]) -> list[np.ndarray]:
     """log p(token | prefix) of each continuation's tokens under ``model`` after ``prompt``."""

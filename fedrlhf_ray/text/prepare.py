@@ -65,6 +65,18 @@ def prepared_folder(cfg: Any) -> Path:
     return cache_root(cfg) / digest
 
 
+def load_lm(cfg: Any) -> LanguageModel:
+    """The experiment's LM: ``lm.pretrained``, or the prepared one (which must exist)."""
+    if cfg.lm.pretrained is not None:
+        return load_pretrained(cfg.lm.pretrained)
+    folder = prepared_folder(cfg)
+    if not (folder / REPORT).exists():
+        raise UserError(
+            f"the IMDb language model is not prepared ({folder}); run: fedrlhf prepare imdb <experiment file>"
+        )
+    return load_prepared(folder)
+
+
 def is_prepared(cfg: Any) -> bool:
     return (prepared_folder(cfg) / REPORT).exists()
 
@@ -217,12 +229,12 @@ def prepare(
     ``announce``: say on stderr that a preparation starts (a run that prepares first)."""
     folder = prepared_folder(cfg)
     if (folder / REPORT).exists():
-        report = read_report(folder)
+        cached = read_report(folder)
         # A damaged file is one line here, before a run starts actors that would each fail on it.
         if cfg.lm.pretrained is None:
             load_prepared(folder)
         load_evaluator(folder / EVALUATOR)
-        return folder, report
+        return folder, cached
     if cfg.lm.pretrained is not None:
         load_pretrained(cfg.lm.pretrained)  # a missing model is one line before any work
     if announce:

@@ -14,7 +14,7 @@ import torch
 
 from fedrlhf_ray.seeding import derive_seed
 from fedrlhf_ray.text.generation import generate
-from fedrlhf_ray.text.lm import load_lm
+from fedrlhf_ray.text.prepare import load_lm
 
 PUBLIC_PROMPTS = (
     "This movie was",
