@@ -124,7 +124,7 @@ def test_unknown_nested_key_names_path_and_lists_allowed_fields(raw, dotted, som
         ({"ray": {"object_store_mb": 10}}, "ray.object_store_mb", "10", "greater than or equal to 64"),
         ({"clients": {"num_clients": 0}}, "clients.num_clients", "0", "greater than or equal to 1"),
         # bad literal: the allowed values are listed
-        ({"env": {"name": "atari"}}, "env.name", "'atari'", "'synthetic' or 'movielens'"),
+        ({"env": {"name": "atari"}}, "env.name", "'atari'", "'synthetic', 'movielens' or 'imdb'"),
         ({"env": {"data": {"dataset": "ml-10m"}}}, "env.data.dataset", "'ml-10m'",
          "'ml-latest-small', 'ml-100k', 'ml-1m' or 'ml-25m'"),
         ({"clients": {"formation": "silo"}}, "clients.formation", "'silo'", "'user' or 'group'"),

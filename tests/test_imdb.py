@@ -139,3 +139,22 @@ def test_cli_data_info_prints_the_counts_and_fails_in_one_line(tmp_path):
     bad = fedrlhf_cli("data", "info", "--dataset", "imdb", "--path", str(tmp_path / "cut.tar.gz"), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("fedrlhf: error: ") and "cut.tar.gz" in bad.stderr
+
+
+def test_a_parse_of_archives_is_cached_and_a_changed_archive_is_parsed_again(shared_data, tmp_path):
+    import shutil
+
+    from envs.data.imdb import load_imdb
+
+    copy = tmp_path / "imdb"
+    shutil.copytree(shared_data / "imdb", copy)
+    first = load_imdb(copy, cache_dir=tmp_path / "cache")
+    entries = list((tmp_path / "cache" / "parsed").iterdir())
+    assert len(entries) == 1 and (entries[0] / "reviews.parquet").is_file()
+    again = load_imdb(copy, cache_dir=tmp_path / "cache")
+    assert again.reviews == first.reviews and again.counts() == first.counts()
+    # A damaged archive has another size: it is parsed (and refused) again, not answered from the cache.
+    archive = copy / "aclImdb_test.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:100_000])
+    with pytest.raises(DatasetError, match="aclImdb_test.tar.gz"):
+        load_imdb(copy, cache_dir=tmp_path / "cache")

@@ -435,8 +435,9 @@ def test_short_ppo_run_raises_the_independent_sentiment(ray_session, prepared, t
                       lm={**TINY_LM, "kl_coeff": 0.01},
                       ppo={"lr": 2e-3, "gamma": 1.0, "train_batch_size": 256, "minibatch_size": 64, "num_epochs": 4,
                            "local_iterations": 3, "num_envs": 16, "entropy_coeff": 0.0, "vf_loss_coeff": 0.1},
-                      federation={"rounds": 3})
-    result = _run(raw, tmp_path)
+                      federation={"rounds": 3},
+                      tracking={"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    result = _run(raw, tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     before, after = result.initial, result.final
     gain = after["eval/sentiment_independent/mean"] - before["eval/sentiment_independent/mean"]
     assert gain >= 0.10, (before["eval/sentiment_independent/mean"], after["eval/sentiment_independent/mean"])
@@ -447,6 +448,31 @@ def test_short_ppo_run_raises_the_independent_sentiment(ray_session, prepared, t
     assert samples == ["round_0000.txt", "round_0001.txt", "round_0002.txt", "round_0003.txt"]
     text = (result.run_dir.path / "samples" / "round_0003.txt").read_text()
     assert text.count("⟶") == 16 and "This movie was" in text
+    # ... and the same files as the MLflow run's artifacts.
+    logged = sorted(a.path for a in result.tracker.client().list_artifacts(result.tracker.run_id, "samples"))
+    assert logged == [f"samples/{name}" for name in samples]
+
+
+def test_preference_feedback_fits_the_reward_model_on_comparisons(ray_session, prepared, tmp_path):
+    """'preferences': each round the client's simulated human compares pairs of the policy's own
+    continuations; the reward model is refitted on all comparisons so far, kept in the record."""
+    from fedrlhf_ray.client import ClientHost
+    from fedrlhf_ray.client_store import ClientStore
+    from fedrlhf_ray.local_trainer import RoundInstructions
+    from fedrlhf_ray.text.trainer import TextTrainerFactory
+
+    raw = prepared[0].to_dict()
+    raw["lm"]["sentiment"].update(feedback="preferences", preference_pairs=24)
+    host = ClientHost(TextTrainerFactory(validate_config(raw).to_dict(), 0, 1), str(tmp_path / "store"))
+    weights = host.initial_weights()
+    first = host.train_client(1, 2, weights, RoundInstructions())
+    second = host.train_client(2, 2, first.weights, RoundInstructions())
+    assert first.metrics["feedback/total_pairs"] == 24 and second.metrics["feedback/total_pairs"] == 48
+    assert 0.5 <= second.metrics["reward_model/train_pair_accuracy"] <= 1.0
+    record = ClientStore(host.store.root).load(2, upto=2)["trainer"]
+    assert record["preferences"]["winners"]["lengths"].shape == (48,)
+    ev = host.evaluate_client(2, 2, second.weights)
+    assert np.isfinite(ev["eval/reward_model_accuracy"])
 
 
 @pytest.mark.slow
@@ -486,15 +512,17 @@ def test_secure_aggregation_dp_fedprox_and_personal_head_resume_exactly(ray_sess
 
 
 @pytest.mark.slow
-def test_centralized_and_local_baselines_run_on_the_same_data(ray_session, prepared, tmp_path):
+def test_the_centralized_baseline_pools_every_client(ray_session, prepared, tmp_path):
+    """One pooled client (id K) trains on all shards with every client's λ; each client is then
+    evaluated on its own prompts. (The local-only baseline is the engine's, tested on MovieLens.)"""
     data, cache = Path(prepared[0].env.imdb.path).parent, Path(prepared[0].env.imdb.cache_dir)
-    for baseline in ("centralized", "local"):
-        result = _run(tiny_config(data, cache, federation={"rounds": 1, "baseline": baseline}), tmp_path / baseline)
-        assert result.status == "completed"
-        rows = [r for r in result.run_dir.client_metrics() if r["kind"] == "eval" and r["round"] == 1]
-        assert sorted(r["client"] for r in rows) == [0, 1, 2]
-        train = [r for r in result.run_dir.client_metrics() if r["kind"] == "train"]
-        assert [r["client"] for r in train] == ([3] if baseline == "centralized" else [0, 1, 2])
+    result = _run(tiny_config(data, cache, federation={"rounds": 1, "baseline": "centralized"}), tmp_path)
+    assert result.status == "completed"
+    rows = result.run_dir.client_metrics()
+    assert sorted(r["client"] for r in rows if r["kind"] == "eval" and r["round"] == 1) == [0, 1, 2]
+    train = [r for r in rows if r["kind"] == "train"]
+    # The pooled client does the PPO iterations of the 3 clients it stands for.
+    assert [r["client"] for r in train] == [3] and train[0]["train/env_steps"] >= 3 * 128
 
 
 # -- user mistakes: one line, exit status 2 ------------------------------------------------------

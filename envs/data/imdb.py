@@ -20,8 +20,11 @@ labelled split — is a :class:`DatasetError` with one line that names the file.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 import zlib
@@ -195,6 +198,11 @@ def load_imdb(
         path = cached
     path = Path(path).expanduser()
     source, streams = _sources(path)
+    entry = _parsed_entry(path, cache_dir)
+    if entry is not None:
+        cached_reviews = _read_parsed(entry)
+        if cached_reviews is not None:
+            return ImdbData(source, cached_reviews)
     reviews: dict[str, list[Review]] = {s: [] for s in SPLITS}
     seen: set[tuple[str, int, int]] = set()
     for stream in streams:
@@ -214,7 +222,68 @@ def load_imdb(
                 )
     for split in SPLITS:
         reviews[split].sort(key=lambda r: (-r.label, r.review_id))
+    if entry is not None:
+        _write_parsed(entry, reviews)
     return ImdbData(source, reviews)
+
+
+# Part of the parsed cache's key: raise it whenever the parser accepts less than before.
+PARSER_VERSION = 1
+_COLUMNS = ("split", "review_id", "label", "rating", "text")
+
+
+def _parsed_entry(path: Path, cache_dir: str | Path | None) -> Path | None:
+    """Where the parse of archive(s) ``path`` is cached (parquet), keyed by every archive's
+    resolved path, size and mtime; None for an extracted folder (100,000 files to stat)."""
+    if path.is_file():
+        files = [path]
+    else:
+        if any((root / "train").is_dir() for root in (path, path / "aclImdb")):
+            return None
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
+    try:
+        fingerprint = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    except OSError:
+        return None
+    blob = json.dumps({"v": PARSER_VERSION, "files": fingerprint}).encode()
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return base / "parsed" / f"imdb-{hashlib.sha256(blob).hexdigest()[:20]}"
+
+
+def _read_parsed(entry: Path) -> dict[str, list[Review]] | None:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(entry / "reviews.parquet")
+        columns = [table.column(c).to_pylist() for c in _COLUMNS]
+    except Exception:  # noqa: BLE001 - an unreadable cache entry is only a cache miss
+        return None
+    reviews: dict[str, list[Review]] = {s: [] for s in SPLITS}
+    for split, review_id, label, rating, text in zip(*columns, strict=True):
+        reviews[split].append(Review(split, review_id, label, rating, text))
+    return reviews
+
+
+def _write_parsed(entry: Path, reviews: dict[str, list[Review]]) -> None:
+    """Write the cache entry atomically; a cache that cannot be written is no error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r for split in SPLITS for r in reviews[split]]
+    table = pa.table({c: [getattr(r, c) for r in rows] for c in _COLUMNS})
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".imdb-", dir=entry.parent))
+    except OSError:
+        return
+    try:
+        pq.write_table(table, work / "reviews.parquet")
+        os.rename(work, entry)  # fails if a concurrent load wrote it first: theirs is as good
+    except OSError:
+        pass
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
 
 
 class ShardError(ValueError):
