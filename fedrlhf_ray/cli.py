@@ -561,6 +561,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from fedrlhf_ray.privacy.audit import AuditedDriver
 
     cfg = _config_from(args)
+    if cfg.env.name == "imdb":
+        raise UserError(
+            "audit: env.name is 'imdb' — the audit's attacks read the item-embedding rows of the recommendation "
+            "tasks (synthetic, movielens); it has no attack on a language model's update"
+        )
     if cfg.federation.baseline != "federated":
         raise UserError(
             f"audit: federation.baseline is {cfg.federation.baseline!r} — the audit attacks the updates clients "

@@ -26,7 +26,7 @@ def shared_data() -> Path:
     if not path.is_dir():
         reason = (
             f"shared test data folder not found at {path} "
-            "(set FEDRLHF_TEST_DATA to the folder holding ml-latest-small/ and ml-100k/)"
+            "(set FEDRLHF_TEST_DATA to the folder holding ml-latest-small/, ml-100k/ and imdb/)"
         )
         if os.environ.get("FEDRLHF_REQUIRE_DATA", "").strip() == "1":
             pytest.fail(reason + " and FEDRLHF_REQUIRE_DATA=1")

@@ -528,6 +528,15 @@ def test_the_centralized_baseline_pools_every_client(ray_session, prepared, tmp_
 # -- user mistakes: one line, exit status 2 ------------------------------------------------------
 
 
+def test_the_leakage_audit_refuses_the_text_task(capsys):
+    from fedrlhf_ray.cli import main
+    from tests.conftest import REPO_ROOT
+
+    assert main(["audit", str(REPO_ROOT / "tune_configs" / "imdb_small.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "audit: env.name is 'imdb'" in err
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("lm.n_embd=65", "lm.n_embd: got 65 — must be a multiple of lm.n_head (2)"),
     ("env.imdb.generate_tokens=60", "env.imdb.generate_tokens: got 60 — env.imdb.prompt_tokens (8) + generate_tokens = 68 must fit lm.context (64)"),

@@ -49,7 +49,7 @@ def _settings(cfg: Any) -> dict[str, Any]:
         )}
     )
     evaluator = {k: getattr(sent, k) for k in ("hash_buckets", "epochs", "lr", "weight_decay", "max_review_tokens")}
-    return {"version": 1, "seed": lm.pretrain_seed, "model": model, "evaluator": evaluator}
+    return {"version": 2, "seed": lm.pretrain_seed, "model": model, "evaluator": evaluator}
 
 
 def cache_root(cfg: Any) -> Path:
@@ -134,6 +134,13 @@ def perplexity(model: Any, stream: np.ndarray, width: int, max_windows: int = 25
 
 
 def pretrain(cfg: Any, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool) -> tuple[Any, dict]:
+    # GPT-2's initialisation and its dropout draw from torch's global generator: seed it in this scope only.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.lm.pretrain_seed)
+        return _pretrain(cfg, tokenizer, corpus, heldout, progress)
+
+
+def _pretrain(cfg: Any, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool) -> tuple[Any, dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from fedrlhf_ray.text.lm import quiet_transformers
@@ -141,7 +148,6 @@ def pretrain(cfg: Any, tokenizer: Any, corpus: list[str], heldout: list[str], pr
     quiet_transformers()
     lm = cfg.lm
     eos = int(tokenizer.token_to_id(END_OF_TEXT))
-    torch.manual_seed(lm.pretrain_seed)
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=tokenizer.get_vocab_size(), n_positions=lm.context, n_embd=lm.n_embd, n_layer=lm.n_layer,
         n_head=lm.n_head, bos_token_id=eos, eos_token_id=eos,
@@ -202,8 +208,11 @@ def train_evaluator(cfg: Any, lm: LanguageModel, train: list[Any], test: list[An
 def save_evaluator(model: BagOfTokens, path: Path) -> None:
     from safetensors.torch import save_file
 
+    # One metadata entry: safetensors writes a metadata map in hash order, so two keys would make
+    # byte-different files from the same model run to run.
+    shape = json.dumps({"vocab_size": model.vocab_size, "hash_buckets": model.hash_buckets}, sort_keys=True)
     save_file({"weights": model.weights.weight.detach(), "bias": model.bias.detach()}, str(path),
-              metadata={"vocab_size": str(model.vocab_size), "hash_buckets": str(model.hash_buckets)})
+              metadata={"shape": shape})
 
 
 def load_evaluator(path: Path) -> BagOfTokens:
@@ -211,8 +220,8 @@ def load_evaluator(path: Path) -> BagOfTokens:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            model = BagOfTokens(int(meta["vocab_size"]), int(meta["hash_buckets"]))
+            shape = json.loads(f.metadata()["shape"])
+            model = BagOfTokens(int(shape["vocab_size"]), int(shape["hash_buckets"]))
             with torch.no_grad():
                 model.weights.weight.copy_(f.get_tensor("weights"))
                 model.bias.copy_(f.get_tensor("bias"))
