@@ -25,8 +25,8 @@ from envs.data.movielens import load_movielens
 from envs.data.partition import form_clients
 from envs.rec_env import SlateRecEnv
 from envs.synthetic import make_synthetic_clients
-from fedrlhf_ray.feedback import RandomQueries, SimulatedHuman, UncertaintyQueries, collect_feedback
-from fedrlhf_ray.reward_model import RewardModel
+from fedrlhf_ray.tasks.rec.feedback import RandomQueries, SimulatedHuman, UncertaintyQueries, collect_feedback
+from fedrlhf_ray.tasks.rec.reward_model import RewardModel
 
 
 def env_steps_per_second(make_env, steps: int) -> float:

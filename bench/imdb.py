@@ -74,11 +74,13 @@ def local_speed(cfg) -> dict[str, float]:
     """Generation and PPO speed of one client in this process."""
     import torch
 
-    from fedrlhf_ray.text import ppo as text_ppo
-    from fedrlhf_ray.text.generation import generate
-    from fedrlhf_ray.text.policy import cached_lm
-    from fedrlhf_ray.text.trainer import TextRLHFTrainer, build_text_clients, lm_source
+    from fedrlhf_ray.process_setup import install_process
+    from fedrlhf_ray.tasks.text import ppo as text_ppo
+    from fedrlhf_ray.tasks.text.generation import generate
+    from fedrlhf_ray.tasks.text.policy import cached_lm
+    from fedrlhf_ray.tasks.text.trainer import TextRLHFTrainer, build_text_clients, lm_source
 
+    install_process()  # as in a client actor
     lm = cached_lm(lm_source(cfg))
     clients = build_text_clients(cfg, lm)[:1]
     trainer = TextRLHFTrainer(cfg, clients, [cfg.client_lambdas()[0]])
@@ -148,7 +150,7 @@ def main() -> None:
     if args.rounds is not None:
         overrides.append(f"federation.rounds={args.rounds}")
     cfg = load_config(args.config, overrides)
-    from fedrlhf_ray.text.prepare import prepare
+    from fedrlhf_ray.tasks.text.prepare import prepare
 
     prepare(cfg, progress=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -14,12 +14,15 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
 from fedrlhf_ray.config import ExperimentConfig, load_config
 from fedrlhf_ray.errors import UserError
+
+if TYPE_CHECKING:
+    from fedrlhf_ray.tasks import ResultTable, Task
 
 EXIT_USER_ERROR = 2
 
@@ -49,6 +52,8 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedrlhf_ray.tasks import all_tasks
+
     parser = _Parser(prog="fedrlhf", description="Federated RLHF on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -61,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="inspect datasets")
     data_sub = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
     info = data_sub.add_parser("info", help="load a MovieLens or IMDb copy and print its statistics")
-    info.add_argument("--dataset", required=True, help="ml-latest-small, ml-100k, ml-1m, ml-25m or imdb")
+    datasets = [d for task in all_tasks() for d in task.datasets]
+    info.add_argument("--dataset", required=True, help=", ".join(datasets[:-1]) + f" or {datasets[-1]}")
     info.add_argument("--path", help="extracted folder or official archive (imdb: also a folder of .tar.gz parts)")
     info.add_argument("--cache-dir", help="cache directory (default $FEDRLHF_CACHE or ~/.cache/fedrlhf)")
     info.add_argument("--download", action="store_true", help="download the official archive if needed")
@@ -69,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--min-ratings", type=int, default=20, help="minimum ratings of an eligible user")
 
     prep = sub.add_parser("prepare", help="build a task's public models once (imdb: tokenizer, GPT-2, evaluator)")
-    prep.add_argument("task", choices=["imdb"], help="the task to prepare")
-    prep.add_argument("config", nargs="?", help="experiment YAML file whose env.imdb and lm settings to use "
+    prep.add_argument(
+        "task", choices=[e for task in all_tasks() if task.prepares for e in task.env_names],
+        help="the env whose task to prepare",
+    )
+    prep.add_argument("config", nargs="?", help="experiment YAML file whose env and lm settings to use "
                       "(default: the built-in ones)")
     prep.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -150,83 +159,40 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from fedrlhf_ray.tasks import all_tasks, task_for_dataset
 
-    from envs.data.movielens import SUPPORTED_DATASETS, describe, load_movielens
-    from envs.data.partition import temporal_split
-
-    if args.dataset == "imdb":
-        return _imdb_info(args)
-    if args.dataset not in SUPPORTED_DATASETS:
-        allowed = ", ".join([*SUPPORTED_DATASETS, "imdb"])
+    task = task_for_dataset(args.dataset)
+    if task is None:
+        allowed = ", ".join(d for t in all_tasks() for d in t.datasets)
         raise UserError(f"--dataset: got {args.dataset!r} — allowed: {allowed}")
-    if not 0.0 < args.heldout_fraction < 1.0:
-        raise UserError(f"--heldout-fraction: got {args.heldout_fraction} — must lie in (0, 1)")
-    data = load_movielens(args.dataset, args.path, cache_dir=args.cache_dir, download=args.download)
-    stats = describe(data)
-    split = temporal_split(data.ratings, args.heldout_fraction, args.min_ratings)
-    stats.update(
-        {
-            "eligible_users": int(split.users.size),
-            "train_ratings": len(split.train),
-            "heldout_ratings": len(split.heldout),
-        }
-    )
-    table = Table(title=f"{data.name} ({data.source})")
-    table.add_column("statistic")
-    table.add_column("value", justify="right")
-    for key, value in stats.items():
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    Console().print(table)
+    options = {"path": args.path, "cache_dir": args.cache_dir, "download": args.download,
+               "heldout_fraction": args.heldout_fraction, "min_ratings": args.min_ratings}
+    _print_table(task.data_info(args.dataset, options))
     return 0
 
 
-def _imdb_info(args: argparse.Namespace) -> int:
+def _print_table(table: ResultTable, console: Any = None) -> None:
+    """A task's table with rich: the first column left-aligned, the others right."""
     from rich.console import Console
     from rich.table import Table
 
-    from envs.data.imdb import load_imdb
+    out = Table(title=table.title)
+    for i, col in enumerate(table.columns):
+        out.add_column(col, justify="left" if i == 0 else "right")
+    for row in table.rows:
+        out.add_row(*row)
+    (console or Console()).print(out)
 
-    data = load_imdb(args.path, cache_dir=args.cache_dir, download=args.download)
-    table = Table(title=f"imdb ({data.source})")
-    table.add_column("split / label")
-    table.add_column("reviews", justify="right")
-    for key, value in data.counts().items():
-        table.add_row(key.replace("_", " / "), f"{value:,}")
-    Console().print(table)
-    return 0
-
-
-SUMMARY_METRICS = (
-    ("engagement_rate", "engagement"),
-    ("ndcg", "NDCG@k"),
-    ("spearman", "Spearman ρ"),
-    ("accuracy", "accuracy (liked)"),
-)
-
-
-TEXT_METRICS = (
-    ("sentiment", "sentiment (own reward model)"),
-    ("sentiment_independent", "sentiment (independent evaluator)"),
-    ("fluency", "fluency (1 − NLL/ln V)"),
-    ("reward", "reward λ·s + (1−λ)·f"),
-    ("kl_to_reference", "KL to reference (nats/sequence)"),
-    ("perplexity_reference", "perplexity under reference"),
-    ("distinct_2", "distinct-2"),
-)
 
 
 class RunView:
-    """What ``fedrlhf run`` / ``train`` print: a header, a live progress bar, the result table.
+    """What ``fedrlhf run`` / ``train`` print: a header, a live progress bar, the task's result table."""
 
-    ``text``: the IMDb task, whose metrics are sentiment, fluency and KL instead of hit rates."""
-
-    def __init__(self, title: str, text: bool = False) -> None:
+    def __init__(self, title: str, task: Task) -> None:
         from rich.console import Console
 
         self.console = Console()
-        self.text = text
+        self.task_plugin = task
         self.title = title
         self.progress: Any = None
         self.task: Any = None
@@ -249,26 +215,12 @@ class RunView:
         self.start = time.perf_counter()
 
     def on_round(self, p: Any) -> None:
-        m, last = p.metrics, p.last_eval
-        if self.text:
-            self.progress.update(
-                self.task, completed=p.completed_rounds,
-                description=(
-                    f"clients {int(m['fed/clients_aggregated'])}/{int(m['fed/clients_sampled'])}"
-                    f" · sentiment {last.get('eval/sentiment_independent/mean', float('nan')):.3f}"
-                    f" · fluency {last.get('eval/fluency/mean', float('nan')):.3f}"
-                    f" · KL {last.get('eval/kl_to_reference/mean', float('nan')):.2f}"
-                    f" · {m['fed/round_seconds']:.1f}s"
-                ),
-            )
-            return
+        m = p.metrics
         self.progress.update(
             self.task, completed=p.completed_rounds,
             description=(
                 f"clients {int(m['fed/clients_aggregated'])}/{int(m['fed/clients_sampled'])}"
-                f" · liked-hit {last.get('eval/liked_hit_rate/mean', float('nan')):.3f}"
-                f" (worst decile {last.get('eval/liked_hit_rate/worst_decile', float('nan')):.3f})"
-                f" · RM acc {m.get('reward_model/heldout_pair_accuracy/mean', float('nan')):.3f}"
+                f" · {self.task_plugin.progress(m, p.last_eval)}"
                 f" · {m['fed/round_seconds']:.1f}s"
             ),
         )
@@ -279,49 +231,11 @@ class RunView:
             self.progress = None
 
     def result(self, result: Any, num_clients: int) -> None:
-        from rich.table import Table
-
         self.close()
-        first, last = result.initial, result.final
-        if self.text:
-            self._text_result(result, num_clients)
-            return
-        table = Table(title=f"held-out evaluation over {num_clients} client(s) (mean · worst decile)")
-        for col in ("metric", "random", "round 0", f"round {result.rounds}", "oracle"):
-            table.add_column(col, justify="left" if col == "metric" else "right")
-
-        def cell(m: dict[str, float], key: str) -> str:
-            mean, worst = m.get(f"eval/{key}/mean", float("nan")), m.get(f"eval/{key}/worst_decile", float("nan"))
-            return f"{mean:.3f} · {worst:.3f}"
-
-        table.add_row(
-            "liked-hit rate", f"{last.get('eval/random_hit_rate/mean', float('nan')):.3f}",
-            cell(first, "liked_hit_rate"), cell(last, "liked_hit_rate"),
-            f"{last.get('eval/oracle_hit_rate/mean', float('nan')):.3f}",
-        )
-        for key, label in SUMMARY_METRICS:
-            table.add_row(label, "", cell(first, key), cell(last, key), "")
-        self.console.print(table)
-        closed = result.summary.get("gap_closed", float("nan"))
-        self.console.print(
-            f"closed {closed:.0%} of the random→oracle gap in mean liked-hit rate; "
-            f"{time.perf_counter() - self.start:.0f}s for {result.rounds - self.first_round} rounds"
-        )
-        self._result_footer(result)
-
-    def _text_result(self, result: Any, num_clients: int) -> None:
-        from rich.table import Table
-
-        first, last = result.initial, result.final
-        table = Table(title=f"held-out prompts of {num_clients} client(s) (mean · worst decile)")
-        for col in ("metric", "round 0", f"round {result.rounds}"):
-            table.add_column(col, justify="left" if col == "metric" else "right")
-        for key, label in TEXT_METRICS:
-            cells = [f"{m.get(f'eval/{key}/mean', float('nan')):.3f} · "
-                     f"{m.get(f'eval/{key}/worst_decile', float('nan')):.3f}" for m in (first, last)]
-            table.add_row(label, *cells)
-        self.console.print(table)
-        self.console.print(f"{time.perf_counter() - self.start:.0f}s for {result.rounds - self.first_round} rounds")
+        table = self.task_plugin.result_table(result.initial, result.final, result.rounds, num_clients, result.summary)
+        _print_table(table, self.console)
+        elapsed = f"{time.perf_counter() - self.start:.0f}s for {result.rounds - self.first_round} rounds"
+        self.console.print("; ".join([*table.notes, elapsed]))
         self._result_footer(result)
 
     def _result_footer(self, result: Any) -> None:
@@ -362,35 +276,25 @@ def _run(cfg: ExperimentConfig, view: RunView, resume_dir: Path | None, args: ar
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from fedrlhf_ray.config import apply_overrides, validate_config
-    from fedrlhf_ray.text.prepare import is_prepared, prepare
 
+    task = _task(args.task)
     if args.config:
         cfg = load_config(args.config, args.overrides)
     else:
-        cfg = validate_config(apply_overrides({"env": {"name": "imdb"}}, args.overrides))
-    if cfg.env.name != "imdb":
-        raise UserError(f"prepare imdb: {args.config} is an env.name {cfg.env.name!r} experiment, not imdb")
-    cached = is_prepared(cfg)
-    folder, report = prepare(cfg, progress=True)
-    table = Table(title=f"IMDb models ({'cached' if cached else 'prepared'}) in {folder}")
-    table.add_column("")
-    table.add_column("value", justify="right")
-    pre, ev = report.get("pretrain"), report["evaluator"]
-    if pre is not None:
-        table.add_row("GPT-2 parameters", f"{pre['parameters']:,}")
-        table.add_row("pre-training tokens seen / corpus", f"{pre['tokens_seen']:,} / {pre['corpus_tokens']:,}")
-        table.add_row("held-out perplexity (before → after)",
-                      f"{pre['heldout_perplexity_initial']:.1f} → {pre['heldout_perplexity']:.1f}")
-        seconds = report["tokenizer_seconds"] + report["pretrain_seconds"]
-        table.add_row("tokenizer + pre-training seconds", f"{seconds:.0f}")
-    table.add_row("evaluator test accuracy (25,000 reviews)", f"{ev['test_accuracy']:.3f}")
-    table.add_row("total seconds", f"{report['seconds']:.0f}")
-    Console().print(table)
+        cfg = validate_config(apply_overrides({"env": {"name": args.task}}, args.overrides))
+    if cfg.env.name != args.task:
+        raise UserError(
+            f"prepare {args.task}: {args.config} is an env.name {cfg.env.name!r} experiment, not {args.task}"
+        )
+    _print_table(task.prepare(cfg))
     return 0
+
+
+def _task(env_name: str) -> Task:
+    from fedrlhf_ray.tasks import task_for
+
+    return task_for(env_name)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -410,7 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     view = RunView(
         f"[bold]{fed.baseline}[/bold] RLHF · env={cfg.env.name} · K={cfg.clients.num_clients} clients · "
         f"strategy={fed.strategy} · personalization={fed.personalization} · {fed.rounds} rounds",
-        text=cfg.env.name == "imdb",
+        _task(cfg.env.name),
     )
     return _run(cfg, view, resume_dir, args)
 
@@ -427,7 +331,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     view = RunView(
         f"[bold]single-client RLHF[/bold] · env={cfg.env.name} · client {args.client} · λ={lam:g} · "
         f"{cfg.federation.rounds} rounds × {cfg.ppo.local_iterations} PPO iterations",
-        text=cfg.env.name == "imdb",
+        _task(cfg.env.name),
     )
     return _run(cfg, view, None, args, only_clients=[args.client])
 
@@ -437,8 +341,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fedrlhf_ray import tracking
-    from fedrlhf_ray.clients_data import build_clients
-    from fedrlhf_ray.experiment import install_sigterm_handler, new_run_dir
+    from fedrlhf_ray.experiment import check_data, install_sigterm_handler, new_run_dir
     from fedrlhf_ray.ray_runtime import ensure_ray
     from fedrlhf_ray.sweeps.runner import run_sweep, summarize_sweep
     from fedrlhf_ray.sweeps.schema import BEST_CONFIG, SWEEP_FILE, load_sweep
@@ -456,7 +359,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         raise UserError("tune: give a sweep file, or --resume SWEEP_DIR")
     cfg = sweep.base_config
-    build_clients(cfg)  # data problems surface here, before anything is created
+    check_data(cfg)  # data problems surface here, before anything is created
     uri = None
     if cfg.tracking.enabled:
         previous = tracking.load_tracker(sweep_dir) if sweep_dir else None
@@ -561,24 +464,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from fedrlhf_ray.privacy.audit import AuditedDriver
 
     cfg = _config_from(args)
-    if cfg.env.name == "imdb":
-        raise UserError(
-            "audit: env.name is 'imdb' — the audit's attacks read the item-embedding rows of the recommendation "
-            "tasks (synthetic, movielens); it has no attack on a language model's update"
-        )
-    if cfg.federation.baseline != "federated":
-        raise UserError(
-            f"audit: federation.baseline is {cfg.federation.baseline!r} — the audit attacks the updates clients "
+    task = _task(cfg.env.name)
+    problem = task.audit_problem(cfg)
+    if problem is None and cfg.federation.baseline != "federated":
+        problem = (
+            f"federation.baseline is {cfg.federation.baseline!r} — the audit attacks the updates clients "
             "send to the server, so it needs baseline: federated"
         )
-    if cfg.ppo.embedding_dim == 0:
-        raise UserError("audit: ppo.embedding_dim is 0 — the audit attacks the item-embedding table; give it a size")
+    if problem is not None:
+        raise UserError(f"audit: {problem}")
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": args.rounds})})
     dp = cfg.privacy.dp
     mode = f"DP σ={dp.noise_multiplier:g} C={dp.clip_norm:g}" if dp.enabled else "no DP"
     view = RunView(
         f"[bold]leakage audit[/bold] · env={cfg.env.name} · K={cfg.clients.num_clients} · "
-        f"strategy={cfg.federation.strategy} · {mode} · {args.rounds} round(s)"
+        f"strategy={cfg.federation.strategy} · {mode} · {args.rounds} round(s)",
+        task,
     )
     try:
         result = run_experiment(

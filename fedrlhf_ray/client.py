@@ -27,6 +27,7 @@ from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
 from fedrlhf_ray.privacy.secagg import MaskingClient, SecAggError, quantize
+from fedrlhf_ray.process_setup import install_process
 from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import split_personal
 
@@ -43,6 +44,7 @@ class ClientHost:
         personal_prefixes: Collection[str] = (),
         attack: Attack | None = None,
     ) -> None:
+        install_process()
         self.trainer = trainer_factory()
         self.store = ClientStore(store_root)
         self.personal_prefixes = tuple(personal_prefixes)

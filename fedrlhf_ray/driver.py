@@ -35,14 +35,15 @@ from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client import ClientActor
 from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.errors import UserError
-from fedrlhf_ray.evaluation import summarize
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.metrics import summarize
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.privacy.secagg import SecAggError
 from fedrlhf_ray.rundir import CLIENT_STORE, RunDir, warn
 from fedrlhf_ray.seeding import derive_rng
 from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import make_strategy, merge, sparse_keys_of, split_personal
+from fedrlhf_ray.tasks import TaskTrainerFactory
 
 # (host index, number of hosts) -> a picklable zero-argument factory run inside the actor.
 HostTrainerFactory = Callable[[int, int], Callable[[], LocalTrainer]]
@@ -103,15 +104,7 @@ class FederatedDriver:
         self.num_hosts = num_workers(cfg, len(self.eval_clients)) if only_clients is None else 1
         if trainer_factory is None:
             cfg_dict = cfg.to_dict()
-            # Both import RLlib: only when used.
-            if cfg.env.name == "imdb":
-                from fedrlhf_ray.text.trainer import TextTrainerFactory
-
-                trainer_factory = lambda w, n: TextTrainerFactory(cfg_dict, w, n)  # noqa: E731
-            else:
-                from fedrlhf_ray.rlhf_trainer import RLHFTrainerFactory
-
-                trainer_factory = lambda w, n: RLHFTrainerFactory(cfg_dict, w, n)  # noqa: E731
+            trainer_factory = lambda w, n: TaskTrainerFactory(cfg_dict, w, n)  # noqa: E731
         self.store_root = client_store_root(cfg, self.run_dir)
         self.prefixes = personal_prefixes(cfg)
         # Ray actor handles: their methods are called with .remote(), which Ray's typing of a

@@ -26,7 +26,6 @@ import contextlib
 import os
 import shutil
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +37,7 @@ from fedrlhf_ray.config import ExperimentConfig, load_config
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.ray_runtime import check_fits, ensure_ray, local_ray_processes, reap
 from fedrlhf_ray.rundir import CONFIG, FINAL_WEIGHTS, RAY_PROCESSES, STATUS, SUMMARY, RunDir, warn
+from fedrlhf_ray.tasks import RoundArtifacts, task_for
 
 # Fields a resumed run may change: it otherwise keeps the config it started with.
 RESUMABLE_OVERRIDES = ("federation.rounds",)
@@ -95,9 +95,10 @@ class Result:
 RoundHook = Callable[[Progress], None]
 
 
-def gap_closed(value: float, random: float, oracle: float) -> float:
-    """Fraction of the random→oracle gap a policy's liked-hit rate closes."""
-    return (value - random) / (oracle - random) if oracle > random else float("nan")
+def check_data(cfg: ExperimentConfig) -> None:
+    """The preflight a run and a sweep share: the task's data (and prepared public models) can
+    serve ``cfg``, checked before anything is created; a problem is one line."""
+    task_for(cfg.env.name).check_data(cfg, announce=True)
 
 
 def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -198,17 +199,7 @@ def run_experiment(
     driver).
     """
     if trainer_factory is None:
-        # Data problems surface here, before anything is created.
-        if cfg.env.name == "imdb":
-            from fedrlhf_ray.clients_data import build_imdb_shards
-            from fedrlhf_ray.text.prepare import prepare
-
-            build_imdb_shards(cfg)
-            prepare(cfg, progress=sys.stderr.isatty(), announce=True)  # a no-op once prepared
-        else:
-            from fedrlhf_ray.clients_data import build_clients
-
-            build_clients(cfg)
+        check_data(cfg)
     if not resume and run_dir is None:
         check_out_location(out)
     if cfg.federation.client_state_dir is not None:
@@ -278,7 +269,7 @@ class _Lifecycle:
         self.tracker_status_before: str | None = None
         self.new_rounds = 0
         self.finished = False
-        self.samples: Any = None  # the IMDb task's SampleWriter
+        self.samples: RoundArtifacts | None = None  # the task's, written after each evaluation
 
     def run(self, uri, trainer_factory, only_clients, extra_tags, on_start, on_round, driver_cls) -> Result:
         cfg, rd = self.cfg, self.rd
@@ -288,10 +279,8 @@ class _Lifecycle:
             rd.write_config(cfg.to_dict())  # on resume: a raised federation.rounds is kept
             self.tracker = self._start_tracking(uri, extra_tags)
             self.driver = driver_cls(cfg, rd, trainer_factory=trainer_factory, only_clients=only_clients)
-            if cfg.env.name == "imdb" and trainer_factory is None:
-                from fedrlhf_ray.text.samples import SampleWriter
-
-                self.samples = SampleWriter(cfg)
+            if trainer_factory is None:
+                self.samples = task_for(cfg.env.name).round_artifacts(cfg)
             if self.resume:
                 self.driver.restore()
                 initial = rd.round_metrics(0)
@@ -344,7 +333,7 @@ class _Lifecycle:
             raise
 
     def _write_samples(self, round_index: int) -> None:
-        """The IMDb task's sample generations of the global model, to the run dir and MLflow."""
+        """The task's text of the global model (IMDb: sample generations), to the run dir and MLflow."""
         if self.samples is None or self.driver is None:
             return
         name = self.rd.write_samples(round_index, self.samples.text(round_index, self.driver.global_weights))
@@ -375,11 +364,7 @@ class _Lifecycle:
                 k.removeprefix("privacy/"): v for k, v in progress.metrics.items() if k.startswith("privacy/")
             }
             summary["privacy"].update(delta=self.cfg.privacy.dp.delta, mode=self.cfg.privacy.dp.mode)
-        if "eval/liked_hit_rate/mean" in final:
-            summary["gap_closed"] = gap_closed(
-                final["eval/liked_hit_rate/mean"], final["eval/random_hit_rate/mean"],
-                final["eval/oracle_hit_rate/mean"],
-            )
+        summary.update(task_for(self.cfg.env.name).summary(final))
         rd.write_json(SUMMARY, summary)
         rd.write_status("completed", rounds=rounds, placement=progress.placement)
         if self.tracker is not None:
@@ -394,7 +379,7 @@ class _Lifecycle:
         if with_model and self.driver is not None:
             rd.save_final_weights(self.driver.global_weights)
             self.tracker.log_artifacts(rd.path, [FINAL_WEIGHTS], "model")
-        tracking.log_run_files(self.tracker, rd.path, self.cfg.name)
+        tracking.log_run_files(self.tracker, rd.path, self.cfg.name, task_for(self.cfg.env.name).curve_panels)
 
     def _fail(self, err: BaseException) -> None:
         rd = self.rd

@@ -20,7 +20,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from fedrlhf_ray.rundir import (
     atomic_write,
     read_jsonl,
 )
+from fedrlhf_ray.tasks import CurvePanel, task_for
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -137,7 +138,7 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     fed = cfg.federation
     tags = {
         "fedrlhf.env": cfg.env.name,
-        "fedrlhf.dataset": cfg.env.data.dataset if cfg.env.name == "movielens" else "synthetic",
+        **task_for(cfg.env.name).tags(cfg),
         "fedrlhf.strategy": fed.strategy,
         "fedrlhf.baseline": fed.baseline,
         "fedrlhf.personalization": fed.personalization,
@@ -367,11 +368,12 @@ def start_run(
     return tracker
 
 
-def log_run_files(tracker: RunTracker, run_dir: Path, title: str) -> None:
-    """A run directory's config, metrics, status, summary and learning curves as artifacts."""
+def log_run_files(tracker: RunTracker, run_dir: Path, title: str, panels: Sequence[CurvePanel]) -> None:
+    """A run directory's config, metrics, status, summary and learning curves (the task's
+    ``panels``) as artifacts."""
     names = [CONFIG, METRICS, CLIENT_METRICS, SUMMARY, STATUS]
     if (run_dir / METRICS).exists():
-        plot_learning_curves(run_dir, run_dir / CURVES, title)
+        plot_learning_curves(run_dir, run_dir / CURVES, title, panels)
         names.append(CURVES)
     tracker.log_artifacts(run_dir, names)
 
@@ -392,16 +394,8 @@ def load_tracker(run_dir: Path, per_client: bool = True) -> RunTracker | None:
 
 
 # -- plots ----------------------------------------------------------------------------------------
-CURVE_PANELS = (
-    ("eval/liked_hit_rate", "held-out liked-hit rate"),
-    ("eval/ndcg", "held-out NDCG@k"),
-    ("reward_model/heldout_pair_accuracy", "reward-model pair accuracy"),
-    ("train/episode_return_mean", "training return (R⁰ + λ·H)"),
-)
-
-
-def plot_learning_curves(run_dir: Path, out: Path, title: str) -> Path:
-    """Mean and worst-decile learning curves from ``metrics.jsonl`` (one PNG, four panels)."""
+def plot_learning_curves(run_dir: Path, out: Path, title: str, panels: Sequence[CurvePanel]) -> Path:
+    """Mean and worst-decile learning curves from ``metrics.jsonl`` (one PNG, the task's four panels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,18 +404,18 @@ def plot_learning_curves(run_dir: Path, out: Path, title: str) -> Path:
 
     rows = read_jsonl(run_dir / METRICS)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
-    for ax, (key, label) in zip(axes.flat, CURVE_PANELS, strict=True):
+    for ax, panel in zip(axes.flat, panels, strict=True):
+        key = panel.key
         for suffix, style in (("mean", "-o"), ("worst_decile", "--s"), ("median", ":")):
             pts = [(r["round"], r[f"{key}/{suffix}"]) for r in rows
                    if f"{key}/{suffix}" in r and not math.isnan(r[f"{key}/{suffix}"])]
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, label=suffix.replace("_", " "), markersize=4)
-        if key == "eval/liked_hit_rate":
-            for ref, colour in (("eval/random_hit_rate/mean", "grey"), ("eval/oracle_hit_rate/mean", "green")):
-                vals = [r[ref] for r in rows if ref in r]
-                if vals:
-                    ax.axhline(vals[-1], color=colour, linewidth=0.8, label=ref.split("/")[1].replace("_hit_rate", ""))
-        ax.set_title(label)
+        for ref, ref_label, colour in panel.references:
+            vals = [r[ref] for r in rows if ref in r]
+            if vals:
+                ax.axhline(vals[-1], color=colour, linewidth=0.8, label=ref_label)
+        ax.set_title(panel.title)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

@@ -10,6 +10,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def client_process_settings() -> None:
+    """Tests that build a trainer in their own process set it up as a client actor does."""
+    from fedrlhf_ray.process_setup import install_process
+
+    install_process()
+
+
 def shared_data_dir() -> Path:
     """Real test datasets: ``$FEDRLHF_TEST_DATA``, else ``<repo root>/../shared/data``."""
     env = os.environ.get("FEDRLHF_TEST_DATA", "").strip()

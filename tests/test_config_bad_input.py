@@ -22,7 +22,6 @@ from envs.data.partition import PartitionError
 from envs.rec_env import SlateRecEnv
 from envs.synthetic import make_synthetic_clients
 from fedrlhf_ray import config as config_module
-from fedrlhf_ray.clients_data import build_clients
 from fedrlhf_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -33,6 +32,7 @@ from fedrlhf_ray.config import (
     tracking_uri_problem,
     validate_config,
 )
+from fedrlhf_ray.tasks.rec.clients import build_clients
 
 
 def one_line(info: pytest.ExceptionInfo) -> str:

@@ -11,13 +11,13 @@ from scipy.stats import spearmanr
 
 from envs.synthetic import make_synthetic_clients
 from envs.types import ClientData
-from fedrlhf_ray.evaluation import (
+from fedrlhf_ray.metrics import summarize
+from fedrlhf_ray.tasks.rec.evaluation import (
     evaluate_client,
     fit_like_threshold,
     ndcg_at_k,
     random_score_fn,
     spearman,
-    summarize,
 )
 
 ENV_KWARGS = {"slate_size": 10, "session_length": 10, "history_length": 10, "positives_per_slate": 3}

@@ -12,16 +12,16 @@ import pickle
 import numpy as np
 import pytest
 
-from fedrlhf_ray import rllib_ppo
+from fedrlhf_ray import rllib_edge
 from fedrlhf_ray.client import ClientHost
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.config import validate_config
 from fedrlhf_ray.experiment import run_experiment
-from fedrlhf_ray.feedback import FeedbackLog
 from fedrlhf_ray.local_trainer import ClientUpdate, RoundInstructions
-from fedrlhf_ray.rlhf_trainer import RLHFTrainerFactory
 from fedrlhf_ray.rundir import CLIENT_STORE, METRICS, RunDir
 from fedrlhf_ray.strategies import make_strategy
+from fedrlhf_ray.tasks import TaskTrainerFactory
+from fedrlhf_ray.tasks.rec.feedback import FeedbackLog
 
 TINY = {
     "seed": 3,
@@ -40,7 +40,7 @@ TINY = {
 def host(ray_session, tmp_path_factory):
     """A client host in this process (the same class the actors run) serving 3 clients."""
     cfg = validate_config(TINY)
-    return ClientHost(RLHFTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path_factory.mktemp("store")))
+    return ClientHost(TaskTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path_factory.mktemp("store")))
 
 
 def _perturbed(weights, seed):
@@ -52,8 +52,8 @@ def test_broadcast_reaches_learner_and_acting_env_runner(host):
     global_weights = _perturbed(host.initial_weights(), 0)
     for client_id in (0, 2):
         host._swap_in(client_id, global_weights, 0)
-        learner = rllib_ppo.get_weights(host.trainer.algo)
-        acting = rllib_ppo.acting_weights(host.trainer.algo)
+        learner = rllib_edge.get_weights(host.trainer.algo)
+        acting = rllib_edge.acting_weights(host.trainer.algo)
         for name, value in global_weights.items():
             np.testing.assert_array_equal(learner[name], value, err_msg=f"learner {name}")
             np.testing.assert_array_equal(acting[name], value, err_msg=f"env runner {name}")
@@ -180,8 +180,8 @@ def test_fedprox_term_pulls_local_training_towards_the_global_model(ray_session)
 
     μ is the strategy's instruction for the round (``configure_train``), as the client host
     passes it to the trainer."""
-    from fedrlhf_ray.clients_data import build_clients
-    from fedrlhf_ray.rlhf_trainer import RLHFTrainer
+    from fedrlhf_ray.tasks.rec.clients import build_clients
+    from fedrlhf_ray.tasks.rec.trainer import RLHFTrainer
 
     def distance_after_round(mu: float) -> float:
         cfg = validate_config({**TINY, "federation": {"strategy": "fedprox", "fedprox_mu": mu}})
@@ -209,7 +209,7 @@ def test_a_clients_round_does_not_depend_on_what_its_host_ran_before(ray_session
     cfg = validate_config({**TINY, "ppo": {**TINY["ppo"], "local_iterations": 2}})
 
     def client0_round2(other_client_between: bool):
-        host = ClientHost(RLHFTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path / f"store-{other_client_between}"))
+        host = ClientHost(TaskTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path / f"store-{other_client_between}"))
         start = host.initial_weights()
         plain = RoundInstructions()
         host.train_client(1, 0, start, plain)
@@ -219,7 +219,7 @@ def test_a_clients_round_does_not_depend_on_what_its_host_ran_before(ray_session
         algo = host.trainer.algo
         in_sync = all(
             np.array_equal(a, b)
-            for a, b in zip(rllib_ppo.get_weights(algo).values(), rllib_ppo.acting_weights(algo).values())
+            for a, b in zip(rllib_edge.get_weights(algo).values(), rllib_edge.acting_weights(algo).values())
         )
         host.trainer.stop()
         return update.weights, in_sync

@@ -12,7 +12,7 @@ import pytest
 
 from envs.synthetic import make_synthetic_clients
 from envs.types import ClientData, ItemCatalog, UserRecord
-from fedrlhf_ray.feedback import (
+from fedrlhf_ray.tasks.rec.feedback import (
     FeedbackLog,
     RandomQueries,
     SimulatedHuman,

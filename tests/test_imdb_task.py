@@ -22,8 +22,8 @@ from envs.data.imdb import ImdbData, ShardError, load_imdb, positive_shares, sha
 from envs.text_env import TextContinuationEnv, terminal_reward
 from fedrlhf_ray.config import validate_config
 from fedrlhf_ray.errors import UserError
-from fedrlhf_ray.text.generation import Generations, distinct_n, text_metrics
-from fedrlhf_ray.text.lm import continuation_logprobs, fluency
+from fedrlhf_ray.tasks.text.generation import Generations, distinct_n, text_metrics
+from fedrlhf_ray.tasks.text.lm import continuation_logprobs, fluency
 
 TINY_LM = {"vocab_size": 2048, "n_layer": 1, "n_embd": 32, "n_head": 2, "context": 32, "max_texts": 20000,
            "pretrain_steps": 150}
@@ -63,7 +63,7 @@ def imdb(shared_data) -> ImdbData:
 
 @pytest.fixture(scope="module")
 def prepared(shared_data, imdb, tmp_path_factory):
-    from fedrlhf_ray.text.prepare import prepare
+    from fedrlhf_ray.tasks.text.prepare import prepare
 
     cache = tmp_path_factory.mktemp("imdb-cache")
     cfg = validate_config(tiny_config(shared_data, cache))
@@ -148,7 +148,7 @@ def test_fluency_is_one_minus_normalised_nll():
 
 
 def test_continuation_logprobs_match_a_manual_forward(prepared):
-    from fedrlhf_ray.text.lm import load_prepared
+    from fedrlhf_ray.tasks.text.lm import load_prepared
 
     lm = load_prepared(prepared[1])
     prompt, cont = np.array([5, 6, 7]), np.array([8, 9])
@@ -198,7 +198,7 @@ def test_shards_are_disjoint_sized_and_skewed(imdb):
 
 
 def test_prepare_reports_and_is_cached(prepared, imdb):
-    from fedrlhf_ray.text.prepare import REPORT, prepare, prepared_folder
+    from fedrlhf_ray.tasks.text.prepare import REPORT, prepare, prepared_folder
 
     cfg, folder, report = prepared
     assert folder == prepared_folder(cfg) and (folder / REPORT).exists()
@@ -220,7 +220,7 @@ def test_the_independent_evaluator_reaches_85_percent(prepared):
 
 
 def test_prepare_is_reproducible_from_its_seed(shared_data, imdb, tmp_path):
-    from fedrlhf_ray.text.prepare import prepare
+    from fedrlhf_ray.tasks.text.prepare import prepare
 
     small = ImdbData(imdb.source, {s: imdb.reviews[s][:: 50 if s != "unsup" else 100] for s in imdb.reviews})
     raw = tiny_config(shared_data, tmp_path / "a", lm={**TINY_LM, "max_texts": 0, "pretrain_steps": 20})
@@ -234,8 +234,8 @@ def test_prepare_is_reproducible_from_its_seed(shared_data, imdb, tmp_path):
 
 
 def test_a_client_reward_model_learns_from_its_own_reviews(prepared, imdb):
-    from fedrlhf_ray.text.lm import load_prepared
-    from fedrlhf_ray.text.sentiment import BagOfTokens
+    from fedrlhf_ray.tasks.text.lm import load_prepared
+    from fedrlhf_ray.tasks.text.sentiment import BagOfTokens
 
     lm = load_prepared(prepared[1])
     shard = shard_imdb(imdb, num_clients=5, reviews_per_client=2000, test_per_client=500, seed=0)[0]
@@ -263,16 +263,16 @@ def test_a_client_reward_model_learns_from_its_own_reviews(prepared, imdb):
 def text_host(ray_session, prepared, tmp_path_factory):
     """A client host in this process serving the 3 IMDb clients of the tiny config."""
     from fedrlhf_ray.client import ClientHost
-    from fedrlhf_ray.text.trainer import TextTrainerFactory
+    from fedrlhf_ray.tasks import TaskTrainerFactory
 
     cfg = prepared[0]
-    host = ClientHost(TextTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path_factory.mktemp("text-store")))
+    host = ClientHost(TaskTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path_factory.mktemp("text-store")))
     host.reference_weights = host.initial_weights()  # before any test trains: the pre-trained LM
     return host
 
 
 def test_full_lm_weights_reach_learner_and_acting_env_runner(text_host):
-    from fedrlhf_ray import rllib_ppo
+    from fedrlhf_ray import rllib_edge
 
     weights = text_host.reference_weights
     assert any(k.startswith("lm.transformer.h.0.") for k in weights) and "value_head.weight" in weights
@@ -280,8 +280,8 @@ def test_full_lm_weights_reach_learner_and_acting_env_runner(text_host):
     perturbed = {k: (v + rng.normal(scale=0.05, size=v.shape)).astype(v.dtype) for k, v in weights.items()}
     for client_id in (0, 2):
         text_host._swap_in(client_id, perturbed, 0)
-        learner = rllib_ppo.get_weights(text_host.trainer.algo)
-        acting = rllib_ppo.acting_weights(text_host.trainer.algo)
+        learner = rllib_edge.get_weights(text_host.trainer.algo)
+        acting = rllib_edge.acting_weights(text_host.trainer.algo)
         assert learner.keys() == acting.keys() == perturbed.keys()
         for name, value in perturbed.items():
             np.testing.assert_array_equal(learner[name], value, err_msg=f"learner {name}")
@@ -331,7 +331,7 @@ def test_kl_to_reference_enters_the_loss_and_is_reported(text_host):
 
 
 def test_adaptive_kl_controller():
-    from fedrlhf_ray.text.trainer import adapt_kl_coeff
+    from fedrlhf_ray.tasks.text.trainer import adapt_kl_coeff
 
     assert adapt_kl_coeff(0.1, 4.0, 2.0, 1.0) == pytest.approx(0.12)  # error clipped at +0.2
     assert adapt_kl_coeff(0.1, 1.8, 2.0, 2.0) == pytest.approx(0.1 * (1 - 0.05))
@@ -373,12 +373,12 @@ def hf_models(prepared, tmp_path_factory):
 
 
 def test_hugging_face_backend_round_trip(ray_session, shared_data, imdb, hf_models, tmp_path):
-    from fedrlhf_ray import rllib_ppo
+    from fedrlhf_ray import rllib_edge
     from fedrlhf_ray.client import ClientHost
     from fedrlhf_ray.local_trainer import RoundInstructions
-    from fedrlhf_ray.text.prepare import prepare
-    from fedrlhf_ray.text.sentiment import HFSentiment
-    from fedrlhf_ray.text.trainer import TextTrainerFactory
+    from fedrlhf_ray.tasks import TaskTrainerFactory
+    from fedrlhf_ray.tasks.text.prepare import prepare
+    from fedrlhf_ray.tasks.text.sentiment import HFSentiment
 
     raw = tiny_config(shared_data, tmp_path / "cache", lm={**TINY_LM, "pretrained": str(hf_models / "gpt2-tiny"),
                                                             "sentiment": {"pretrained": str(hf_models / "distilbert-tiny")}})
@@ -386,7 +386,7 @@ def test_hugging_face_backend_round_trip(ray_session, shared_data, imdb, hf_mode
     small = ImdbData(imdb.source, {s: imdb.reviews[s][::100] for s in imdb.reviews})
     folder, report = prepare(cfg, data=small)
     assert "pretrain" not in report  # a pretrained LM is used as it is: only the evaluator is built
-    host = ClientHost(TextTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path / "store"))
+    host = ClientHost(TaskTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path / "store"))
     assert isinstance(host.trainer.shared_scorer, HFSentiment)
     weights = host.initial_weights()
     from transformers import GPT2LMHeadModel
@@ -398,7 +398,7 @@ def test_hugging_face_backend_round_trip(ray_session, shared_data, imdb, hf_mode
     assert update.weights.keys() == weights.keys()
     assert any(not np.array_equal(update.weights[k], weights[k]) for k in weights)
     host._swap_in(0, update.weights, 1)
-    acting = rllib_ppo.acting_weights(host.trainer.algo)
+    acting = rllib_edge.acting_weights(host.trainer.algo)
     for k, v in update.weights.items():
         np.testing.assert_array_equal(acting[k], v)
     probs = host.trainer.shared_scorer.positive_probability([np.array([5, 6, 7]), np.array([9])])
@@ -406,8 +406,8 @@ def test_hugging_face_backend_round_trip(ray_session, shared_data, imdb, hf_mode
 
 
 def test_a_missing_hugging_face_model_is_one_line(tmp_path):
-    from fedrlhf_ray.text.lm import load_pretrained
-    from fedrlhf_ray.text.sentiment import HFSentiment
+    from fedrlhf_ray.tasks.text.lm import load_pretrained
+    from fedrlhf_ray.tasks.text.sentiment import HFSentiment
 
     with pytest.raises(UserError, match=r"^lm.pretrained: '.*nowhere' is not a causal language model"):
         load_pretrained(str(tmp_path / "nowhere"))
@@ -459,11 +459,11 @@ def test_preference_feedback_fits_the_reward_model_on_comparisons(ray_session, p
     from fedrlhf_ray.client import ClientHost
     from fedrlhf_ray.client_store import ClientStore
     from fedrlhf_ray.local_trainer import RoundInstructions
-    from fedrlhf_ray.text.trainer import TextTrainerFactory
+    from fedrlhf_ray.tasks import TaskTrainerFactory
 
     raw = prepared[0].to_dict()
     raw["lm"]["sentiment"].update(feedback="preferences", preference_pairs=24)
-    host = ClientHost(TextTrainerFactory(validate_config(raw).to_dict(), 0, 1), str(tmp_path / "store"))
+    host = ClientHost(TaskTrainerFactory(validate_config(raw).to_dict(), 0, 1), str(tmp_path / "store"))
     weights = host.initial_weights()
     first = host.train_client(1, 2, weights, RoundInstructions())
     second = host.train_client(2, 2, first.weights, RoundInstructions())

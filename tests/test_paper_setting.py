@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrlhf_ray.clients_data import build_clients
 from fedrlhf_ray.config import load_config
 from fedrlhf_ray.experiment import run_experiment
+from fedrlhf_ray.tasks.rec.clients import build_clients
 
 ROOT = Path(__file__).resolve().parents[1]
 

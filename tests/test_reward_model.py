@@ -16,8 +16,8 @@ import torch
 from envs.rec_env import SlateRecEnv
 from envs.synthetic import make_synthetic_clients
 from envs.types import ClientData, ItemCatalog, UserRecord
-from fedrlhf_ray.feedback import FeedbackLog, RandomQueries, SimulatedHuman, collect_feedback
-from fedrlhf_ray.reward_model import (
+from fedrlhf_ray.tasks.rec.feedback import FeedbackLog, RandomQueries, SimulatedHuman, collect_feedback
+from fedrlhf_ray.tasks.rec.reward_model import (
     RewardModel,
     heldout_pairs,
     pairwise_accuracy,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedrlhf_ray import rllib_ppo
-from fedrlhf_ray.clients_data import build_clients
+from fedrlhf_ray import rllib_edge
 from fedrlhf_ray.config import validate_config
-from fedrlhf_ray.evaluation import evaluate_client, random_score_fn
-from fedrlhf_ray.rlhf_trainer import RLHFTrainer
+from fedrlhf_ray.tasks.rec import ppo as rec_ppo
+from fedrlhf_ray.tasks.rec.clients import build_clients
+from fedrlhf_ray.tasks.rec.evaluation import evaluate_client, random_score_fn
+from fedrlhf_ray.tasks.rec.trainer import RLHFTrainer
 
 SMALL = {
     "seed": 0,
@@ -35,7 +36,7 @@ def trained(ray_session):
         trainer.train(rnd)
     after = trainer.evaluate()
     rand = evaluate_client(
-        random_score_fn(1), client, rllib_ppo.env_kwargs(cfg.env), episodes_per_user=20, seed=7
+        random_score_fn(1), client, rec_ppo.env_kwargs(cfg.env), episodes_per_user=20, seed=7
     )
     yield trainer, weights_before, before, after, rand
     trainer.stop()
@@ -90,7 +91,7 @@ def test_set_weights_reaches_the_acting_env_runner(trained):
     trainer, weights_before, *_ = trained
     trainer.set_weights(weights_before)
     learner = trainer.get_weights()
-    acting = rllib_ppo.acting_weights(trainer.algo)
+    acting = rllib_edge.acting_weights(trainer.algo)
     for name, value in weights_before.items():
         np.testing.assert_array_equal(learner[name], value)
         np.testing.assert_array_equal(acting[name], value, err_msg=name)

@@ -8,7 +8,6 @@ import pytest
 from fedrlhf_ray.attacks import Attack, attacked_update, malicious_clients
 from fedrlhf_ray.config import validate_config
 from fedrlhf_ray.errors import ConfigError
-from fedrlhf_ray.feedback import SimulatedHuman, random_pairs
 from fedrlhf_ray.strategies import (
     Krum,
     MultiKrum,
@@ -22,6 +21,7 @@ from fedrlhf_ray.strategies import (
     krum_select,
     make_strategy,
 )
+from fedrlhf_ray.tasks.rec.feedback import SimulatedHuman, random_pairs
 from tests.test_feedback import make_client
 
 GLOBAL = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}

@@ -125,7 +125,7 @@ class AuditedDriver(FederatedDriver):
 
     def __init__(self, cfg: Any, run_dir: Any, **kwargs: Any) -> None:
         super().__init__(cfg, run_dir, **kwargs)
-        from fedrlhf_ray.clients_data import build_clients
+        from fedrlhf_ray.tasks.rec.clients import build_clients
 
         tables = sparse_keys_of(self.global_weights)
         if not tables:

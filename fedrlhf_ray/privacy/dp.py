@@ -57,10 +57,19 @@ MODES = ("central", "distributed")
 
 RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
-# At large sampling rates the series for fractional Rényi orders may not converge; the
-# accountant then leaves that order out (the bound stays valid) and says so on absl's logger,
-# once per order and round, which would flood a run's console.
-logging.getLogger("absl").addFilter(lambda record: "failed to converge" not in record.getMessage())
+
+
+def _not_convergence_noise(record: logging.LogRecord) -> bool:
+    return "failed to converge" not in record.getMessage()
+
+
+def _quiet_accountant() -> None:
+    """At large sampling rates the series for fractional Rényi orders may not converge; the
+    accountant then leaves that order out (the bound stays valid) and says so on absl's logger,
+    once per order and round, which would flood a run's console. Added once, when first used."""
+    logger = logging.getLogger("absl")
+    if _not_convergence_noise not in logger.filters:
+        logger.addFilter(_not_convergence_noise)
 
 
 def round_event(sampling_rate: float, update_noise: float, count_noise: float | None) -> dp_accounting.DpEvent:
@@ -79,6 +88,7 @@ def epsilon(events: Sequence[dp_accounting.DpEvent], delta: float) -> float:
     """ε at ``delta`` of the composition of ``events`` (0 for none)."""
     if not events:
         return 0.0
+    _quiet_accountant()
     accountant = RdpAccountant(neighboring_relation=RELATION)
     for event in events:
         accountant.compose(event)

@@ -19,19 +19,31 @@ from fedrlhf_ray.config import with_values
 from fedrlhf_ray.errors import SweepError
 from fedrlhf_ray.sweeps.schema import BEST_CONFIG, BEST_FILE, SWEEP_FILE, Sweep
 from fedrlhf_ray.sweeps.trial import run_trial, trial_resources
+from fedrlhf_ray.tasks import all_tasks, task_for
 
 if TYPE_CHECKING:
     from ray.tune.search import SearchAlgorithm, Searcher
 
 def _absolute_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Trials run in their own working directories: data paths must not be relative."""
+    """Trials run in their own working directories: no path field of any task may be relative.
+    A field that may also name a model (a Hugging Face name) changes only where the path exists."""
     values = {}
-    data = raw.get("env", {}).get("data", {}) or {}
-    for key in ("path", "cache_dir"):
-        value = data.get(key)
-        if value and "://" not in str(value) and not Path(value).is_absolute():
-            values[f"env.data.{key}"] = str((root / value).resolve())
+    for task in all_tasks():
+        for key, must_exist in [(k, False) for k in task.path_fields] + [(k, True) for k in task.name_or_path_fields]:
+            value = _at(raw, key)
+            if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
+                continue
+            path = root / Path(value).expanduser()
+            if not must_exist or path.exists():
+                values[key] = str(path.resolve())
     return with_values(raw, values) if values else raw
+
+
+def _at(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _trainable(sweep: Sweep, tracking_uri: str | None, parent_run_id: str | None):
@@ -165,6 +177,7 @@ def close_trial_runs(parent, sweep: Sweep, results, status_if_unknown: str = "FI
     from fedrlhf_ray.rundir import STATUS, RunDir
     from fedrlhf_ray.tracking import RunTracker, log_run_files
 
+    panels = task_for(sweep.base_config.env.name).curve_panels
     for run in running:
         trial = run.data.tags.get("fedrlhf.trial_id")
         status = "FAILED" if trial in errored else status_if_unknown
@@ -177,7 +190,7 @@ def close_trial_runs(parent, sweep: Sweep, results, status_if_unknown: str = "FI
             if status == "FINISHED" and (folder / STATUS).is_file():
                 RunDir(folder).write_status("stopped", reason="stopped early by the scheduler")
         if run_dir.is_dir():  # on this node: keep what the trial got to write
-            log_run_files(tracker, run_dir, run.info.run_name)
+            log_run_files(tracker, run_dir, run.info.run_name, panels)
         if status == "FINISHED":
             tracker.set_tags({"fedrlhf.stopped_early": "true"})
         tracker.finish(status)

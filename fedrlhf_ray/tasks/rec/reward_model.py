@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envs.types import ClientData, ItemCatalog, recent_history
-from fedrlhf_ray.feedback import FeedbackLog
+from fedrlhf_ray.tasks.rec.feedback import FeedbackLog
 
 
 def user_histories(client: ClientData, history_length: int) -> tuple[np.ndarray, np.ndarray]:

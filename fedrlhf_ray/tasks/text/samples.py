@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from fedrlhf_ray.seeding import derive_seed
-from fedrlhf_ray.text.generation import generate
-from fedrlhf_ray.text.prepare import load_lm
+from fedrlhf_ray.tasks.text.generation import generate
+from fedrlhf_ray.tasks.text.prepare import load_lm
 
 PUBLIC_PROMPTS = (
     "This movie was",
@@ -27,7 +27,7 @@ PUBLIC_PROMPTS = (
     "I rented this movie because",
 )
 SAMPLES_PER_PROMPT = 2
-LM_PREFIX = "lm."  # the policy module's LM parameters (see fedrlhf_ray.text.policy)
+LM_PREFIX = "lm."  # the policy module's LM parameters (see fedrlhf_ray.tasks.text.policy)
 
 
 class SampleWriter:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrlhf_ray.text.lm import continuation_logprobs, fluency
+from fedrlhf_ray.tasks.text.lm import continuation_logprobs, fluency
 
 
 class ContinuationScorer:

@@ -1,14 +1,17 @@
-"""The RLlib edge: build a PPO algorithm for one client, read and write its weights.
+"""The RLlib edge every task shares: one in-process PPO algorithm per client actor, its weights
+and optimizer state, FedProx's anchor, seeding and the env runner's envs.
 
-Nothing outside this module touches RLlib types; the rest of the platform sees weights as
-``dict[str, np.ndarray]`` and the policy as a plain torch :class:`SlateScorer`.
+Nothing else in the engine touches RLlib types: the rest of the platform sees weights as
+``dict[str, np.ndarray]``. A task supplies its env creator, its RLModule and (optionally) a
+learner subclass of :class:`ProximalPPOLearner`; :class:`RLlibLocalTrainer` is the base of the
+tasks' :class:`~fedrlhf_ray.local_trainer.LocalTrainer` implementations.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -18,49 +21,13 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.tune.registry import register_env
 
-from envs.rec_env import ShapedRewardWrapper, SlateRecEnv
-from envs.types import ClientData
-from fedrlhf_ray.config import EnvConfig, PPOSettings
-from fedrlhf_ray.policy import SlatePolicyModule, SlateScorer
+from fedrlhf_ray.config import PPOSettings
+from fedrlhf_ray.local_trainer import Weights
 
 if TYPE_CHECKING:
     from ray.rllib.core.learner.learner_group import LearnerGroup
     from ray.rllib.env.env_runner_group import EnvRunnerGroup
-
-# RLlib warns on every build that PPO runs on the new API stack, which is what we want.
-logging.getLogger("ray.rllib.algorithms.algorithm_config").setLevel(logging.ERROR)
-
-
-def env_kwargs(env: EnvConfig) -> dict[str, Any]:
-    """The :class:`SlateRecEnv` keyword arguments an :class:`EnvConfig` stands for."""
-    return {
-        "slate_size": env.slate_size,
-        "session_length": env.session_length,
-        "history_length": env.history_length,
-        "positives_per_slate": env.positives_per_slate,
-        "like_threshold": env.like_threshold,
-    }
-
-
-ENV_NAME = "fedrlhf-shaped-slate"
-
-
-def make_shaped_env(ctx: Any) -> ShapedRewardWrapper:
-    """RLlib env creator: the client's training env with reward shaping.
-
-    ``ctx`` is RLlib's ``EnvContext`` over the env config written by :func:`build_ppo`; the
-    worker and vector indices enter the seed so that no two envs share a random stream.
-    """
-    worker = getattr(ctx, "worker_index", 0)
-    vector = getattr(ctx, "vector_index", 0)
-    seed = int(np.random.SeedSequence([ctx["seed"], worker, vector]).generate_state(1)[0])
-    env = SlateRecEnv(ctx["client"], mode="train", seed=seed, **ctx["env_kwargs"])
-    return ShapedRewardWrapper(env, lam=ctx["lam"])
-
-
-register_env(ENV_NAME, make_shaped_env)
 
 
 class ProximalPPOLearner(PPOTorchLearner):
@@ -96,24 +63,35 @@ class ProximalPPOLearner(PPOTorchLearner):
         return loss
 
 
+def register_env_once(name: str, creator: Callable[[Any], Any]) -> None:
+    """Register an env creator with Tune's registry in this process (RLlib looks envs up there)."""
+    from ray.tune.registry import ENV_CREATOR, _global_registry, register_env
+
+    if not _global_registry.contains(ENV_CREATOR, name):
+        register_env(name, creator)
+
+
 def build_ppo(
-    client: ClientData,
-    env: EnvConfig,
+    *,
+    env_name: str,
+    env_creator: Callable[[Any], Any],
+    env_config: dict[str, Any],
     ppo: PPOSettings,
-    lam: float,
+    module_spec: RLModuleSpec,
     seed: int,
+    learner_class: type[ProximalPPOLearner] = ProximalPPOLearner,
+    episodes_for_smoothing: int = 20,
+    grad_clip: float | None = None,
 ) -> Algorithm:
     """One in-process PPO algorithm (no remote env runners: a client is already an actor).
 
-    PPO's adaptive KL coefficient is switched off (the clip objective alone): it would be
-    hidden learner state shared by every virtual client an actor serves.
+    PPO's adaptive KL coefficient (to the previous policy) is switched off, the clip objective
+    alone: it would be hidden learner state shared by every virtual client an actor serves.
     """
+    register_env_once(env_name, env_creator)
     config = (
         PPOConfig()
-        .environment(
-            env=ENV_NAME,
-            env_config={"client": client, "env_kwargs": env_kwargs(env), "lam": lam, "seed": seed},
-        )
+        .environment(env=env_name, env_config=env_config)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=ppo.num_envs)
         .training(
             lr=ppo.lr,
@@ -126,20 +104,11 @@ def build_ppo(
             minibatch_size=ppo.minibatch_size,
             num_epochs=ppo.num_epochs,
             use_kl_loss=False,
+            grad_clip=grad_clip,
         )
-        .learners(learner_class=ProximalPPOLearner)
-        .rl_module(
-            rl_module_spec=RLModuleSpec(
-                module_class=SlatePolicyModule,
-                model_config={
-                    "hidden": ppo.hidden,
-                    "embedding_dim": ppo.embedding_dim,
-                    "n_items": client.catalog.n_items,
-                    "n_features": client.catalog.n_features,
-                },
-            )
-        )
-        .reporting(metrics_num_episodes_for_smoothing=20)
+        .learners(learner_class=learner_class)
+        .rl_module(rl_module_spec=module_spec)
+        .reporting(metrics_num_episodes_for_smoothing=episodes_for_smoothing)
         .debugging(seed=seed, log_level="ERROR")
     )
     return config.build_algo()
@@ -147,13 +116,13 @@ def build_ppo(
 
 # RLlib types an algorithm's learner and env-runner groups Optional (they are None until
 # built); an algorithm from build_algo() always has both.
-def _learners(algo: Algorithm) -> LearnerGroup:
+def learners(algo: Algorithm) -> LearnerGroup:
     group = algo.learner_group
     assert group is not None, "the algorithm has no learner group"
     return group
 
 
-def _env_runners(algo: Algorithm) -> EnvRunnerGroup:
+def env_runners(algo: Algorithm) -> EnvRunnerGroup:
     group = algo.env_runner_group
     assert group is not None, "the algorithm has no env runner group"
     return group
@@ -161,7 +130,7 @@ def _env_runners(algo: Algorithm) -> EnvRunnerGroup:
 
 def get_weights(algo: Algorithm) -> dict[str, np.ndarray]:
     """Every parameter (policy and value head) from the learner, as numpy arrays."""
-    weights = _learners(algo).get_weights()[DEFAULT_MODULE_ID]
+    weights = learners(algo).get_weights()[DEFAULT_MODULE_ID]
     return {name: np.asarray(value).copy() for name, value in weights.items()}
 
 
@@ -171,18 +140,22 @@ def set_weights(algo: Algorithm, weights: dict[str, np.ndarray]) -> None:
     ``algo.set_weights`` leaves env runners acting with stale weights (they only accept a
     newer ``weights_seq_no``); a state without a sequence number forces the update.
     """
-    _learners(algo).set_weights({DEFAULT_MODULE_ID: weights})
+    learners(algo).set_weights({DEFAULT_MODULE_ID: weights})
 
     def push(runner: Any) -> Any:  # a SingleAgentEnvRunner (typed as the EnvRunner base)
         return runner.set_state({"rl_module": {DEFAULT_MODULE_ID: weights}})
 
-    _env_runners(algo).foreach_env_runner(push, local_env_runner=True)
+    env_runners(algo).foreach_env_runner(push, local_env_runner=True)
+
+
+def acting_module(algo: Algorithm) -> Any:
+    """The local env runner's module: the policy that actually samples."""
+    return algo.env_runner.module
 
 
 def acting_weights(algo: Algorithm) -> dict[str, np.ndarray]:
-    """The weights of the local env runner's module: the policy that actually samples."""
-    module = algo.env_runner.module
-    return {k: np.asarray(v).copy() for k, v in module.get_state().items()}
+    """The weights of the local env runner's module."""
+    return {k: np.asarray(v).copy() for k, v in acting_module(algo).get_state().items()}
 
 
 def set_prox_anchor(algo: Algorithm, weights: dict[str, np.ndarray] | None, mu: float = 0.0) -> None:
@@ -192,7 +165,7 @@ def set_prox_anchor(algo: Algorithm, weights: dict[str, np.ndarray] | None, mu: 
     def anchor(learner: Any, _: Any = None) -> Any:  # a ProximalPPOLearner
         return learner.set_anchor(weights, mu)
 
-    _learners(algo).foreach_learner(anchor)
+    learners(algo).foreach_learner(anchor)
 
 
 def get_optimizer_state(algo: Algorithm) -> dict[str, Any]:
@@ -203,28 +176,35 @@ def get_optimizer_state(algo: Algorithm) -> dict[str, Any]:
     newer numbers), so a swapped-in client would act with stale weights from its second PPO
     iteration on. The arrays are copied: RLlib hands out views of the live tensors.
     """
-    learner = _learners(algo).get_state(components="learner/optimizer")["learner"]
+    learner = learners(algo).get_state(components="learner/optimizer")["learner"]
     return {"learner": {"optimizer": copy.deepcopy(learner["optimizer"])}}
 
 
 def set_optimizer_state(algo: Algorithm, state: dict[str, Any]) -> None:
-    _learners(algo).set_state(state)
+    learners(algo).set_state(state)
 
 
-def load_client(algo: Algorithm, client: ClientData, seed: int) -> None:
-    """Make the env runner's envs serve ``client``; the next sample starts fresh sessions.
+def call_envs(algo: Algorithm, method: str, *args: Any) -> None:
+    """``env.method(*args)`` on every env of the env runner (the vector env forwards the call)."""
 
-    The env runner's own seed is replaced so that the new sessions are a function of
-    ``seed`` alone (RLlib reads ``_seed`` on the first reset after ``_needs_initial_reset``),
-    and in-flight episodes of the previous client are discarded.
+    def call(runner: Any) -> Any:  # a SingleAgentEnvRunner (typed as the EnvRunner base)
+        return runner.env.unwrapped.call(method, *args)
+
+    env_runners(algo).foreach_env_runner(call, local_env_runner=True)
+
+
+def restart_episodes(algo: Algorithm, seed: int) -> None:
+    """Discard in-flight episodes; the next sample resets every env from ``seed`` alone.
+
+    RLlib's env runner has no public call for it: it reads ``_seed`` on the first reset after
+    ``_needs_initial_reset``, so a swapped-in client's sessions do not depend on the previous one.
     """
 
-    def swap(runner: Any) -> None:
-        runner.env.unwrapped.call("set_client", client)
+    def reseed(runner: Any) -> None:
         runner._seed = int(seed)
         runner._needs_initial_reset = True
 
-    _env_runners(algo).foreach_env_runner(swap, local_env_runner=True)
+    env_runners(algo).foreach_env_runner(reseed, local_env_runner=True)
 
 
 def seed_global_rngs(seed: int) -> None:
@@ -239,43 +219,63 @@ def seed_global_rngs(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_reward_table(algo: Algorithm, table: np.ndarray | None, lam: float | None = None) -> None:
-    """Give every training env the client's refreshed reward-model scores (``None``: none yet)."""
-
-    def push(runner: Any) -> Any:  # a SingleAgentEnvRunner (typed as the EnvRunner base)
-        return runner.env.unwrapped.call("set_reward_table", table, lam)
-
-    _env_runners(algo).foreach_env_runner(push, local_env_runner=True)
-
-
-def scorer_from(algo: Algorithm) -> SlateScorer:
-    """The acting policy's scorer (a torch module in eval mode) for evaluation."""
-    module = algo.env_runner.module
-    module.eval()
-    return module.scorer
-
-
-def train_iterations(algo: Algorithm, iterations: int) -> tuple[int, dict[str, float]]:
-    """Run ``iterations`` PPO iterations; returns (env steps sampled, last scalar metrics)."""
+def run_iterations(
+    algo: Algorithm, iterations: int, learner_keys: tuple[str, ...] = ()
+) -> tuple[int, list[dict[str, float]]]:
+    """``iterations`` PPO iterations: (env steps sampled, each iteration's scalar metrics:
+    return, losses, entropy and the learner's ``learner_keys``)."""
     steps = 0
-    metrics: dict[str, float] = {}
+    rows: list[dict[str, float]] = []
     for _ in range(iterations):
         result = algo.train()
         runners = result.get("env_runners", {})
         steps += int(runners.get("num_env_steps_sampled", 0))
         learner = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})
-        metrics = {
+        row = {
             "episode_return_mean": float(runners.get("episode_return_mean", np.nan)),
             "policy_loss": float(learner.get("policy_loss", np.nan)),
             "vf_loss": float(learner.get("vf_loss", np.nan)),
             "entropy": float(learner.get("entropy", np.nan)),
         }
-    return steps, metrics
+        row.update({key: float(learner.get(key, np.nan)) for key in learner_keys})
+        rows.append(row)
+    return steps, rows
 
 
-@torch.no_grad()
-def score_observations(scorer: SlateScorer, obs: dict[str, np.ndarray]) -> np.ndarray:
-    """Scores ``(B, M)`` for a batch of observations given as numpy arrays."""
-    tensors = {k: torch.as_tensor(v) for k, v in obs.items()}
-    scores, _, _ = scorer(tensors)
-    return scores.numpy()
+class RLlibLocalTrainer:
+    """What the tasks' RLlib trainers share: one algorithm serving many virtual clients, whose
+    weights and optimizer state are swapped in and out, and the per-round seeding."""
+
+    algo: Algorithm
+    seed: int
+
+    def _built(self, algo: Algorithm, seed: int) -> None:
+        self.algo = algo
+        self.seed = seed
+        self._fresh_optimizer = get_optimizer_state(algo)
+
+    def _load_optimizer(self, state: dict[str, Any] | None) -> None:
+        """A client's optimizer state, or a fresh one for a client that has not trained yet."""
+        set_optimizer_state(self.algo, self._fresh_optimizer if state is None else state)
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        return get_optimizer_state(self.algo)
+
+    def get_weights(self) -> Weights:
+        return get_weights(self.algo)
+
+    def set_weights(self, weights: Weights) -> None:
+        set_weights(self.algo, {**self.get_weights(), **weights})
+
+    def _iterations_with_anchor(
+        self, iterations: int, anchor: Weights | None, proximal_mu: float, learner_keys: tuple[str, ...] = ()
+    ) -> tuple[int, list[dict[str, float]]]:
+        """PPO iterations with FedProx's term towards ``anchor`` (removed afterwards)."""
+        set_prox_anchor(self.algo, anchor, proximal_mu)
+        try:
+            return run_iterations(self.algo, iterations, learner_keys)
+        finally:
+            set_prox_anchor(self.algo, None)
+
+    def stop(self) -> None:
+        self.algo.stop()

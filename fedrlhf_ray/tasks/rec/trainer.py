@@ -16,26 +16,27 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from envs.types import ClientData
-from fedrlhf_ray import rllib_ppo
+from fedrlhf_ray import rllib_edge
 from fedrlhf_ray.attacks import malicious_clients
-from fedrlhf_ray.config import ExperimentConfig, validate_config
-from fedrlhf_ray.evaluation import evaluate_client
-from fedrlhf_ray.feedback import (
+from fedrlhf_ray.config import ExperimentConfig
+from fedrlhf_ray.local_trainer import Weights
+from fedrlhf_ray.rllib_edge import RLlibLocalTrainer
+from fedrlhf_ray.seeding import derive_seed
+from fedrlhf_ray.tasks.rec import ppo as rec_ppo
+from fedrlhf_ray.tasks.rec.evaluation import evaluate_client
+from fedrlhf_ray.tasks.rec.feedback import (
     FeedbackLog,
     RandomQueries,
     SimulatedHuman,
     UncertaintyQueries,
     collect_feedback,
 )
-from fedrlhf_ray.local_trainer import Weights
-from fedrlhf_ray.reward_model import RewardModel
-from fedrlhf_ray.seeding import derive_seed
+from fedrlhf_ray.tasks.rec.reward_model import RewardModel
 
 
-class RLHFTrainer:
+class RLHFTrainer(RLlibLocalTrainer):
     """Local RLHF for the virtual clients ``clients`` (indexed by client id).
 
     ``lambdas[i]`` is client i's λ, or an array with one λ per user (the centralized
@@ -51,16 +52,12 @@ class RLHFTrainer:
         lambdas: Sequence[float | np.ndarray],
         budget_scale: dict[int, int] | None = None,
     ) -> None:
-        # A client trains on one CPU. Torch's default (one thread per core) oversubscribes the
-        # cores shared with Ray's processes: measured 20 s instead of 0.5 s per PPO iteration.
-        torch.set_num_threads(1)
         self.cfg = cfg
         self.clients = {c.client_id: c for c in clients}
         self.lambdas = {c.client_id: lam for c, lam in zip(clients, lambdas, strict=True)}
         self.budget_scale = budget_scale or {}
         first = clients[0]
-        self.algo = rllib_ppo.build_ppo(first, cfg.env, cfg.ppo, 0.0, derive_seed(cfg.seed, "ppo"))
-        self._fresh_optimizer = rllib_ppo.get_optimizer_state(self.algo)
+        self._built(rec_ppo.build_ppo(first, cfg.env, cfg.ppo, 0.0, derive_seed(cfg.seed, "ppo")), cfg.seed)
         self.selector = (
             UncertaintyQueries(pool_factor=cfg.feedback.pool_factor)
             if cfg.feedback.query_strategy == "uncertainty"
@@ -113,12 +110,12 @@ class RLHFTrainer:
         self.reward_model = self._new_reward_model(client)
         if state is None:
             self.feedback = FeedbackLog.empty()
-            rllib_ppo.set_optimizer_state(self.algo, self._fresh_optimizer)
+            self._load_optimizer(None)
         else:
             self.human.set_state(state["human_rng"])
             self.feedback = FeedbackLog(**state["feedback"])
             self.reward_model.load_state_dict(state["reward_model"])
-            rllib_ppo.set_optimizer_state(self.algo, state["optimizer"])
+            self._load_optimizer(state["optimizer"])
         self.reward_table = (
             self.reward_model.reward_table(client) if self.reward_model.is_fitted else None
         )
@@ -126,9 +123,9 @@ class RLHFTrainer:
 
     def _push_reward_table(self) -> None:
         if np.ndim(self.lam) == 0 or self.reward_table is None:
-            rllib_ppo.set_reward_table(self.algo, self.reward_table, float(np.mean(self.lam)))
+            rec_ppo.set_reward_table(self.algo, self.reward_table, float(np.mean(self.lam)))
         else:  # one λ per user: fold it into the table's rows
-            rllib_ppo.set_reward_table(self.algo, self.reward_table * np.asarray(self.lam)[:, None], 1.0)
+            rec_ppo.set_reward_table(self.algo, self.reward_table * np.asarray(self.lam)[:, None], 1.0)
 
     def save_client(self) -> dict[str, Any]:
         """Everything that persists across rounds for the current client, as a plain tree
@@ -137,22 +134,15 @@ class RLHFTrainer:
             "human_rng": self.human.state(),
             "feedback": {f.name: getattr(self.feedback, f.name) for f in dataclasses.fields(self.feedback)},
             "reward_model": self.reward_model.state_dict(),
-            "optimizer": rllib_ppo.get_optimizer_state(self.algo),
+            "optimizer": self._optimizer_state(),
         }
-
-    # -- weights -----------------------------------------------------------------------------
-    def get_weights(self) -> Weights:
-        return rllib_ppo.get_weights(self.algo)
-
-    def set_weights(self, weights: Weights) -> None:
-        rllib_ppo.set_weights(self.algo, {**self.get_weights(), **weights})
 
     # -- a local round -----------------------------------------------------------------------
     def _begin(self, round_index: int, purpose: str) -> None:
         cid = self.loaded.client_id
-        rllib_ppo.seed_global_rngs(derive_seed(self.cfg.seed, purpose, round_index, cid))
+        rllib_edge.seed_global_rngs(derive_seed(self.cfg.seed, purpose, round_index, cid))
         env_seed = derive_seed(self.cfg.seed, "env", purpose, round_index, cid)
-        rllib_ppo.load_client(self.algo, self.loaded, env_seed)
+        rec_ppo.load_client(self.algo, self.loaded, env_seed)
 
     def update_reward_model(self) -> dict[str, float]:
         """Ask this round's queries, refit H_k on all feedback so far, refresh the envs."""
@@ -188,10 +178,9 @@ class RLHFTrainer:
         start = time.perf_counter()
         self._begin(round_index, "train")
         metrics = self.update_reward_model()
-        rllib_ppo.set_prox_anchor(self.algo, anchor, proximal_mu)
         scale = self.budget_scale.get(self.loaded.client_id, 1)
-        steps, ppo_metrics = rllib_ppo.train_iterations(self.algo, self.cfg.ppo.local_iterations * scale)
-        rllib_ppo.set_prox_anchor(self.algo, None)
+        steps, rows = self._iterations_with_anchor(self.cfg.ppo.local_iterations * scale, anchor, proximal_mu)
+        ppo_metrics = rows[-1] if rows else {}
         metrics.update({f"train/{k}": v for k, v in ppo_metrics.items()})
         metrics["train/env_steps"] = float(steps)
         metrics["train/seconds"] = time.perf_counter() - start
@@ -201,15 +190,15 @@ class RLHFTrainer:
         """Local PPO steps on the client's current reward model, without new feedback."""
         if iterations > 0:
             self._begin(round_index, "finetune")
-            rllib_ppo.train_iterations(self.algo, iterations)
+            rec_ppo.train_iterations(self.algo, iterations)
 
     def evaluate(self, round_index: int = 0) -> dict[str, float]:
         """Held-out metrics of the acting policy, ``eval/``-prefixed."""
-        scorer = rllib_ppo.scorer_from(self.algo)
+        scorer = rec_ppo.scorer_from(self.algo)
         out = evaluate_client(
-            lambda obs: rllib_ppo.score_observations(scorer, obs),
+            lambda obs: rec_ppo.score_observations(scorer, obs),
             self.loaded,
-            rllib_ppo.env_kwargs(self.cfg.env),
+            rec_ppo.env_kwargs(self.cfg.env),
             episodes_per_user=self.cfg.evaluation.episodes_per_user,
             ndcg_k=self.cfg.evaluation.ndcg_k,
             seed=derive_seed(self.cfg.seed, "eval", self.loaded.client_id),
@@ -217,9 +206,6 @@ class RLHFTrainer:
             lam=float(np.mean(self.lam)),
         )
         return {f"eval/{k}": v for k, v in out.items()}
-
-    def stop(self) -> None:
-        self.algo.stop()
 
 
 def pool_clients(clients: Sequence[ClientData], client_id: int) -> ClientData:
@@ -232,32 +218,25 @@ def pool_clients(clients: Sequence[ClientData], client_id: int) -> ClientData:
     )
 
 
-class RLHFTrainerFactory:
-    """Builds, inside client actor ``host_index`` of ``num_hosts``, the trainer for its clients.
+def build_host_trainer(cfg: ExperimentConfig, host_index: int, num_hosts: int) -> RLHFTrainer:
+    """Inside client actor ``host_index`` of ``num_hosts``: the trainer for its clients.
 
     The actor builds the clients itself from the config (data is resolved on the actor's own
-    node) and keeps those with ``client_id % num_hosts == host_index``. Under the centralized
-    baseline, the host of the pooled client (id K) also gets all users pooled, with every
-    user's λ, and the feedback budget and PPO iterations of the clients sampled per round.
+    node) and keeps its own. Under the centralized baseline, the host of the pooled client (id K)
+    also gets all users pooled, with every user's λ, and the feedback budget and PPO iterations
+    of the clients sampled per round.
     """
+    from fedrlhf_ray.tasks import hosted_clients
+    from fedrlhf_ray.tasks.rec.clients import build_clients
 
-    def __init__(self, cfg_dict: dict[str, Any], host_index: int, num_hosts: int) -> None:
-        self.cfg_dict = cfg_dict
-        self.host_index = host_index
-        self.num_hosts = num_hosts
-
-    def __call__(self) -> RLHFTrainer:
-        from fedrlhf_ray.clients_data import build_clients
-
-        cfg = validate_config(self.cfg_dict)
-        clients = build_clients(cfg)
-        lambdas = cfg.client_lambdas()
-        mine = [c for c in clients if c.client_id % self.num_hosts == self.host_index]
-        lams: list[float | np.ndarray] = [lambdas[c.client_id] for c in mine]
-        scale: dict[int, int] = {}
+    clients = build_clients(cfg)
+    lambdas = cfg.client_lambdas()
+    mine, pooled = hosted_clients(clients, host_index, num_hosts, cfg.federation.baseline == "centralized")
+    lams: list[float | np.ndarray] = [lambdas[c.client_id] for c in mine]
+    scale: dict[int, int] = {}
+    if pooled:
         k = len(clients)
-        if cfg.federation.baseline == "centralized" and k % self.num_hosts == self.host_index:
-            mine.append(pool_clients(clients, k))
-            lams.append(np.concatenate([[lambdas[c.client_id]] * len(c.users) for c in clients]))
-            scale[k] = cfg.clients_per_round_count(k)
-        return RLHFTrainer(cfg, mine, lams, budget_scale=scale)
+        mine.append(pool_clients(clients, k))
+        lams.append(np.concatenate([[lambdas[c.client_id]] * len(c.users) for c in clients]))
+        scale[k] = cfg.clients_per_round_count(k)
+    return RLHFTrainer(cfg, mine, lams, budget_scale=scale)

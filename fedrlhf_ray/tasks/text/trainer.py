@@ -16,18 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from envs.data.imdb import ImdbShard
-from fedrlhf_ray import rllib_ppo
-from fedrlhf_ray.config import ExperimentConfig, validate_config
+from fedrlhf_ray import rllib_edge
+from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.local_trainer import Weights
+from fedrlhf_ray.rllib_edge import RLlibLocalTrainer, seed_global_rngs
 from fedrlhf_ray.seeding import derive_seed
-from fedrlhf_ray.text import ppo as text_ppo
-from fedrlhf_ray.text.generation import generate, text_metrics
-from fedrlhf_ray.text.lm import LanguageModel
-from fedrlhf_ray.text.reward import ContinuationScorer
-from fedrlhf_ray.text.sentiment import BagOfTokens, HFSentiment
+from fedrlhf_ray.tasks.text import ppo as text_ppo
+from fedrlhf_ray.tasks.text.generation import generate, text_metrics
+from fedrlhf_ray.tasks.text.lm import LanguageModel
+from fedrlhf_ray.tasks.text.reward import ContinuationScorer
+from fedrlhf_ray.tasks.text.sentiment import BagOfTokens, HFSentiment
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class TextClient:
 def lm_source(cfg: ExperimentConfig) -> tuple[str, str]:
     if cfg.lm.pretrained is not None:
         return ("pretrained", cfg.lm.pretrained)
-    from fedrlhf_ray.text.prepare import prepared_folder
+    from fedrlhf_ray.tasks.text.prepare import prepared_folder
 
     return ("prepared", str(prepared_folder(cfg)))
 
@@ -104,15 +104,14 @@ def adapt_kl_coeff(beta: float, observed_kl: float, target: float, horizon: floa
     return beta * (1.0 + error / horizon)
 
 
-class TextRLHFTrainer:
+class TextRLHFTrainer(RLlibLocalTrainer):
     """Local RLHF on IMDb for the virtual clients ``clients``; ``lambdas[i]`` is client i's λ."""
 
     def __init__(
         self, cfg: ExperimentConfig, clients: Sequence[TextClient], lambdas: Sequence[float],
         budget_scale: dict[int, int] | None = None,
     ) -> None:
-        torch.set_num_threads(1)  # one CPU per client actor (see RLHFTrainer)
-        from fedrlhf_ray.text.policy import cached_lm
+        from fedrlhf_ray.tasks.text.policy import cached_lm
 
         self.cfg = cfg
         self.clients = {c.client_id: c for c in clients}
@@ -123,10 +122,10 @@ class TextRLHFTrainer:
         self.evaluator = _independent_evaluator(cfg)
         sent = cfg.lm.sentiment
         self.shared_scorer = HFSentiment(sent.pretrained, self.lm.decode) if sent.pretrained is not None else None
-        self.algo = text_ppo.build_text_ppo(
-            cfg, self.source, self.lm.vocab_size, self.lm.eos_id, derive_seed(cfg.seed, "ppo")
+        self._built(
+            text_ppo.build_text_ppo(cfg, self.source, self.lm.vocab_size, self.lm.eos_id, derive_seed(cfg.seed, "ppo")),
+            cfg.seed,
         )
-        self._fresh_optimizer = rllib_ppo.get_optimizer_state(self.algo)
         # The simulated humans of 'preferences': a function of the client's data alone, so they
         # are rebuilt, not stored.
         self._humans: dict[int, BagOfTokens] = {}
@@ -170,14 +169,14 @@ class TextRLHFTrainer:
                 else BagOfTokens(self.lm.vocab_size, sent.hash_buckets)
             )
             self.kl_coeff = self.cfg.lm.kl_coeff
-            rllib_ppo.set_optimizer_state(self.algo, self._fresh_optimizer)
+            self._load_optimizer(None)
         else:
             self.reward_model = BagOfTokens.from_state(state["reward_model"])
             self.kl_coeff = float(state["kl_coeff"])
             if "preferences" in state:
                 self.winners = _unpad(state["preferences"]["winners"])
                 self.losers = _unpad(state["preferences"]["losers"])
-            rllib_ppo.set_optimizer_state(self.algo, state["optimizer"])
+            self._load_optimizer(state["optimizer"])
         self.scorer = self._scorer()
         lam = client.prompt_lambdas if client.prompt_lambdas is not None else self.lambdas[client_id]
         text_ppo.set_client(self.algo, client.prompts, lam, self.scorer, derive_seed(self.cfg.seed, "env", client_id))
@@ -186,23 +185,16 @@ class TextRLHFTrainer:
         record: dict[str, Any] = {
             "reward_model": self.reward_model.state(),
             "kl_coeff": float(self.kl_coeff),
-            "optimizer": rllib_ppo.get_optimizer_state(self.algo),
+            "optimizer": self._optimizer_state(),
         }
         if self.cfg.lm.sentiment.feedback == "preferences":
             record["preferences"] = {"winners": _pad(self.winners), "losers": _pad(self.losers)}
         return record
 
-    # -- weights -------------------------------------------------------------------------------
-    def get_weights(self) -> Weights:
-        return rllib_ppo.get_weights(self.algo)
-
-    def set_weights(self, weights: Weights) -> None:
-        rllib_ppo.set_weights(self.algo, {**self.get_weights(), **weights})
-
     # -- a local round -------------------------------------------------------------------------
     def _begin(self, round_index: int, purpose: str) -> None:
         cid = self.loaded.client_id
-        rllib_ppo.seed_global_rngs(derive_seed(self.cfg.seed, purpose, round_index, cid))
+        seed_global_rngs(derive_seed(self.cfg.seed, purpose, round_index, cid))
         lam = self.loaded.prompt_lambdas if self.loaded.prompt_lambdas is not None else self.lambdas[cid]
         seed = derive_seed(self.cfg.seed, "env", purpose, round_index, cid)
         text_ppo.set_client(self.algo, self.loaded.prompts, lam, self.scorer, seed)
@@ -243,11 +235,11 @@ class TextRLHFTrainer:
         if self.cfg.lm.sentiment.feedback == "preferences":
             metrics.update(self._ask_preferences(round_index))
         self._begin(round_index, "train")
-        rllib_ppo.set_prox_anchor(self.algo, anchor, proximal_mu)
+        rllib_edge.set_prox_anchor(self.algo, anchor, proximal_mu)
         text_ppo.set_kl_coeff(self.algo, self.kl_coeff)
         iterations = self.cfg.ppo.local_iterations * self.budget_scale.get(cid, 1)
         steps, ppo_metrics = text_ppo.train_iterations(self.algo, iterations)
-        rllib_ppo.set_prox_anchor(self.algo, None)
+        rllib_edge.set_prox_anchor(self.algo, None)
         metrics.update({f"train/{k}": v for k, v in ppo_metrics.items()})
         metrics.update({f"train/{k}": v for k, v in self.scorer.drain().items()})
         metrics["train/kl_coeff"] = self.kl_coeff
@@ -289,44 +281,34 @@ class TextRLHFTrainer:
             out["reward_model_accuracy"] = float((predicted == (client.test_labels == 1)).mean())
         return {f"eval/{k}": v for k, v in out.items()}
 
-    def stop(self) -> None:
-        self.algo.stop()
-
 
 def _independent_evaluator(cfg: ExperimentConfig) -> BagOfTokens:
-    from fedrlhf_ray.text.prepare import EVALUATOR, load_evaluator, prepared_folder
+    from fedrlhf_ray.tasks.text.prepare import EVALUATOR, load_evaluator, prepared_folder
 
     return load_evaluator(prepared_folder(cfg) / EVALUATOR)
 
 
 def build_text_clients(cfg: ExperimentConfig, lm: LanguageModel) -> list[TextClient]:
-    from fedrlhf_ray.clients_data import build_imdb_shards
+    from fedrlhf_ray.tasks.text.clients import build_imdb_shards
 
     return [tokenize_shard(cfg, lm, s) for s in build_imdb_shards(cfg)]
 
 
-class TextTrainerFactory:
-    """Builds, inside client actor ``host_index`` of ``num_hosts``, the IMDb trainer of its clients
-    (``client_id % num_hosts == host_index``); the host of the centralized baseline's pooled client
-    (id K) also gets everyone's data, with the iterations of the clients sampled per round."""
+def build_host_trainer(cfg: ExperimentConfig, host_index: int, num_hosts: int) -> TextRLHFTrainer:
+    """Inside client actor ``host_index`` of ``num_hosts``: the IMDb trainer of its clients; the
+    host of the centralized baseline's pooled client (id K) also gets everyone's data, with the
+    iterations of the clients sampled per round."""
+    from fedrlhf_ray.tasks import hosted_clients
+    from fedrlhf_ray.tasks.text.policy import cached_lm
 
-    def __init__(self, cfg_dict: dict[str, Any], host_index: int, num_hosts: int) -> None:
-        self.cfg_dict = cfg_dict
-        self.host_index = host_index
-        self.num_hosts = num_hosts
-
-    def __call__(self) -> TextRLHFTrainer:
-        from fedrlhf_ray.text.policy import cached_lm
-
-        cfg = validate_config(self.cfg_dict)
-        clients = build_text_clients(cfg, cached_lm(lm_source(cfg)))
-        lambdas = cfg.client_lambdas()
-        mine = [c for c in clients if c.client_id % self.num_hosts == self.host_index]
-        lams = [lambdas[c.client_id] for c in mine]
-        scale: dict[int, int] = {}
+    clients = build_text_clients(cfg, cached_lm(lm_source(cfg)))
+    lambdas = cfg.client_lambdas()
+    mine, pooled = hosted_clients(clients, host_index, num_hosts, cfg.federation.baseline == "centralized")
+    lams = [lambdas[c.client_id] for c in mine]
+    scale: dict[int, int] = {}
+    if pooled:
         k = len(clients)
-        if cfg.federation.baseline == "centralized" and k % self.num_hosts == self.host_index:
-            mine.append(pool_text_clients(clients, lambdas, k))
-            lams.append(float(np.mean(lambdas)))
-            scale[k] = cfg.clients_per_round_count(k)
-        return TextRLHFTrainer(cfg, mine, lams, budget_scale=scale)
+        mine.append(pool_text_clients(clients, lambdas, k))
+        lams.append(float(np.mean(lambdas)))
+        scale[k] = cfg.clients_per_round_count(k)
+    return TextRLHFTrainer(cfg, mine, lams, budget_scale=scale)

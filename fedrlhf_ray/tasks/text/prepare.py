@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from fedrlhf_ray.errors import UserError
-from fedrlhf_ray.text.lm import END_OF_TEXT, LanguageModel, clean_review, damaged, load_prepared, load_pretrained
-from fedrlhf_ray.text.sentiment import BagOfTokens
+from fedrlhf_ray.tasks.text.lm import END_OF_TEXT, LanguageModel, clean_review, damaged, load_prepared, load_pretrained
+from fedrlhf_ray.tasks.text.sentiment import BagOfTokens
 
 REPORT = "report.json"
 EVALUATOR = "evaluator.safetensors"
@@ -143,7 +143,7 @@ def pretrain(cfg: Any, tokenizer: Any, corpus: list[str], heldout: list[str], pr
 def _pretrain(cfg: Any, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool) -> tuple[Any, dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fedrlhf_ray.text.lm import quiet_transformers
+    from fedrlhf_ray.tasks.text.lm import quiet_transformers
 
     quiet_transformers()
     lm = cfg.lm

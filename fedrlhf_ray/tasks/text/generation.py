@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedrlhf_ray.text.lm import fluency
-from fedrlhf_ray.text.policy import categorical_kl
+from fedrlhf_ray.tasks.text.lm import fluency
+from fedrlhf_ray.tasks.text.policy import categorical_kl
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ distributions at each generated position — to PPO's loss (and FedProx's term, 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, cast
 
 import torch
@@ -19,26 +20,23 @@ from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
-from fedrlhf_ray.rllib_ppo import ProximalPPOLearner
+from fedrlhf_ray.rllib_edge import ProximalPPOLearner
 
 REFERENCE_LOGITS = "reference_logits"
 KL_METRIC = "kl_to_reference"
 
 # One copy of each LM per process: the env runner's module, the learner's module and the envs'
-# fluency scorer all start from the same weights, read once.
-_LOADED: dict[tuple[str, str], Any] = {}
-
-
+# fluency scorer all start from the same weights, read once. Bounded: a process that serves
+# runs one after another (a Tune worker) keeps only the latest two.
+@functools.lru_cache(maxsize=2)
 def cached_lm(source: tuple[str, str]) -> Any:
-    """The :class:`~fedrlhf_ray.text.lm.LanguageModel` of ``("prepared", folder)`` or ``("pretrained", name)``."""
-    if source not in _LOADED:
-        from pathlib import Path
+    """The :class:`~fedrlhf_ray.tasks.text.lm.LanguageModel` of ``("prepared", folder)`` or ``("pretrained", name)``."""
+    from pathlib import Path
 
-        from fedrlhf_ray.text.lm import load_prepared, load_pretrained
+    from fedrlhf_ray.tasks.text.lm import load_prepared, load_pretrained
 
-        kind, where = source
-        _LOADED[source] = load_prepared(Path(where)) if kind == "prepared" else load_pretrained(where)
-    return _LOADED[source]
+    kind, where = source
+    return load_prepared(Path(where)) if kind == "prepared" else load_pretrained(where)
 
 
 def _no_dropout(model: nn.Module) -> nn.Module:
