@@ -41,8 +41,8 @@ from rich.table import Table  # noqa: E402
 
 from fedrlhf_ray.config import load_config  # noqa: E402
 from fedrlhf_ray.experiment import run_experiment  # noqa: E402
+from fedrlhf_ray.leakage_audit import AuditedDriver  # noqa: E402
 from fedrlhf_ray.local_trainer import ClientUpdate  # noqa: E402
-from fedrlhf_ray.privacy.audit import AuditedDriver  # noqa: E402
 from fedrlhf_ray.privacy.dp import epsilon, round_event  # noqa: E402
 from fedrlhf_ray.strategies import delta_norms  # noqa: E402
 

@@ -65,16 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="inspect datasets")
     data_sub = data.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    info = data_sub.add_parser("info", help="load a MovieLens or IMDb copy and print its statistics")
+    info = data_sub.add_parser("info", help="load a copy of a dataset and print its statistics")
     datasets = [d for task in all_tasks() for d in task.datasets]
     info.add_argument("--dataset", required=True, help=", ".join(datasets[:-1]) + f" or {datasets[-1]}")
-    info.add_argument("--path", help="extracted folder or official archive (imdb: also a folder of .tar.gz parts)")
+    info.add_argument("--path", help="extracted folder or official archive (or a folder of part archives)")
     info.add_argument("--cache-dir", help="cache directory (default $FEDRLHF_CACHE or ~/.cache/fedrlhf)")
     info.add_argument("--download", action="store_true", help="download the official archive if needed")
     info.add_argument("--heldout-fraction", type=float, default=0.2, help="held-out fraction per user")
     info.add_argument("--min-ratings", type=int, default=20, help="minimum ratings of an eligible user")
 
-    prep = sub.add_parser("prepare", help="build a task's public models once (imdb: tokenizer, GPT-2, evaluator)")
+    prep = sub.add_parser("prepare", help="build a task's public models once (a text task: tokenizer, LM, evaluator)")
     prep.add_argument(
         "task", choices=[e for task in all_tasks() if task.prepares for e in task.env_names],
         help="the env whose task to prepare",
@@ -378,6 +378,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # Tune's own Ctrl-C handler ends fit() as if the sweep were done: let it interrupt instead,
     # like SIGTERM, so that the sweep is marked KILLED and can be resumed.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # see run_sweep
     try:
         joined = ensure_ray(cfg, args.address) == "joined"
         install_sigterm_handler()
@@ -461,7 +462,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fedrlhf_ray.experiment import run_experiment
-    from fedrlhf_ray.privacy.audit import AuditedDriver
+    from fedrlhf_ray.leakage_audit import AuditedDriver
 
     cfg = _config_from(args)
     task = _task(cfg.env.name)
@@ -520,7 +521,7 @@ def _cause(err: BaseException) -> BaseException:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from envs.data.movielens import DatasetError
+    from envs.data.errors import DatasetError
     from fedrlhf_ray.experiment import was_terminated
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -26,6 +26,7 @@ import ray
 from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.metrics import cosine_similarity
 from fedrlhf_ray.privacy.secagg import MaskingClient, SecAggError, quantize
 from fedrlhf_ray.process_setup import install_process
 from fedrlhf_ray.state_codec import StateFileError
@@ -225,12 +226,6 @@ class ClientHost:
         self.trainer.finetune(round_index, finetune_iterations)
         after = self.trainer.evaluate(round_index)
         return {**{k.replace("eval/", "eval_global/", 1): v for k, v in before.items()}, **after}
-
-
-def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two flat vectors (0 if either is 0)."""
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b) / denom if denom > 0 else 0.0
 
 
 ClientActor = ray.remote(ClientHost)

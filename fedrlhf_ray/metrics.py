@@ -1,4 +1,5 @@
-"""Summaries of per-client metrics: what the driver reports for a round over its clients."""
+"""Pure metric functions the engine shares: summaries of per-client metrics over a round, and the
+cosine similarity of two flat vectors (the audit's reconstruction measure)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,9 @@ def summarize(values: list[float] | np.ndarray, prefix: str) -> dict[str, float]
         f"{prefix}/std": float(arr.std()),
         f"{prefix}/worst_decile": float(np.percentile(arr, 10)),
     }
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two flat vectors (0 if either is 0)."""
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / denom if denom > 0 else 0.0

@@ -7,7 +7,8 @@ import pytest
 
 from fedrlhf_ray.config import load_config
 from fedrlhf_ray.experiment import run_experiment
-from fedrlhf_ray.privacy.audit import AuditedDriver, cosine, membership_attack, row_changes
+from fedrlhf_ray.leakage_audit import AuditedDriver
+from fedrlhf_ray.privacy.audit import cosine, membership_attack, row_changes
 from tests.conftest import REPO_ROOT
 
 

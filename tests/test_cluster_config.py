@@ -20,7 +20,10 @@ def load(name: str) -> dict:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_cluster_config_is_valid_for_ray_up(name):
     # Plain validate_config on the raw YAML fails misleadingly; `ray up` prepares it first.
-    validate_config(prepare_config(load(name)))
+    prepared = prepare_config(load(name))
+    validate_config(prepared)  # raises on any schema error
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+    assert prepared["cluster_name"] and prepared["provider"]["type"] in ("aws", "gcp")
 
 
 @pytest.mark.parametrize("name", CONFIGS)

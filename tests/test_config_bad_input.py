@@ -459,9 +459,14 @@ def test_synthetic_bounds_are_exact(tmp_path):
     ]
     for sections in cases:
         cfg = load_config(synthetic_file(tmp_path, **sections))
-        for client in build_clients(cfg):
+        clients = build_clients(cfg)
+        assert len(clients) == cfg.clients.num_clients
+        for client in clients:
             for mode in ("train", "heldout"):
-                SlateRecEnv(client, slate_size=cfg.env.slate_size, mode=mode, seed=0).reset(seed=0)
+                env = SlateRecEnv(client, slate_size=cfg.env.slate_size, mode=mode, seed=0)
+                obs, _ = env.reset(seed=0)
+                assert env.observation_space.contains(obs)
+                assert obs["candidate_items"].shape == (cfg.env.slate_size,)
 
 
 def test_movielens_sections_do_not_trip_synthetic_checks():

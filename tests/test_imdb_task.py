@@ -569,3 +569,50 @@ def test_too_many_reviews_and_a_missing_model_are_one_line(shared_data, tmp_path
     assert main(["prepare", "imdb", config, "--set", path, "--set", f"lm.pretrained={tmp_path / 'gpt2'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a causal language model in a local folder" in err
+
+
+@pytest.mark.slow
+def test_tune_sweeps_the_imdb_task(prepared, shared_data, tmp_path):
+    """``fedrlhf tune`` over an IMDb experiment: its pre-check is the text task's (not MovieLens's),
+    a relative env.imdb.path works in the trials' own folders, and each trial's MLflow run carries the
+    text task's tags, headline metric and curve panels."""
+    import json
+    import os
+
+    import pandas as pd
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from fedrlhf_ray.rundir import RunDir
+    from fedrlhf_ray.tasks import task_for
+
+    from conftest import fedrlhf_cli
+
+    cfg, _, _ = prepared
+    raw = tiny_config(shared_data, cfg.env.imdb.cache_dir, federation={"rounds": 1}, tracking={"enabled": True})
+    raw["env"]["imdb"]["path"] = os.path.relpath(shared_data / "imdb", tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw))
+    sweep = {"name": "imdb-tiny", "experiment": "base.yaml", "search_space": {"lm.kl_coeff": {"grid": [0.0, 0.1]}},
+             "max_concurrent": 1}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = fedrlhf_cli("tune", "sweep.yaml", "--tracking-uri", uri, "--out", "sweeps", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "sweeps").iterdir()
+    trials = pd.read_csv(sweep_dir / "trials.csv")
+    assert len(trials) == 2 and (trials["error"].isna() | (trials["error"] == "")).all()
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best["metric"] == "eval/sentiment_independent/mean" and 0.0 <= best["value"] <= 1.0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("imdb-tiny").experiment_id])
+    runs = [r for r in runs if "fedrlhf.trial_id" in r.data.tags]
+    assert len(runs) == 2
+    panels = task_for("imdb").curve_panels
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["fedrlhf.dataset"] == "imdb" and run.data.tags["fedrlhf.env"] == "imdb"
+        assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert os.path.isabs(run.data.params["env.imdb.path"])
+        # Every panel of the plot has a curve: the task's metrics, not the recommendation task's.
+        rows = RunDir(run.data.tags["fedrlhf.run_dir"]).metrics()
+        assert all(any(f"{p.key}/mean" in r for r in rows) for p in panels), [p.key for p in panels]

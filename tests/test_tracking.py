@@ -205,3 +205,16 @@ def test_cluster_tracking_uri(monkeypatch):
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
     with pytest.raises(UserError, match="SQLite store is local to this node"):
         cluster_tracking_uri("sqlite:////tmp/mlflow.db", joined=False)
+
+
+@pytest.mark.parametrize(
+    ("env", "dataset"),
+    [({"name": "synthetic"}, "synthetic"), ({"name": "movielens", "data": {"dataset": "ml-100k"}}, "ml-100k"),
+     ({"name": "imdb"}, "imdb")],
+)
+def test_run_tags_are_the_tasks(env, dataset):
+    from fedrlhf_ray.config import validate_config
+    from fedrlhf_ray.tracking import run_tags
+
+    tags = run_tags(validate_config({"env": env}))
+    assert tags["fedrlhf.env"] == env["name"] and tags["fedrlhf.dataset"] == dataset

@@ -272,3 +272,24 @@ def test_a_sweep_whose_trials_all_fail_is_one_line_and_closes_its_runs(tmp_path,
     assert client.search_runs([exp.experiment_id], children) == []
     every = client.search_runs([exp.experiment_id], children, run_view_type=ViewType.ALL)
     assert all(r.info.status == "FAILED" for r in every)
+
+
+def test_every_path_field_of_every_task_is_made_absolute_for_trials(tmp_path):
+    """Trials run in their own folders: relative data paths of every task become absolute; a model
+    field holding a Hugging Face name (no such folder here) is left alone."""
+    from fedrlhf_ray.sweeps.runner import _absolute_paths
+    from fedrlhf_ray.tasks import all_tasks
+
+    (tmp_path / "models" / "gpt2-local").mkdir(parents=True)
+    raw = {"env": {"data": {"path": "data/ml", "cache_dir": "~/cache"}, "imdb": {"path": "data/imdb", "cache_dir": "c"}},
+           "lm": {"pretrained": "models/gpt2-local", "sentiment": {"pretrained": "lvwerra/distilbert-imdb"}}}
+    out = _absolute_paths(raw, tmp_path)
+    assert out["env"]["data"]["path"] == str(tmp_path / "data" / "ml")
+    assert out["env"]["data"]["cache_dir"] == "~/cache"  # expanded by the loader, in the trial
+    assert out["env"]["imdb"] == {"path": str(tmp_path / "data" / "imdb"), "cache_dir": str(tmp_path / "c")}
+    assert out["lm"]["pretrained"] == str(tmp_path / "models" / "gpt2-local")
+    assert out["lm"]["sentiment"]["pretrained"] == "lvwerra/distilbert-imdb"
+    assert raw["env"]["imdb"]["path"] == "data/imdb"  # the sweep's own copy is untouched
+    fields = {f for t in all_tasks() for f in (*t.path_fields, *t.name_or_path_fields)}
+    assert fields == {"env.data.path", "env.data.cache_dir", "env.imdb.path", "env.imdb.cache_dir",
+                      "lm.pretrained", "lm.sentiment.pretrained"}

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from envs.data.errors import DatasetError
 from envs.data.movielens.download import stream_download
-from envs.data.movielens.errors import DatasetError
 from envs.data.movielens.parsed_cache import default_cache_dir
 
 OFFICIAL_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"

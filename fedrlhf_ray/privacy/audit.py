@@ -1,7 +1,7 @@
-"""The leakage audit: an honest-but-curious server attacks each client with what it received.
+"""The leakage audit's attacks: an honest-but-curious server attacks each client with what it received.
 
-The audit runs an experiment's first round(s) with a driver that, after each round, plays the
-server. It sees two things, exactly as the driver has them:
+The audit (``fedrlhf_ray.leakage_audit``) runs an experiment's first round(s) with a driver that,
+after each round, plays the server. It sees two things, exactly as the driver has them:
 
 * **update** — what the client actor sent for that client (its shared weights);
 * **release** — the new global model the round published (under DP: the noised aggregate).
@@ -25,20 +25,16 @@ in ``metrics.jsonl``, ``client_metrics.jsonl`` and MLflow like every other metri
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from fedrlhf_ray.client import cosine_similarity
-from fedrlhf_ray.driver import FederatedDriver
-from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate, Weights
+from fedrlhf_ray.metrics import cosine_similarity
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.privacy.secagg import dequantize
 from fedrlhf_ray.privacy.secure_round import unflatten
-from fedrlhf_ray.strategies import sparse_keys_of
 
 
 def row_changes(before: np.ndarray, view: np.ndarray) -> np.ndarray:
@@ -118,47 +114,3 @@ def audit_round(
         row["audit/base_rate"] = attack["base_rate"]
         rows.append(row)
     return rows
-
-
-class AuditedDriver(FederatedDriver):
-    """The driver, auditing every round with what it received (see the module docstring)."""
-
-    def __init__(self, cfg: Any, run_dir: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, run_dir, **kwargs)
-        from fedrlhf_ray.tasks.rec.clients import build_clients
-
-        tables = sparse_keys_of(self.global_weights)
-        if not tables:
-            raise ValueError("the audit needs a policy with an item-embedding table (ppo.embedding_dim > 0)")
-        self.table = tables[0]
-        n_rows = np.shape(self.global_weights[self.table])[0]
-        self.rated: dict[int, np.ndarray] = {}
-        for client in build_clients(cfg):
-            members = np.zeros(n_rows - 1, dtype=bool)
-            for user in client.users:
-                members[np.asarray(user.train_items, dtype=np.int64) - 1] = True
-            self.rated[client.client_id] = members
-        self._round_updates: list[ClientUpdate | MaskedUpdate] = []
-
-    def instructions(self, round_index: int) -> RoundInstructions:
-        return dataclasses.replace(super().instructions(round_index), audit=True)
-
-    def _received(self, obj: Any) -> Any:
-        obj = super()._received(obj)
-        if isinstance(obj, list):
-            self._round_updates.extend(u for u in obj if isinstance(u, (ClientUpdate, MaskedUpdate)))
-        elif isinstance(obj, (ClientUpdate, MaskedUpdate)):
-            self._round_updates.append(obj)
-        return obj
-
-    def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        before = dict(self.global_weights)
-        self._round_updates = []
-        metrics, rows = super().run_round()
-        updates = [u for u in self._round_updates if isinstance(u, MaskedUpdate) or self.table in u.weights]
-        audit = audit_round(before, self.global_weights, updates, self.rated, self.table)
-        for key in sorted({k for row in audit for k in row if k.startswith("audit/")}):
-            values = [row[key] for row in audit]
-            metrics[f"{key}/mean"] = float(np.mean(values)) if values else float("nan")
-        rows += [{"round": self.round, "kind": "audit", **{**row, "client": int(row["client"])}} for row in audit]
-        return metrics, rows

@@ -96,12 +96,11 @@ def _tune_config(sweep: Sweep):
 
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str | None, *, resume: bool = False):
-    """Run (or resume) the sweep in ``sweep_dir``; returns Tune's ResultGrid."""
-    import os
+    """Run (or resume) the sweep in ``sweep_dir``; returns Tune's ResultGrid.
 
-    # Tune's strict check ends fit() with a traceback when a report lacks the metric (a typo in
-    # the sweep file); without it the sweep ends and summarize_sweep says so in one line.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    The caller's process sets ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` (the CLI does): Tune's
+    strict check ends fit() with a traceback when a report lacks the metric (a typo in the sweep
+    file); without it the sweep ends and :func:`summarize_sweep` says so in one line."""
     from ray import tune
 
     from fedrlhf_ray import tracking

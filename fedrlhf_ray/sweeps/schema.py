@@ -8,7 +8,7 @@ A sweep file names a base experiment and a search space over its dotted fields::
     search_space:
       shaping.lambda: {grid: [0.0, 1.0, 2.0]}
       ppo.lr: {loguniform: [3.0e-4, 3.0e-3]}
-    metric: eval/liked_hit_rate/mean
+    metric: eval/liked_hit_rate/mean      # default: the task's headline metric
     mode: max
     num_samples: 1
     max_concurrent: 2
@@ -34,6 +34,7 @@ from fedrlhf_ray.config import (
     validate_config,
     with_values,
 )
+from fedrlhf_ray.tasks import task_for
 
 SWEEP_FILE = "sweep.yaml"
 BEST_FILE = "best.json"
@@ -124,7 +125,10 @@ class SweepConfig(_Strict):
     experiment: str = Field(..., description="Base experiment YAML, relative to the sweep file.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted fields fixed for every trial.")
     search_space: dict[str, Dimension] = Field(..., min_length=1, description="Dotted field → distribution.")
-    metric: str = Field("eval/liked_hit_rate/mean", description="Reported metric that ranks trials.")
+    # Unset: the task's headline metric (fedrlhf_ray.tasks.Task.headline_metric), filled in by load_sweep.
+    metric: str = Field(  # type: ignore[assignment]
+        None, description="Reported metric that ranks trials (default: the task's headline metric)."
+    )
     mode: Literal["max", "min"] = Field("max", description="Maximise or minimise the metric.")
     num_samples: int = Field(1, ge=1, description="Samples of the space (a grid is repeated this many times).")
     max_concurrent: int | None = Field(None, ge=1, description="Trials at once (default: as many as the CPUs fit).")
@@ -136,6 +140,8 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _checks(self) -> SweepConfig:
+        if self.metric is None:
+            return self
         if not self.metric.startswith(METRIC_NAMESPACES):
             raise ValueError(f"metric: got {self.metric!r} — must start with one of {', '.join(METRIC_NAMESPACES)}")
         if self.metric.startswith("eval/") and self.metric.rsplit("/", 1)[-1] not in EVAL_STATS:
@@ -210,6 +216,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         validate_config(base)
     except ConfigError as err:
         raise ConfigError(f"{path}: overrides: {err}") from None
+    if settings.metric is None:
+        settings = settings.model_copy(update={"metric": task_for(validate_config(base).env.name).headline_metric})
     sweep = Sweep(settings, base)
     firsts = {k: d.representatives()[0] for k, d in settings.search_space.items()}
     for key, dim in settings.search_space.items():

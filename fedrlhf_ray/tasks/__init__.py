@@ -19,6 +19,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from fedrlhf_ray.config import ExperimentConfig
     from fedrlhf_ray.local_trainer import LocalTrainer, Weights
 
@@ -65,6 +67,7 @@ class Task(Protocol):
     path_fields: tuple[str, ...]
     name_or_path_fields: tuple[str, ...]
     curve_panels: tuple[CurvePanel, ...]  # four panels
+    headline_metric: str  # what a sweep ranks trials by unless it says otherwise
     prepares: bool  # whether ``fedrlhf prepare <env>`` builds public models for it
     datasets: tuple[str, ...]  # what ``fedrlhf data info --dataset`` takes for it
 
@@ -92,6 +95,10 @@ class Task(Protocol):
 
     def audit_problem(self, cfg: ExperimentConfig) -> str | None:
         """Why the leakage audit cannot attack this task's updates, or None."""
+
+    def audit_members(self, cfg: ExperimentConfig, n_items: int) -> dict[int, np.ndarray]:
+        """The audit's ground truth: per client, one bool per row of the policy's sparse table
+        (after the padding row) saying whether the client's private data holds that item."""
 
     def prepare(self, cfg: ExperimentConfig) -> ResultTable:
         """Build the public models once (only where :attr:`prepares`)."""

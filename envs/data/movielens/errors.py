@@ -1,10 +1,7 @@
-"""The exception every MovieLens data problem raises."""
+"""The exception every MovieLens data problem raises: the data loaders' one (see ``envs.data.errors``)."""
 
 from __future__ import annotations
 
+from envs.data.errors import DatasetError
 
-class DatasetError(ValueError):
-    """A user-facing data problem (missing, corrupt or malformed dataset); one-line message."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
+__all__ = ["DatasetError"]

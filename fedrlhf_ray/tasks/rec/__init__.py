@@ -14,6 +14,8 @@ from fedrlhf_ray.config import DATASETS
 from fedrlhf_ray.tasks import CurvePanel, ResultTable
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from fedrlhf_ray.config import ExperimentConfig
     from fedrlhf_ray.local_trainer import LocalTrainer
 
@@ -49,6 +51,7 @@ class RecTask:
         CurvePanel("reward_model/heldout_pair_accuracy", "reward-model pair accuracy"),
         CurvePanel("train/episode_return_mean", "training return (R⁰ + λ·H)"),
     )
+    headline_metric = "eval/liked_hit_rate/mean"
     prepares = False
     datasets = DATASETS
 
@@ -102,6 +105,19 @@ class RecTask:
         if cfg.ppo.embedding_dim == 0:
             return "ppo.embedding_dim is 0 — the audit attacks the item-embedding table; give it a size"
         return None
+
+    def audit_members(self, cfg: ExperimentConfig, n_items: int) -> dict[int, np.ndarray]:
+        import numpy as np
+
+        from fedrlhf_ray.tasks.rec.clients import build_clients
+
+        rated: dict[int, np.ndarray] = {}
+        for client in build_clients(cfg):
+            members = np.zeros(n_items, dtype=bool)
+            for user in client.users:
+                members[np.asarray(user.train_items, dtype=np.int64) - 1] = True
+            rated[client.client_id] = members
+        return rated
 
     def prepare(self, cfg: ExperimentConfig) -> ResultTable:
         raise ValueError("the recommendation task has no public models to prepare")

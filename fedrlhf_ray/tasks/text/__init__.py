@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from fedrlhf_ray.tasks import CurvePanel, ResultTable
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from fedrlhf_ray.config import ExperimentConfig
     from fedrlhf_ray.local_trainer import LocalTrainer
     from fedrlhf_ray.tasks.text.samples import SampleWriter
@@ -40,6 +42,7 @@ class TextTask:
         CurvePanel("eval/kl_to_reference", "KL to the reference (nats/sequence)"),
         CurvePanel("train/episode_return_mean", "training return λ·s + (1−λ)·f"),
     )
+    headline_metric = "eval/sentiment_independent/mean"
     prepares = True
     datasets = ("imdb",)
 
@@ -91,6 +94,9 @@ class TextTask:
             "env.name is 'imdb' — the audit's attacks read the item-embedding rows of the recommendation "
             "tasks (synthetic, movielens); it has no attack on a language model's update"
         )
+
+    def audit_members(self, cfg: ExperimentConfig, n_items: int) -> dict[int, np.ndarray]:
+        raise ValueError(f"audit: {self.audit_problem(cfg)}")
 
     def prepare(self, cfg: ExperimentConfig) -> ResultTable:
         from fedrlhf_ray.tasks.text.prepare import is_prepared, prepare
