@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedrlhf_ray.local_trainer import Weights
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_rng
 
 UPDATE_ATTACKS = ("sign_flip", "scale", "gaussian", "nan")
@@ -70,7 +71,7 @@ class Attack:
     seed: int
 
     @classmethod
-    def from_config(cls, cfg) -> Attack | None:  # an ExperimentConfig (config imports strategies, not this)
+    def from_config(cls, cfg: ExperimentConfig) -> Attack | None:
         a = cfg.attack
         if a.kind == "none":
             return None
@@ -86,3 +87,12 @@ class Attack:
             return update
         rng = derive_rng(self.seed, "attack", round_index, client_id)
         return attacked_update(self.kind, global_weights, update, self.scale, rng)
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """An attack needs clients to attack from (raises ValueError naming the field)."""
+    if cfg.attack.kind != "none" and cfg.federation.baseline == "centralized":
+        raise ValueError(
+            f"attack.kind: got {cfg.attack.kind!r} — the centralized baseline pools every client into one, "
+            "so no client can attack it (set attack.kind: none)"
+        )

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
-from fedrlhf_ray.config import ExperimentConfig, load_config
+from fedrlhf_ray.config import load_config
 from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.schema import ExperimentConfig
 
 if TYPE_CHECKING:
     from fedrlhf_ray.tasks import ResultTable, Task
@@ -146,7 +147,7 @@ def _config_from(args: argparse.Namespace) -> ExperimentConfig:
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "reference":
-        from fedrlhf_ray.config import reference_markdown
+        from fedrlhf_ray.config_reference import reference_markdown
 
         print(reference_markdown())
         return 0

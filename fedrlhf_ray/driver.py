@@ -33,17 +33,18 @@ from ray.exceptions import RayActorError
 from fedrlhf_ray import privacy
 from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client import ClientActor
-from fedrlhf_ray.config import ExperimentConfig
+from fedrlhf_ray.config import validate_config
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
 from fedrlhf_ray.metrics import summarize
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.privacy.secagg import SecAggError
 from fedrlhf_ray.rundir import CLIENT_STORE, RunDir, warn
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_rng
 from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import make_strategy, merge, sparse_keys_of, split_personal
-from fedrlhf_ray.tasks import TaskTrainerFactory
+from fedrlhf_ray.tasks import task_for
 
 # (host index, number of hosts) -> a picklable zero-argument factory run inside the actor.
 HostTrainerFactory = Callable[[int, int], Callable[[], LocalTrainer]]
@@ -53,6 +54,20 @@ ACTOR_START_TIMEOUT_S = 300.0
 
 class RoundFailed(RuntimeError):
     """Too few clients answered a round, even after retrying the lost ones."""
+
+
+class TaskTrainerFactory:
+    """The one host factory: builds, inside client actor ``host_index`` of ``num_hosts``, the
+    configured task's trainer (picklable: a config dict and two numbers travel to the actor)."""
+
+    def __init__(self, cfg_dict: dict[str, Any], host_index: int, num_hosts: int) -> None:
+        self.cfg_dict = cfg_dict
+        self.host_index = host_index
+        self.num_hosts = num_hosts
+
+    def __call__(self) -> LocalTrainer:
+        cfg = validate_config(self.cfg_dict)
+        return task_for(cfg.env.name).build_trainer(cfg, self.host_index, self.num_hosts)
 
 
 def num_workers(cfg: ExperimentConfig, num_training_clients: int) -> int:

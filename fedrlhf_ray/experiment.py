@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from fedrlhf_ray import tracking
-from fedrlhf_ray.config import ExperimentConfig, load_config
+from fedrlhf_ray.config import load_config
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.ray_runtime import check_fits, ensure_ray, local_ray_processes, reap
 from fedrlhf_ray.rundir import CONFIG, FINAL_WEIGHTS, RAY_PROCESSES, STATUS, SUMMARY, RunDir, warn
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.tasks import RoundArtifacts, task_for
 
 # Fields a resumed run may change: it otherwise keeps the config it started with.

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.driver import FederatedDriver
 from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate, RoundInstructions
 from fedrlhf_ray.privacy.audit import audit_round
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.strategies import sparse_keys_of
 from fedrlhf_ray.tasks import task_for
 

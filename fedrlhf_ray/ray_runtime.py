@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+from pathlib import Path
 from typing import Any
 
-from fedrlhf_ray.config import ExperimentConfig, check_machine
-from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.errors import ConfigError, UserError
 from fedrlhf_ray.rundir import warn
+from fedrlhf_ray.schema import ExperimentConfig
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -166,3 +168,100 @@ def check_fits(cfg: ExperimentConfig, num_hosts: int) -> None:
             f"ray.num_workers: {num_hosts} client actors × {per:g} CPUs need {num_hosts * per:g}, the Ray "
             f"cluster has {cpus:g}; lower ray.num_workers or ray.cpus_per_worker"
         )
+
+
+# -- what the machine and the config allow ------------------------------------------------------
+def check_config(cfg: ExperimentConfig) -> None:
+    """A set ``ray.num_cpus`` must fit the client actors (raises ValueError naming the field)."""
+    if cfg.ray.num_cpus is not None:
+        shortfall = _cpu_shortfall(cfg, cfg.ray.num_cpus, "ray.num_cpus")
+        if shortfall:
+            raise ValueError(shortfall)
+
+
+def _cpu_shortfall(cfg: ExperimentConfig, cpus: float, what: str) -> str | None:
+    """Why the client actors cannot all be placed on ``cpus`` CPUs (Ray would wait forever), or None."""
+    ray_cfg = cfg.ray
+    per_worker = ray_cfg.cpus_per_worker
+    if per_worker > cpus:
+        return f"ray.cpus_per_worker: got {per_worker:g} — at most {what} ({cpus:g}), or no client actor can start"
+    if ray_cfg.num_workers is not None:
+        workers = min(ray_cfg.num_workers, cfg.clients.num_clients)  # as many actors as the driver starts
+        needed = workers * per_worker
+        if needed > cpus + 1e-9:  # 1e-9: e.g. 3 × 0.1 CPUs is 0.30000000000000004
+            return (
+                f"ray.num_workers: got {ray_cfg.num_workers} — {workers} client actors × ray.cpus_per_worker "
+                f"{per_worker:g} = {needed:g} CPUs, more than {what} ({cpus:g})"
+            )
+    return None
+
+
+def _memory_bytes() -> int:
+    """Memory a local Ray may use: the machine's, or a lower cgroup (container) limit, as Ray reads it."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def _shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm, where a local Ray on Linux keeps its object store; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stats.f_bsize * stats.f_bavail
+
+
+def _machine_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# Ray refuses an object store larger than /dev/shm above this size (ray_constants.REQUIRE_SHM_SIZE_THRESHOLD)
+# unless RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE is set; below it, it falls back to (slow) /tmp.
+_RAY_SHM_REQUIRED_ABOVE = 10**10
+_MB = 1024 * 1024
+
+
+def check_machine(cfg: ExperimentConfig) -> list[str]:
+    """Check ``cfg.ray`` against this machine before starting a local Ray on it.
+
+    Raises a one-line ConfigError when Ray could not start, or could never place the client
+    actors; returns one-line warnings for what would only run slowly. Not for a joined cluster
+    or a Tune trial: their resources are elsewhere.
+    """
+    ray_cfg = cfg.ray
+    if ray_cfg.num_cpus is None:  # a set num_cpus is checked by validation (Ray oversubscribes it)
+        shortfall = _cpu_shortfall(cfg, _machine_cpus(), "this machine's CPUs")
+        if shortfall:
+            raise ConfigError(shortfall)
+    store = ray_cfg.object_store_mb * _MB
+    memory = _memory_bytes()
+    if store > memory:
+        raise ConfigError(
+            f"ray.object_store_mb: got {ray_cfg.object_store_mb} — more than this machine's memory ({memory // _MB} MB)"
+        )
+    shm = _shm_free_bytes()
+    if shm is None or store <= shm:
+        return []
+    if store > _RAY_SHM_REQUIRED_ABOVE and not os.environ.get("RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE"):
+        raise ConfigError(
+            f"ray.object_store_mb: got {ray_cfg.object_store_mb} — more than /dev/shm's free {shm // _MB} MB "
+            "(enlarge /dev/shm, e.g. docker run --shm-size, or lower it)"
+        )
+    slow = (
+        f"ray.object_store_mb: {ray_cfg.object_store_mb} MB is more than /dev/shm's free {shm // _MB} MB: "
+        "Ray keeps the object store in /tmp instead, which is slower"
+    )
+    return [slow]

@@ -22,8 +22,8 @@ from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from fedrlhf_ray.config import PPOSettings
 from fedrlhf_ray.local_trainer import Weights
+from fedrlhf_ray.schema import PPOSettings
 
 if TYPE_CHECKING:
     from ray.rllib.core.learner.learner_group import LearnerGroup

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from fedrlhf_ray.local_trainer import RoundInstructions, Weights
+from fedrlhf_ray.schema import ExperimentConfig, FederationConfig
 
 METHODS = ("fedavg", "median", "trimmed_mean")
 DEFAULT_SPARSE_SUFFIXES = ("item_embedding.weight",)
@@ -727,7 +728,7 @@ STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 
 
 def make_strategy(
-    federation_cfg: Any,
+    federation_cfg: FederationConfig,
     sparse_keys: Collection[str] = (),
     privacy: Callable[[Strategy], Strategy] | None = None,
 ) -> Strategy:
@@ -743,7 +744,7 @@ def make_strategy(
     return RejectNonFinite(privacy(base) if privacy is not None else base)
 
 
-def _base_strategy(fed: Any, sparse_keys: tuple[str, ...]) -> Strategy:
+def _base_strategy(fed: FederationConfig, sparse_keys: tuple[str, ...]) -> Strategy:
     if fed.baseline == "local":
         return LocalOnly(sparse_keys=sparse_keys)
     name = fed.strategy
@@ -762,3 +763,40 @@ def _base_strategy(fed: Any, sparse_keys: tuple[str, ...]) -> Strategy:
     if name in STRATEGIES:
         return STRATEGIES[name](sparse_keys=sparse_keys)
     raise ValueError(f"federation.strategy: got {name!r} — allowed: {', '.join(STRATEGY_NAMES)}")
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """The federation section against the clients it samples (raises ValueError naming the field)."""
+    fed, k = cfg.federation, cfg.clients.num_clients
+    per_round = fed.clients_per_round
+    if per_round > 1.0 and per_round > k:
+        raise ValueError(f"federation.clients_per_round ({int(per_round)}) exceeds clients.num_clients ({k})")
+    # The centralized baseline trains one pooled client, so min_results is moot there.
+    sampled = cfg.clients_per_round_count(k)
+    if fed.baseline != "centralized" and fed.min_results > sampled:
+        raise ValueError(
+            f"federation.min_results: got {fed.min_results} — at most the {sampled} clients sampled per round "
+            f"(federation.clients_per_round {per_round:g} of clients.num_clients {k})"
+        )
+    if fed.strategy in ("krum", "multi_krum") and fed.baseline == "federated":
+        f = fed.krum_byzantine
+        if sampled <= 2 * f + 2:
+            raise ValueError(
+                f"federation.krum_byzantine: got {f} — {fed.strategy} needs more than 2f + 2 = {2 * f + 2} "
+                f"clients a round, and {sampled} are sampled (raise federation.clients_per_round or lower f)"
+            )
+        if fed.strategy == "multi_krum" and fed.multi_krum_selected > sampled - f:
+            raise ValueError(
+                f"federation.multi_krum_selected: got {fed.multi_krum_selected} — at most the {sampled} clients "
+                f"sampled a round minus federation.krum_byzantine ({f}) = {sampled - f}"
+            )
+    if fed.personalization == "finetune" and fed.finetune_iterations == 0:
+        raise ValueError(
+            "federation.finetune_iterations: got 0 — must be >= 1 under personalization 'finetune' "
+            "(or set federation.personalization: none)"
+        )
+    if fed.personalization == "personal_head" and not fed.personal_layers:
+        raise ValueError(
+            "federation.personal_layers: got [] — personalization 'personal_head' needs at least one "
+            "parameter-name prefix to keep on the clients, e.g. scorer.score_head."
+        )

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from fedrlhf_ray.config import ExperimentConfig, tracking_uri_problem
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.rundir import (
     CLIENT_METRICS,
@@ -38,6 +38,7 @@ from fedrlhf_ray.rundir import (
     atomic_write,
     read_jsonl,
 )
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.tasks import CurvePanel, task_for
 
 DEFAULT_DB = "mlflow.db"
@@ -53,6 +54,40 @@ MAX_PARAM_LENGTH = 6000
 # Round-metric keys that are bookkeeping, not series.
 _NOT_METRICS = {"round", "client", "kind"}
 ROUND_METRIC = "fed/round"  # logged with every round (0 = the initial evaluation)
+
+
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_TRACKING_SCHEMES = ("file", "http", "https", "databricks", "databricks-uc", "uc", *_DATABASE_SCHEMES)
+_TRACKING_ALLOWED = "a path, file://, sqlite:///, http(s)://, postgresql://, mysql://, mssql:// or databricks://"
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """What is wrong with an MLflow tracking URI (and what is allowed), or None if MLflow can use it."""
+    if not uri.strip():
+        return f"must be {_TRACKING_ALLOWED} (leave it unset for the default)"
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return f"is not a valid URI; use {_TRACKING_ALLOWED}"
+    scheme = parts.scheme.lower()
+    if len(scheme) <= 1:  # a plain path; a one-letter scheme is a Windows drive
+        return None
+    base = scheme.split("+", 1)[0]
+    if base not in _TRACKING_SCHEMES:
+        return f"{scheme}:// is not an MLflow tracking store; use {_TRACKING_ALLOWED}"
+    if base in ("http", "https") and not parts.netloc:
+        return f"{scheme}:// needs a host, e.g. http://127.0.0.1:5000"
+    if base == "sqlite" and not (uri.partition(":")[2].startswith("///") and len(parts.path) > 1):
+        return "a SQLite store is sqlite:///<file>, e.g. sqlite:///mlflow.db"
+    return None
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """A configured tracking URI names a store MLflow has (raises ValueError naming the field)."""
+    uri = cfg.tracking.tracking_uri
+    problem = None if uri is None else tracking_uri_problem(uri)
+    if problem:
+        raise ValueError(f"tracking.tracking_uri: got {uri!r} — {problem}")
 
 
 def resolve_tracking_uri(cfg: ExperimentConfig, cli_uri: str | None = None) -> str:

@@ -10,15 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedrlhf_ray.config import (
-    ConfigError,
-    ExperimentConfig,
-    LambdaSpread,
-    apply_overrides,
-    load_config,
-    parse_override,
-    validate_config,
-)
+from fedrlhf_ray.config import ConfigError, apply_overrides, load_config, parse_override, validate_config
+from fedrlhf_ray.schema import ExperimentConfig, LambdaSpread
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Experiment files; the sweep files beside them (a search_space) are tests/test_tune.py's.

@@ -17,22 +17,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from envs.data.partition import PartitionError
 from envs.rec_env import SlateRecEnv
 from envs.synthetic import make_synthetic_clients
-from fedrlhf_ray import config as config_module
-from fedrlhf_ray.config import (
-    ConfigError,
-    ExperimentConfig,
-    apply_overrides,
-    check_machine,
-    load_config,
-    read_yaml,
-    tracking_uri_problem,
-    validate_config,
-)
+from fedrlhf_ray import ray_runtime as machine_checks
+from fedrlhf_ray.config import ConfigError, apply_overrides, load_config, read_yaml, validate_config
+from fedrlhf_ray.ray_runtime import check_machine
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.tasks.rec.clients import build_clients
+from fedrlhf_ray.tracking import tracking_uri_problem
 
 
 def one_line(info: pytest.ExceptionInfo) -> str:
@@ -69,7 +64,7 @@ def leaf_fields(model: type = ExperimentConfig, prefix: str = ""):
     for name, field in model.model_fields.items():
         key = f"{prefix}{field.alias or name}"
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, config_module.BaseModel):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from leaf_fields(annotation, key + ".")
         else:
             yield key, annotation
@@ -224,7 +219,7 @@ def test_repeated_key_in_an_override():
 @pytest.mark.parametrize(
     "text",
     ["name: !!python/object/apply:os.system ['echo hi']\n", "name: !!python/name:os.system\n",
-     "seed: !!python/object:fedrlhf_ray.config.ExperimentConfig {}\n"],
+     "seed: !!python/object:fedrlhf_ray.schema.ExperimentConfig {}\n"],
 )
 def test_python_tags_build_nothing(tmp_path, text):
     f = tmp_path / "exp.yaml"
@@ -363,9 +358,9 @@ def test_workers_that_fit_num_cpus_are_fine():
 def machine(monkeypatch):
     """A fake machine: 4 CPUs, 8 GiB of memory, 1 GiB free in /dev/shm."""
     state = {"cpus": 4, "memory": 8 << 30, "shm": 1 << 30}
-    monkeypatch.setattr(config_module, "_machine_cpus", lambda: state["cpus"])
-    monkeypatch.setattr(config_module, "_memory_bytes", lambda: state["memory"])
-    monkeypatch.setattr(config_module, "_shm_free_bytes", lambda: state["shm"])
+    monkeypatch.setattr(machine_checks, "_machine_cpus", lambda: state["cpus"])
+    monkeypatch.setattr(machine_checks, "_memory_bytes", lambda: state["memory"])
+    monkeypatch.setattr(machine_checks, "_shm_free_bytes", lambda: state["shm"])
     monkeypatch.delenv("RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE", raising=False)
     return state
 

@@ -16,11 +16,11 @@ from fedrlhf_ray import rllib_edge
 from fedrlhf_ray.client import ClientHost
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.config import validate_config
+from fedrlhf_ray.driver import TaskTrainerFactory
 from fedrlhf_ray.experiment import run_experiment
 from fedrlhf_ray.local_trainer import ClientUpdate, RoundInstructions
 from fedrlhf_ray.rundir import CLIENT_STORE, METRICS, RunDir
 from fedrlhf_ray.strategies import make_strategy
-from fedrlhf_ray.tasks import TaskTrainerFactory
 from fedrlhf_ray.tasks.rec.feedback import FeedbackLog
 
 TINY = {

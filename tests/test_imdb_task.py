@@ -263,7 +263,7 @@ def test_a_client_reward_model_learns_from_its_own_reviews(prepared, imdb):
 def text_host(ray_session, prepared, tmp_path_factory):
     """A client host in this process serving the 3 IMDb clients of the tiny config."""
     from fedrlhf_ray.client import ClientHost
-    from fedrlhf_ray.tasks import TaskTrainerFactory
+    from fedrlhf_ray.driver import TaskTrainerFactory
 
     cfg = prepared[0]
     host = ClientHost(TaskTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path_factory.mktemp("text-store")))
@@ -375,8 +375,8 @@ def hf_models(prepared, tmp_path_factory):
 def test_hugging_face_backend_round_trip(ray_session, shared_data, imdb, hf_models, tmp_path):
     from fedrlhf_ray import rllib_edge
     from fedrlhf_ray.client import ClientHost
+    from fedrlhf_ray.driver import TaskTrainerFactory
     from fedrlhf_ray.local_trainer import RoundInstructions
-    from fedrlhf_ray.tasks import TaskTrainerFactory
     from fedrlhf_ray.tasks.text.prepare import prepare
     from fedrlhf_ray.tasks.text.sentiment import HFSentiment
 
@@ -458,8 +458,8 @@ def test_preference_feedback_fits_the_reward_model_on_comparisons(ray_session, p
     continuations; the reward model is refitted on all comparisons so far, kept in the record."""
     from fedrlhf_ray.client import ClientHost
     from fedrlhf_ray.client_store import ClientStore
+    from fedrlhf_ray.driver import TaskTrainerFactory
     from fedrlhf_ray.local_trainer import RoundInstructions
-    from fedrlhf_ray.tasks import TaskTrainerFactory
 
     raw = prepared[0].to_dict()
     raw["lm"]["sentiment"].update(feedback="preferences", preference_pairs=24)

@@ -140,7 +140,7 @@ def test_no_engine_module_names_a_task_or_a_task_metric():
     metrics |= {p.key.split("/")[1] for t in tasks for p in t.curve_panels if p.key.startswith("eval/")}
     assert {"liked_hit_rate", "sentiment_independent", "ndcg"} <= metrics
     for module in sorted(_engine_modules()):
-        if module in ("fedrlhf_ray.config",):
+        if module in ("fedrlhf_ray.schema",):
             continue
         path = REPO / (module.replace(".", "/") + ".py")
         if not path.exists():
@@ -171,7 +171,7 @@ def test_every_task_is_registered_and_complete():
 def test_the_schema_offers_exactly_the_registered_envs():
     from typing import get_args
 
-    from fedrlhf_ray.config import EnvConfig
+    from fedrlhf_ray.schema import EnvConfig
     from fedrlhf_ray.tasks import all_tasks
 
     offered = set(get_args(EnvConfig.model_fields["name"].annotation))
@@ -214,3 +214,20 @@ print(registered, torch.get_num_threads() == threads, dict(os.environ) == env,
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "[] True True 0 []"
+
+
+def test_the_schema_is_a_leaf_and_config_reading_stands_above_the_subsystems():
+    edges = graph()
+    assert edges["fedrlhf_ray.schema"] <= {"fedrlhf_ray.errors"}, edges["fedrlhf_ray.schema"]
+    # The subsystems whose cross-checks the preflight runs type their config with the schema and
+    # never import the reader (which runs them).
+    for name in ("fedrlhf_ray.strategies", "fedrlhf_ray.privacy", "fedrlhf_ray.attacks", "fedrlhf_ray.ray_runtime",
+                 "fedrlhf_ray.tracking", "fedrlhf_ray.tasks", "fedrlhf_ray.tasks.rec", "fedrlhf_ray.tasks.text"):
+        assert "fedrlhf_ray.config" not in edges[name], name
+
+
+def test_strategy_names_are_the_schemas_and_the_registrys():
+    from fedrlhf_ray.schema import STRATEGY_NAMES
+    from fedrlhf_ray.strategies import STRATEGIES
+
+    assert tuple(STRATEGIES) == STRATEGY_NAMES

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedrlhf_ray.cli import build_parser
-from fedrlhf_ray.config import reference_markdown, reference_rows
+from fedrlhf_ray.config_reference import reference_markdown, reference_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

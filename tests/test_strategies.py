@@ -8,8 +8,8 @@ import typing
 import numpy as np
 import pytest
 
-from fedrlhf_ray.config import FederationConfig
 from fedrlhf_ray.local_trainer import RoundInstructions
+from fedrlhf_ray.schema import FederationConfig
 from fedrlhf_ray.strategies import (
     STRATEGIES,
     STRATEGY_NAMES,

@@ -4,15 +4,16 @@ aggregation replaces how the driver collects the round (``secure_round``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.strategies import Strategy
 
 if TYPE_CHECKING:
     from fedrlhf_ray.privacy.secure_round import SecureAggregation
 
 
-def secure_aggregation(cfg: Any) -> SecureAggregation | None:
+def secure_aggregation(cfg: ExperimentConfig) -> SecureAggregation | None:
     """The secure-aggregation round an :class:`ExperimentConfig` asks for (None: plain updates)."""
     p = cfg.privacy
     if not p.secure_aggregation:
@@ -27,7 +28,7 @@ def secure_aggregation(cfg: Any) -> SecureAggregation | None:
     )
 
 
-def layers(cfg: Any) -> Callable[[Strategy], Strategy] | None:
+def layers(cfg: ExperimentConfig) -> Callable[[Strategy], Strategy] | None:
     """The privacy layers an :class:`ExperimentConfig` asks for, as one wrapper (None: none)."""
     dp = cfg.privacy.dp
     if not dp.enabled:
@@ -52,3 +53,55 @@ def layers(cfg: Any) -> Callable[[Strategy], Strategy] | None:
         )
 
     return wrap
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """DP and secure aggregation against the strategy, the baseline and the clients a round
+    (raises ValueError naming the field)."""
+    fed, k = cfg.federation, cfg.clients.num_clients
+    sampled = cfg.clients_per_round_count(k)
+    dp = cfg.privacy.dp
+    if dp.enabled:
+        if fed.baseline != "federated":
+            raise ValueError(
+                f"privacy.dp.enabled: got true — client-level DP protects clients in an aggregate, and "
+                f"federation.baseline {fed.baseline!r} aggregates none (use baseline: federated)"
+            )
+        if fed.strategy not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"privacy.dp.enabled: got true — DP-FedAvg averages clipped updates, so it replaces the "
+                f"aggregation: federation.strategy must be fedavg or fedprox, not {fed.strategy!r}"
+            )
+        expected = sampled
+        count_stddev = dp.clipped_count_stddev if dp.clipped_count_stddev is not None else expected / 20.0
+        if dp.adaptive_clipping and count_stddev <= dp.noise_multiplier:
+            source = f"the default, {expected} clients / 20" if dp.clipped_count_stddev is None else "as set"
+            raise ValueError(
+                f"privacy.dp.clipped_count_stddev: got {count_stddev:g} ({source}) "
+                f"— adaptive clipping needs it above privacy.dp.noise_multiplier ({dp.noise_multiplier:g})"
+            )
+        if dp.target_epsilon is not None:
+            from fedrlhf_ray.privacy.dp import first_round_epsilon  # dp_accounting: only when used
+
+            first = first_round_epsilon(dp, k, sampled)
+            if first > dp.target_epsilon:
+                raise ValueError(
+                    f"privacy.dp.target_epsilon: got {dp.target_epsilon:g} — one round already spends ε = "
+                    f"{first:.3g} at δ = {dp.delta:g} (noise_multiplier {dp.noise_multiplier:g}, {sampled} of "
+                    f"{k} clients a round); raise noise_multiplier or target_epsilon"
+                )
+    if cfg.privacy.secure_aggregation:
+        allowed = ("fedavg", "fedprox")
+        if fed.baseline != "federated" or fed.strategy not in allowed:
+            what = f"federation.baseline {fed.baseline!r}" if fed.baseline != "federated" else (
+                f"federation.strategy {fed.strategy!r}"
+            )
+            raise ValueError(
+                f"privacy.secure_aggregation: got true — the driver then only learns the sum of the updates, "
+                f"which {what} cannot use (it needs fedavg or fedprox, baseline federated)"
+            )
+        if sampled < 3:
+            raise ValueError(
+                f"privacy.secure_aggregation: got true — it needs at least 3 clients a round "
+                f"({sampled} are sampled); with 2, each client learns the other's update from the sum"
+            )

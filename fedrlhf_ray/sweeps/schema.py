@@ -26,14 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedrlhf_ray.config import (
-    ConfigError,
-    ExperimentConfig,
-    parse_override,
-    read_yaml,
-    validate_config,
-    with_values,
-)
+from fedrlhf_ray.config import ConfigError, parse_override, read_yaml, validate_config, with_values
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.tasks import task_for
 
 SWEEP_FILE = "sweep.yaml"

@@ -16,8 +16,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedrlhf_ray.config import ExperimentConfig, validate_config, with_values
+from fedrlhf_ray.config import validate_config, with_values
 from fedrlhf_ray.experiment import Progress, run_experiment
+from fedrlhf_ray.schema import ExperimentConfig
 
 RUN_SUBDIR = "run"
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
-    from fedrlhf_ray.config import ExperimentConfig
     from fedrlhf_ray.local_trainer import LocalTrainer, Weights
+    from fedrlhf_ray.schema import ExperimentConfig
 
 # Task name -> the package that defines its TASK. A third task is a folder plus a line here.
 REGISTRY: dict[str, str] = {
@@ -70,6 +70,9 @@ class Task(Protocol):
     headline_metric: str  # what a sweep ranks trials by unless it says otherwise
     prepares: bool  # whether ``fedrlhf prepare <env>`` builds public models for it
     datasets: tuple[str, ...]  # what ``fedrlhf data info --dataset`` takes for it
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        """The task's own cross-checks of a valid config (raise ValueError naming the field)."""
 
     def check_data(self, cfg: ExperimentConfig, *, announce: bool = False) -> None:
         """Raise a one-line error now when the data (or prepared models) cannot serve ``cfg``."""
@@ -124,22 +127,6 @@ def task_for(env_name: str) -> Task:
 def task_for_dataset(dataset: str) -> Task | None:
     """The task whose data ``dataset`` is, or None."""
     return next((task for task in all_tasks() if dataset in task.datasets), None)
-
-
-class TaskTrainerFactory:
-    """The one host factory: builds, inside client actor ``host_index`` of ``num_hosts``, the
-    configured task's trainer (picklable: a config dict and two numbers travel to the actor)."""
-
-    def __init__(self, cfg_dict: dict[str, Any], host_index: int, num_hosts: int) -> None:
-        self.cfg_dict = cfg_dict
-        self.host_index = host_index
-        self.num_hosts = num_hosts
-
-    def __call__(self) -> LocalTrainer:
-        from fedrlhf_ray.config import validate_config
-
-        cfg = validate_config(self.cfg_dict)
-        return task_for(cfg.env.name).build_trainer(cfg, self.host_index, self.num_hosts)
 
 
 def hosted_clients(

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fedrlhf_ray.config import DATASETS
+from fedrlhf_ray.schema import DATASETS
 from fedrlhf_ray.tasks import CurvePanel, ResultTable
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from fedrlhf_ray.config import ExperimentConfig
     from fedrlhf_ray.local_trainer import LocalTrainer
+    from fedrlhf_ray.schema import ExperimentConfig
 
 # Rows of the result table under the liked-hit rate: (metric, label).
 SUMMARY_METRICS = (
@@ -54,6 +54,28 @@ class RecTask:
     headline_metric = "eval/liked_hit_rate/mean"
     prepares = False
     datasets = DATASETS
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        if cfg.env.name != "synthetic":
+            return
+        env, syn = cfg.env, cfg.env.synthetic
+        most = syn.n_items - env.slate_size
+        if syn.items_per_user > most:
+            raise ValueError(
+                f"env.synthetic.items_per_user: got {syn.items_per_user} — at most env.synthetic.n_items "
+                f"({syn.n_items}) - env.slate_size ({env.slate_size}) = {most}: a slate is filled with items "
+                "the user never watched"
+            )
+        n_held = max(1, round(env.heldout_fraction * syn.items_per_user))  # as envs.synthetic splits
+        n_train = syn.items_per_user - n_held
+        needed = 1 if cfg.feedback.kind == "rating" else 2
+        if n_train < needed:
+            why = "a pairwise query compares two" if needed == 2 else "training needs one"
+            raise ValueError(
+                f"env.heldout_fraction: got {env.heldout_fraction:g} — holds out {n_held} of the "
+                f"{syn.items_per_user} items per user (env.synthetic.items_per_user), leaving {n_train} "
+                f"for training; at least {needed} must remain ({why})"
+            )
 
     def check_data(self, cfg: ExperimentConfig, *, announce: bool = False) -> None:
         from fedrlhf_ray.tasks.rec.clients import build_clients

@@ -5,8 +5,8 @@ from __future__ import annotations
 from envs.data.partition import PartitionError, form_clients
 from envs.synthetic import make_synthetic_clients
 from envs.types import ClientData
-from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.errors import ConfigError
+from fedrlhf_ray.schema import ExperimentConfig
 
 
 def build_clients(cfg: ExperimentConfig) -> list[ClientData]:

@@ -13,7 +13,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from envs.rec_env import ShapedRewardWrapper, SlateRecEnv
 from envs.types import ClientData
 from fedrlhf_ray import rllib_edge
-from fedrlhf_ray.config import EnvConfig, PPOSettings
+from fedrlhf_ray.schema import EnvConfig, PPOSettings
 from fedrlhf_ray.tasks.rec.policy import SlatePolicyModule, SlateScorer
 
 

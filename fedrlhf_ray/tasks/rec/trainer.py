@@ -20,9 +20,9 @@ import numpy as np
 from envs.types import ClientData
 from fedrlhf_ray import rllib_edge
 from fedrlhf_ray.attacks import malicious_clients
-from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.local_trainer import Weights
 from fedrlhf_ray.rllib_edge import RLlibLocalTrainer
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_seed
 from fedrlhf_ray.tasks.rec import ppo as rec_ppo
 from fedrlhf_ray.tasks.rec.evaluation import evaluate_client

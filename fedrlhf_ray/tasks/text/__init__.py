@@ -14,8 +14,8 @@ from fedrlhf_ray.tasks import CurvePanel, ResultTable
 if TYPE_CHECKING:
     import numpy as np
 
-    from fedrlhf_ray.config import ExperimentConfig
     from fedrlhf_ray.local_trainer import LocalTrainer
+    from fedrlhf_ray.schema import ExperimentConfig
     from fedrlhf_ray.tasks.text.samples import SampleWriter
 
 TEXT_METRICS = (
@@ -45,6 +45,22 @@ class TextTask:
     headline_metric = "eval/sentiment_independent/mean"
     prepares = True
     datasets = ("imdb",)
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        imdb, lm = cfg.env.imdb, cfg.lm
+        if lm.n_embd % lm.n_head:
+            raise ValueError(f"lm.n_embd: got {lm.n_embd} — must be a multiple of lm.n_head ({lm.n_head})")
+        window = imdb.prompt_tokens + imdb.generate_tokens
+        if lm.pretrained is None and window > lm.context:
+            raise ValueError(
+                f"env.imdb.generate_tokens: got {imdb.generate_tokens} — env.imdb.prompt_tokens "
+                f"({imdb.prompt_tokens}) + generate_tokens = {window} must fit lm.context ({lm.context})"
+            )
+        if lm.sentiment.feedback == "preferences" and lm.sentiment.pretrained is not None:
+            raise ValueError(
+                "lm.sentiment.feedback: got 'preferences' — a pretrained scorer (lm.sentiment.pretrained) "
+                "is not fitted, so it learns from no feedback; use feedback: labels or unset pretrained"
+            )
 
     def check_data(self, cfg: ExperimentConfig, *, announce: bool = False) -> None:
         from fedrlhf_ray.tasks.text.clients import build_imdb_shards

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.errors import ConfigError
+from fedrlhf_ray.schema import ExperimentConfig
 
 
 def build_imdb_shards(cfg: ExperimentConfig) -> list:

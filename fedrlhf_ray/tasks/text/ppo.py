@@ -10,7 +10,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from envs.text_env import TextContinuationEnv
 from fedrlhf_ray import rllib_edge
-from fedrlhf_ray.config import ExperimentConfig
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.tasks.text.policy import KL_METRIC, LMPolicyModule, TextPPOLearner
 
 TEXT_ENV_NAME = "fedrlhf-text"

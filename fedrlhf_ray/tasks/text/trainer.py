@@ -19,9 +19,9 @@ import numpy as np
 
 from envs.data.imdb import ImdbShard
 from fedrlhf_ray import rllib_edge
-from fedrlhf_ray.config import ExperimentConfig
 from fedrlhf_ray.local_trainer import Weights
 from fedrlhf_ray.rllib_edge import RLlibLocalTrainer, seed_global_rngs
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_seed
 from fedrlhf_ray.tasks.text import ppo as text_ppo
 from fedrlhf_ray.tasks.text.generation import generate, text_metrics
