@@ -50,6 +50,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from fedrlhf_ray.local_trainer import RoundInstructions, Weights
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
+from fedrlhf_ray.schema import DPConfig
 from fedrlhf_ray.seeding import derive_rng
 from fedrlhf_ray.strategies import StrategyWrapper, delta_norms
 
@@ -153,7 +154,7 @@ def round_step(
     return rate, update_noise_multiplier(noise_multiplier, count_stddev), count_stddev
 
 
-def first_round_epsilon(dp_cfg: Any, pool_size: int, count: int) -> float:
+def first_round_epsilon(dp_cfg: DPConfig, pool_size: int, count: int) -> float:
     """ε at δ of one round of a ``DPConfig`` (for checking ``target_epsilon`` up front)."""
     step = round_step(
         float(dp_cfg.noise_multiplier), pool_size, count, bool(dp_cfg.adaptive_clipping),

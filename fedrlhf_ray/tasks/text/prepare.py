@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.tasks.text.lm import END_OF_TEXT, LanguageModel, clean_review, damaged, load_prepared, load_pretrained
 from fedrlhf_ray.tasks.text.sentiment import BagOfTokens
 
@@ -38,7 +39,7 @@ EVALUATOR = "evaluator.safetensors"
 PERPLEXITY_REVIEWS = 500
 
 
-def _settings(cfg: Any) -> dict[str, Any]:
+def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
     lm, sent = cfg.lm, cfg.lm.sentiment
     model = (
         {"pretrained": lm.pretrained}
@@ -52,20 +53,20 @@ def _settings(cfg: Any) -> dict[str, Any]:
     return {"version": 2, "seed": lm.pretrain_seed, "model": model, "evaluator": evaluator}
 
 
-def cache_root(cfg: Any) -> Path:
+def cache_root(cfg: ExperimentConfig) -> Path:
     from envs.data.movielens.parsed_cache import default_cache_dir
 
     base = cfg.env.imdb.cache_dir
     return (Path(base).expanduser() if base else default_cache_dir()) / "imdb-lm"
 
 
-def prepared_folder(cfg: Any) -> Path:
+def prepared_folder(cfg: ExperimentConfig) -> Path:
     """Where the prepared models of ``cfg``'s settings live (whether or not they exist yet)."""
     digest = hashlib.sha256(json.dumps(_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
     return cache_root(cfg) / digest
 
 
-def load_lm(cfg: Any) -> LanguageModel:
+def load_lm(cfg: ExperimentConfig) -> LanguageModel:
     """The experiment's LM: ``lm.pretrained``, or the prepared one (which must exist)."""
     if cfg.lm.pretrained is not None:
         return load_pretrained(cfg.lm.pretrained)
@@ -77,7 +78,7 @@ def load_lm(cfg: Any) -> LanguageModel:
     return load_prepared(folder)
 
 
-def is_prepared(cfg: Any) -> bool:
+def is_prepared(cfg: ExperimentConfig) -> bool:
     return (prepared_folder(cfg) / REPORT).exists()
 
 
@@ -133,14 +134,18 @@ def perplexity(model: Any, stream: np.ndarray, width: int, max_windows: int = 25
     return math.exp(sum(losses) / count)
 
 
-def pretrain(cfg: Any, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool) -> tuple[Any, dict]:
+def pretrain(
+    cfg: ExperimentConfig, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool
+) -> tuple[Any, dict]:
     # GPT-2's initialisation and its dropout draw from torch's global generator: seed it in this scope only.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.lm.pretrain_seed)
         return _pretrain(cfg, tokenizer, corpus, heldout, progress)
 
 
-def _pretrain(cfg: Any, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool) -> tuple[Any, dict]:
+def _pretrain(
+    cfg: ExperimentConfig, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool
+) -> tuple[Any, dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from fedrlhf_ray.tasks.text.lm import quiet_transformers
@@ -190,7 +195,9 @@ def _pretrain(cfg: Any, tokenizer: Any, corpus: list[str], heldout: list[str], p
     return model, stats
 
 
-def train_evaluator(cfg: Any, lm: LanguageModel, train: list[Any], test: list[Any]) -> tuple[BagOfTokens, dict]:
+def train_evaluator(
+    cfg: ExperimentConfig, lm: LanguageModel, train: list[Any], test: list[Any]
+) -> tuple[BagOfTokens, dict]:
     """The independent sentiment evaluator: all 25,000 training reviews, scored on all 25,000 test ones."""
     sent = cfg.lm.sentiment
     x_train = lm.encode([r.text for r in train], sent.max_review_tokens)
@@ -231,7 +238,7 @@ def load_evaluator(path: Path) -> BagOfTokens:
 
 
 def prepare(
-    cfg: Any, *, progress: bool = False, data: Any = None, announce: bool = False
+    cfg: ExperimentConfig, *, progress: bool = False, data: Any = None, announce: bool = False
 ) -> tuple[Path, dict[str, Any]]:
     """Build (or find) the prepared models for ``cfg``; returns their folder and report.
 

@@ -7,11 +7,11 @@ driver already holds the global weights. A personal head (kept on the clients) i
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import numpy as np
 import torch
 
+from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_seed
 from fedrlhf_ray.tasks.text.generation import generate
 from fedrlhf_ray.tasks.text.prepare import load_lm
@@ -33,7 +33,7 @@ LM_PREFIX = "lm."  # the policy module's LM parameters (see fedrlhf_ray.tasks.te
 class SampleWriter:
     """Continues :data:`PUBLIC_PROMPTS` with the global weights; the same seed every round."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
         self.lm = load_lm(cfg)
         self.reference = self.lm.model
