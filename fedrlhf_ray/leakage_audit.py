@@ -9,16 +9,35 @@ process to score the attack, which itself uses only what the driver received.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from fedrlhf_ray.collectors import Collected, Collector, Hosts
 from fedrlhf_ray.driver import FederatedDriver
 from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate, RoundInstructions
 from fedrlhf_ray.privacy.audit import audit_round
 from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.strategies import sparse_keys_of
 from fedrlhf_ray.tasks import task_for
+
+
+@dataclass
+class AuditingCollector:
+    """Collects like ``inner`` and keeps what the driver received this round, for the audit."""
+
+    inner: Collector
+    received: list[ClientUpdate | MaskedUpdate] = field(default_factory=list)
+
+    def collect(
+        self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
+    ) -> Collected:
+        collected = self.inner.collect(hosts, round_index, sampled, global_ref, instructions, shared)
+        self.received = list(collected.updates)
+        return collected
 
 
 class AuditedDriver(FederatedDriver):
@@ -32,24 +51,21 @@ class AuditedDriver(FederatedDriver):
         self.table = tables[0]
         n_rows = np.shape(self.global_weights[self.table])[0]
         self.rated = task_for(cfg.env.name).audit_members(cfg, n_rows - 1)
-        self._round_updates: list[ClientUpdate | MaskedUpdate] = []
+        self.auditing = AuditingCollector(self.collector)
+        self.collector = self.auditing
 
     def instructions(self, round_index: int) -> RoundInstructions:
         return dataclasses.replace(super().instructions(round_index), audit=True)
 
-    def _received(self, obj: Any) -> Any:
-        obj = super()._received(obj)
-        if isinstance(obj, list):
-            self._round_updates.extend(u for u in obj if isinstance(u, (ClientUpdate, MaskedUpdate)))
-        elif isinstance(obj, (ClientUpdate, MaskedUpdate)):
-            self._round_updates.append(obj)
-        return obj
-
     def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         before = dict(self.global_weights)
-        self._round_updates = []
+        self.auditing.received = []
         metrics, rows = super().run_round()
-        updates = [u for u in self._round_updates if isinstance(u, MaskedUpdate) or self.table in u.weights]
+        # Under secure aggregation every masked vector; in the clear, the updates that carry the table.
+        updates: list[ClientUpdate | MaskedUpdate] = []
+        for update in self.auditing.received:
+            if isinstance(update, MaskedUpdate) or self.table in update.weights:
+                updates.append(update)
         audit = audit_round(before, self.global_weights, updates, self.rated, self.table)
         for key in sorted({k for row in audit for k in row if k.startswith("audit/")}):
             values = [row[key] for row in audit]

@@ -1,5 +1,5 @@
 """Privacy layers: DP wraps the aggregation strategy (see ``strategies.make_strategy``); secure
-aggregation replaces how the driver collects the round (``secure_round``)."""
+aggregation is how the driver collects the round (``secure_round.SecureCollector``)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.strategies import Strategy
 
 if TYPE_CHECKING:
-    from fedrlhf_ray.privacy.secure_round import SecureAggregation
+    from fedrlhf_ray.privacy.secure_round import SecureCollector
 
 
-def secure_aggregation(cfg: ExperimentConfig) -> SecureAggregation | None:
+def secure_collector(cfg: ExperimentConfig) -> SecureCollector | None:
     """The secure-aggregation round an :class:`ExperimentConfig` asks for (None: plain updates)."""
     p = cfg.privacy
     if not p.secure_aggregation:
         return None
-    from fedrlhf_ray.privacy.secure_round import SecureAggregation
+    from fedrlhf_ray.privacy.secure_round import SecureCollector
 
-    return SecureAggregation(
+    return SecureCollector(
         fraction_bits=int(p.secagg_fraction_bits),
         threshold_fraction=float(p.secagg_threshold),
         neighbours=None if p.secagg_neighbours is None else int(p.secagg_neighbours),

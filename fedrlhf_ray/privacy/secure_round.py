@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from fedrlhf_ray.collectors import Collected, Hosts
 from fedrlhf_ray.local_trainer import MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.privacy.secagg import (
     RING,
     SecAggError,
@@ -32,8 +34,9 @@ from fedrlhf_ray.seeding import derive_rng
 
 
 @dataclass(frozen=True)
-class SecureAggregation:
-    """Settings of ``privacy.secure_aggregation`` and the round it runs."""
+class SecureCollector:
+    """Settings of ``privacy.secure_aggregation`` and the round it runs (a
+    :class:`~fedrlhf_ray.collectors.Collector` whose result is the survivors' sum only)."""
 
     fraction_bits: int
     threshold_fraction: float
@@ -45,17 +48,28 @@ class SecureAggregation:
         return min(num_clients - 1, wanted)
 
     def collect(
-        self, driver: Any, round_index: int, sampled: list[int], global_ref: Any,
+        self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
+    ) -> Collected:
+        """The survivors' Σ w·θ (by name as in ``shared``, plus DP's not-clipped bit when the
+        instructions ask for it) and Σ w, and their masked updates. No survivors: zeros and 0."""
+        template = {**shared, UNCLIPPED_KEY: np.zeros(1)} if instructions.dp_count else dict(shared)
+        total, weight, updates, metrics = self._sum(hosts, round_index, sampled, global_ref, instructions, template)
+        return Collected(
+            updates, received_bytes=float(sum(u.masked.nbytes for u in updates)), metrics=metrics,
+            total=(total, weight), skipped=bool(metrics.get("secagg/skipped")),
+        )
+
+    def _sum(
+        self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
         instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
     ) -> tuple[Weights, float, list[MaskedUpdate], dict[str, float]]:
-        """(the survivors' Σ w·θ, by name as in ``shared``; Σ w; their masked updates; metrics).
-        No survivors: zeros and 0."""
         r = round_index
         if len(sampled) < 3:
             # Only DP's Poisson sampling draws so few: no sum of them could hide an update, so
             # the round collects none (DP still releases its noise).
             return {k: np.zeros(np.shape(v)) for k, v in shared.items()}, 0.0, [], {"secagg/skipped": 1.0}
-        replies = driver.call_hosts_once("secagg_keys", r, driver.by_host(sampled), {})
+        replies = hosts.call_once("secagg_keys", r, hosts.by_host(sampled), {})
         keys = {c: k for reply in replies.values() for c, k in reply.items()}
         members = sorted(keys)
         if len(members) < 3:
@@ -63,9 +77,9 @@ class SecureAggregation:
         graph = neighbour_graph(members, self.degree(len(members)), derive_rng(self.seed, "secagg-graph", r))
         threshold = share_threshold(min(len(v) for v in graph.values()), self.threshold_fraction)
 
-        groups = driver.by_host(members)
+        groups = hosts.by_host(members)
         share_args = {h: ({c: {j: keys[j] for j in graph[c]} for c in ids}, threshold) for h, ids in groups.items()}
-        replies = driver.call_hosts_once("secagg_shares", r, groups, share_args)
+        replies = hosts.call_once("secagg_shares", r, groups, share_args)
         sealed = {c: s for reply in replies.values() for c, s in reply.items()}
         active = sorted(sealed)
         held: dict[int, dict[int, bytes]] = {c: {} for c in active}
@@ -74,12 +88,12 @@ class SecureAggregation:
                 if receiver in held:
                     held[receiver][sender] = blob
 
-        groups = driver.by_host(active)
+        groups = hosts.by_host(active)
         train_args = {
             h: (global_ref, instructions, {c: held[c] for c in ids}, active, self.fraction_bits)
             for h, ids in groups.items()
         }
-        replies = driver.call_hosts_once("train_masked", r, groups, train_args)
+        replies = hosts.call_once("train_masked", r, groups, train_args)
         updates = sorted((u for reply in replies.values() for u in reply), key=lambda u: u.client_id)
         survivors = [u.client_id for u in updates]
         metrics = {
@@ -92,8 +106,8 @@ class SecureAggregation:
         masked_sum = np.zeros(len(updates[0].masked), dtype=RING)
         for u in updates:
             masked_sum = masked_sum + u.masked
-        groups = driver.by_host(survivors)
-        replies = driver.call_hosts_once("secagg_reveal", r, groups, {h: (survivors,) for h in groups})
+        groups = hosts.by_host(survivors)
+        replies = hosts.call_once("secagg_reveal", r, groups, {h: (survivors,) for h in groups})
         revealed = {c: shares for reply in replies.values() for c, shares in reply.items()}
         in_round = set(active)
         sub_graph = {c: [j for j in graph[c] if j in in_round] for c in active}
