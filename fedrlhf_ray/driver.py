@@ -44,7 +44,7 @@ from fedrlhf_ray.rundir import CLIENT_STORE, RunDir, warn
 from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_rng
 from fedrlhf_ray.state_codec import StateFileError
-from fedrlhf_ray.strategies import make_strategy, merge, sparse_keys_of, split_personal
+from fedrlhf_ray.strategies import SumAggregator, make_strategy, merge, sparse_keys_of, split_personal
 from fedrlhf_ray.tasks import task_for
 
 # (host index, number of hosts) -> a picklable zero-argument factory run inside the actor.
@@ -183,7 +183,9 @@ class FederatedDriver:
         """The strategy's new shared weights from what was collected: a secure sum, or the updates."""
         if collected.total is not None:
             weighted_sum, total_weight = collected.total
-            return self.strategy.aggregate_masked(shared, weighted_sum, total_weight)
+            # The preflight refused secure aggregation with a strategy that cannot sum.
+            assert isinstance(self.strategy, SumAggregator), self.strategy.name
+            return self.strategy.aggregate_sum(shared, weighted_sum, total_weight)
         plain = [u for u in collected.updates if isinstance(u, ClientUpdate)]
         return self.strategy.aggregate(shared, [u.weights for u in plain], [u.num_samples for u in plain])
 

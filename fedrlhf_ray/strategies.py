@@ -432,15 +432,22 @@ class Strategy(Protocol):
         num_samples: Sequence[float],
     ) -> Weights: ...
 
-    def aggregate_masked(
-        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
-    ) -> Weights: ...
-
     def round_metrics(self) -> dict[str, float]: ...
 
     def state(self) -> dict[str, Any]: ...
 
     def load_state(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class SumAggregator(Protocol):
+    """A strategy that can also turn a secure sum into the new model (what secure aggregation
+    gives the driver: Σ w·θ over the survivors and Σ w, never an update): FedAvg, FedProx and
+    DP-FedAvg. Secure aggregation and DP need one; :func:`sums` tells by capability."""
+
+    def aggregate_sum(
+        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+    ) -> Weights: ...
 
 
 @dataclass(frozen=True)
@@ -491,18 +498,6 @@ class _Aggregation:
             method=self.method, sparse_keys=self.sparse_keys, **self._options(),
         )
 
-    def aggregate_masked(
-        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
-    ) -> Weights:
-        """The new weights from a secure sum (Σ w·θ over the survivors, Σ w): their weighted
-        mean, dense (the only aggregate a sum gives; the config refuses the others with it)."""
-        if total_weight <= 0:
-            return dict(global_weights)
-        return {
-            k: (np.asarray(weighted_sum[k], np.float64) / total_weight).astype(_out_dtype([np.asarray(v)]))
-            for k, v in global_weights.items()
-        }
-
     def round_metrics(self) -> dict[str, float]:
         """What the last :meth:`aggregate` measured (wrappers report theirs, e.g. ``fed/rejected``)."""
         return {}
@@ -515,16 +510,34 @@ class _Aggregation:
         return None
 
 
+def mean_of_sum(
+    global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+) -> Weights:
+    """The weighted mean a secure sum (Σ w·θ over the survivors, Σ w) stands for, dense; the
+    global weights when nobody survived."""
+    if total_weight <= 0:
+        return dict(global_weights)
+    return {
+        k: (np.asarray(weighted_sum[k], np.float64) / total_weight).astype(_out_dtype([np.asarray(v)]))
+        for k, v in global_weights.items()
+    }
+
+
 @dataclass(frozen=True)
 class FedAvg(_Aggregation):
-    """Sample-weighted mean (McMahan et al. 2017)."""
+    """Sample-weighted mean (McMahan et al. 2017); of a secure sum too."""
 
     name: ClassVar[str] = "fedavg"
     method: ClassVar[str] = "fedavg"
 
+    def aggregate_sum(
+        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+    ) -> Weights:
+        return mean_of_sum(global_weights, weighted_sum, total_weight)
+
 
 @dataclass(frozen=True)
-class FedProx(_Aggregation):
+class FedProx(FedAvg):
     """Aggregates like FedAvg and tells the clients to add μ/2·‖θ − θ_global‖² to their local
     loss (Li et al. 2020), as Flower's FedProx puts ``proximal-mu`` in its train config."""
 
@@ -661,11 +674,6 @@ class StrategyWrapper:
     ) -> Weights:
         return self.inner.aggregate(global_weights, updates, num_samples)
 
-    def aggregate_masked(
-        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
-    ) -> Weights:
-        return self.inner.aggregate_masked(global_weights, weighted_sum, total_weight)
-
     def round_metrics(self) -> dict[str, float]:
         return self.inner.round_metrics()
 
@@ -700,6 +708,19 @@ class RejectNonFinite(StrategyWrapper):
 
     def round_metrics(self) -> dict[str, float]:
         return {**self.inner.round_metrics(), "fed/rejected": float(self.rejected)}
+
+
+@dataclass
+class RejectNonFiniteOfSum(RejectNonFinite):
+    """:class:`RejectNonFinite` around a :class:`SumAggregator`: a secure sum passes to it as it
+    is (the clients drop a non-finite update out of the sum themselves)."""
+
+    def aggregate_sum(
+        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+    ) -> Weights:
+        inner = self.inner
+        assert isinstance(inner, SumAggregator)
+        return inner.aggregate_sum(global_weights, weighted_sum, total_weight)
 
 
 @dataclass(frozen=True)
@@ -741,7 +762,13 @@ def make_strategy(
     of the updates with :func:`split_personal` and the driver puts them back with :func:`merge`.
     """
     base = _base_strategy(federation_cfg, _as_keys(sparse_keys))
-    return RejectNonFinite(privacy(base) if privacy is not None else base)
+    layered = privacy(base) if privacy is not None else base
+    return RejectNonFiniteOfSum(layered) if isinstance(layered, SumAggregator) else RejectNonFinite(layered)
+
+
+def sums(strategy_name: str) -> bool:
+    """Whether the strategy ``strategy_name`` can aggregate a secure sum (a :class:`SumAggregator`)."""
+    return issubclass(STRATEGIES[strategy_name], SumAggregator)
 
 
 def _base_strategy(fed: FederationConfig, sparse_keys: tuple[str, ...]) -> Strategy:

@@ -16,7 +16,7 @@ from fedrlhf_ray.local_trainer import RoundInstructions
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY, client_noise, privatize
 from fedrlhf_ray.privacy.dp import DifferentialPrivacy, clipped_sum, noised_mean_step
 from fedrlhf_ray.state_codec import StateFileError
-from fedrlhf_ray.strategies import FedAvg, FedProx, RejectNonFinite, delta_norms, make_strategy
+from fedrlhf_ray.strategies import FedAvg, FedProx, RejectNonFinite, SumAggregator, delta_norms, make_strategy
 
 GLOBAL = {"w": np.zeros((4, 5), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
@@ -142,7 +142,8 @@ def test_adaptive_clipping_tracks_the_update_norms():
 def test_layers_wrap_fedavg_and_fedprox_behind_the_filter():
     cfg = validate_config({"privacy": {"dp": {"enabled": True}}, "federation": {"strategy": "fedprox"}})
     strategy = make_strategy(cfg.federation, privacy=privacy.layers(cfg))
-    assert type(strategy) is RejectNonFinite and type(strategy.inner) is DifferentialPrivacy
+    assert isinstance(strategy, RejectNonFinite) and isinstance(strategy, SumAggregator)
+    assert type(strategy.inner) is DifferentialPrivacy
     assert type(strategy.inner.inner) is FedProx and strategy.configure_train(1).proximal_mu == 0.01
     assert privacy.layers(validate_config({})) is None
 
@@ -225,17 +226,17 @@ def test_dropouts_take_their_noise_along_and_are_accounted():
     picked = strategy.sample_clients(1, list(range(50)), 10, np.random.default_rng(0))
     m = len(picked)
     zero = {k: np.zeros(v.shape) for k, v in GLOBAL.items()}
-    strategy.aggregate_masked(GLOBAL, zero, total_weight=m // 2)  # half dropped after masking
+    strategy.aggregate_sum(GLOBAL, zero, total_weight=m // 2)  # half dropped after masking
     rate, noise, _ = strategy.steps[-1]
     assert noise == pytest.approx(np.sqrt((m // 2) / m))
     full = dp(noise_multiplier=1.0, mode="distributed")
     full.sample_clients(1, list(range(50)), 10, np.random.default_rng(0))
-    full.aggregate_masked(GLOBAL, zero, total_weight=m)
+    full.aggregate_sum(GLOBAL, zero, total_weight=m)
     assert full.steps[-1] == (rate, 1.0, None) and strategy.epsilon() > full.epsilon()
     # Nobody at all: the driver releases the whole noise itself (an empty sample's mechanism).
     empty = dp(noise_multiplier=1.0, mode="distributed")
     empty.sample_clients(1, list(range(50)), 10, np.random.default_rng(0))
-    released = empty.aggregate_masked(GLOBAL, zero, total_weight=0)
+    released = empty.aggregate_sum(GLOBAL, zero, total_weight=0)
     assert np.concatenate([v.ravel() for v in released.values()]).std() > 0.01
     assert empty.steps[-1] == (rate, 1.0, None)
 
@@ -246,7 +247,7 @@ def test_under_secure_aggregation_clients_clip_and_the_driver_noises_the_sum_in_
     told = strategy.configure_train(1)
     assert told.dp_clip == 0.5 and told.dp_noise_stddev == 0.0 and not told.dp_count
     zero = {k: np.zeros(v.shape) for k, v in GLOBAL.items()}
-    released = strategy.aggregate_masked(GLOBAL, zero, total_weight=10)
+    released = strategy.aggregate_sum(GLOBAL, zero, total_weight=10)
     assert np.concatenate([v.ravel() for v in released.values()]).std() == pytest.approx(0.05, rel=0.5)
     adaptive = dp(noise_multiplier=1.0, mode="distributed", adaptive_clipping=True, clipped_count_stddev=5.0)
     adaptive.sample_clients(1, list(range(10)), 10, np.random.default_rng(0))

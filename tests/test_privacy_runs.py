@@ -190,13 +190,13 @@ def test_distributed_dp_under_secure_aggregation_the_driver_only_sees_a_noised_s
     from fedrlhf_ray.privacy.dp import DifferentialPrivacy
 
     sums = []
-    original = DifferentialPrivacy.aggregate_masked
+    original = DifferentialPrivacy.aggregate_sum
 
     def spy(self, global_weights, weighted_sum, total_weight):
         sums.append((dict(global_weights), dict(weighted_sum), total_weight, self.steps[-1][1]))
         return original(self, global_weights, weighted_sum, total_weight)
 
-    monkeypatch.setattr(DifferentialPrivacy, "aggregate_masked", spy)
+    monkeypatch.setattr(DifferentialPrivacy, "aggregate_sum", spy)
     result = run(dense(privacy=DISTRIBUTED), tmp_path / "distributed")
     assert len(sums) == 4
     for g, total, weight, sigma in sums:

@@ -22,6 +22,7 @@ from fedrlhf_ray.strategies import (
     NormBound,
     RejectNonFinite,
     Strategy,
+    SumAggregator,
     TrimmedMean,
     aggregate,
     coordinate_median,
@@ -30,6 +31,7 @@ from fedrlhf_ray.strategies import (
     merge,
     sparse_keys_of,
     split_personal,
+    sums,
     trimmed_mean,
 )
 
@@ -335,8 +337,10 @@ def test_make_strategy_maps_every_config_value(value):
     cfg = FederationConfig(strategy=value, fedprox_mu=0.3, trim_fraction=0.2, krum_byzantine=2,
                            multi_krum_selected=3, norm_bound=0.7)
     wrapped = make_strategy(cfg, sparse_keys=[EMB])
-    # Every strategy sits behind the non-finite filter.
-    assert type(wrapped) is RejectNonFinite and isinstance(wrapped, Strategy)
+    # Every strategy sits behind the non-finite filter; the strategies that can average a secure
+    # sum (and only those) can still do so through it.
+    assert isinstance(wrapped, RejectNonFinite) and isinstance(wrapped, Strategy)
+    assert isinstance(wrapped, SumAggregator) == (value in ("fedavg", "fedprox")) == sums(value)
     strategy = wrapped.inner
     expected_type = {"fedavg": FedAvg, "fedprox": FedProx, "median": Median, "trimmed_mean": TrimmedMean,
                      "krum": Krum, "multi_krum": MultiKrum, "norm_bound": NormBound}[value]

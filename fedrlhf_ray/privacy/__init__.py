@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fedrlhf_ray.schema import ExperimentConfig
-from fedrlhf_ray.strategies import Strategy
+from fedrlhf_ray.strategies import STRATEGIES, Strategy, sums
 
 if TYPE_CHECKING:
     from fedrlhf_ray.privacy.secure_round import SecureCollector
@@ -67,10 +67,10 @@ def check_config(cfg: ExperimentConfig) -> None:
                 f"privacy.dp.enabled: got true — client-level DP protects clients in an aggregate, and "
                 f"federation.baseline {fed.baseline!r} aggregates none (use baseline: federated)"
             )
-        if fed.strategy not in ("fedavg", "fedprox"):
+        if not sums(fed.strategy):
             raise ValueError(
                 f"privacy.dp.enabled: got true — DP-FedAvg averages clipped updates, so it replaces the "
-                f"aggregation: federation.strategy must be fedavg or fedprox, not {fed.strategy!r}"
+                f"aggregation: federation.strategy must be {' or '.join(_summing())}, not {fed.strategy!r}"
             )
         expected = sampled
         count_stddev = dp.clipped_count_stddev if dp.clipped_count_stddev is not None else expected / 20.0
@@ -91,17 +91,21 @@ def check_config(cfg: ExperimentConfig) -> None:
                     f"{k} clients a round); raise noise_multiplier or target_epsilon"
                 )
     if cfg.privacy.secure_aggregation:
-        allowed = ("fedavg", "fedprox")
-        if fed.baseline != "federated" or fed.strategy not in allowed:
+        if fed.baseline != "federated" or not sums(fed.strategy):
             what = f"federation.baseline {fed.baseline!r}" if fed.baseline != "federated" else (
                 f"federation.strategy {fed.strategy!r}"
             )
             raise ValueError(
                 f"privacy.secure_aggregation: got true — the driver then only learns the sum of the updates, "
-                f"which {what} cannot use (it needs fedavg or fedprox, baseline federated)"
+                f"which {what} cannot use (it needs {' or '.join(_summing())}, baseline federated)"
             )
         if sampled < 3:
             raise ValueError(
                 f"privacy.secure_aggregation: got true — it needs at least 3 clients a round "
                 f"({sampled} are sampled); with 2, each client learns the other's update from the sum"
             )
+
+
+def _summing() -> list[str]:
+    """The strategies that can aggregate a secure sum (by capability, see ``strategies.sums``)."""
+    return [name for name in STRATEGIES if sums(name)]

@@ -262,7 +262,7 @@ class DifferentialPrivacy(StrategyWrapper):
         unclipped = sum(float(np.asarray(u[UNCLIPPED_KEY])[0]) for u in updates if UNCLIPPED_KEY in u)
         return self._release(global_weights, delta_sum, unclipped, len(updates))
 
-    def aggregate_masked(
+    def aggregate_sum(
         self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
     ) -> Weights:
         """From a secure sum of clipped (and, distributed, noised) updates, each of weight 1."""
