@@ -198,8 +198,8 @@ class HostNoRay(Plain):
 
     def round(self, r: int) -> tuple[float, float, dict]:
         start = time.perf_counter()
-        instructions = RoundInstructions(keep_from=max(0, r - 2))  # as the driver's (last two kept)
-        updates = self.host.train_batch(r, self.clients, self.global_w, instructions)
+        keep_from = max(0, r - 2)  # as the driver's (last two kept)
+        updates = self.host.train_batch(r, self.clients, self.global_w, RoundInstructions(), keep_from)
         self.global_w = self.strategy.aggregate(
             self.global_w, [u.weights for u in updates], [u.num_samples for u in updates]
         )
@@ -227,8 +227,9 @@ class HostActor(HostNoRay):
 
     def round(self, r: int) -> tuple[float, float, dict]:
         start = time.perf_counter()
-        instructions = RoundInstructions(keep_from=max(0, r - 2))
-        updates = ray.get(self.actor.train_batch.remote(r, list(self.clients), ray.put(self.global_w), instructions))
+        updates = ray.get(self.actor.train_batch.remote(
+            r, list(self.clients), ray.put(self.global_w), RoundInstructions(), max(0, r - 2)
+        ))
         self.global_w = self.strategy.aggregate(
             self.global_w, [u.weights for u in updates], [u.num_samples for u in updates]
         )

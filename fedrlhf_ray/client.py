@@ -20,17 +20,16 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
-import numpy as np
 import ray
 
 from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
-from fedrlhf_ray.metrics import cosine_similarity
-from fedrlhf_ray.privacy.secagg import MaskingClient, SecAggError, quantize
+from fedrlhf_ray.privacy.secagg import MaskingClient
 from fedrlhf_ray.process_setup import install_process
 from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import split_personal
+from fedrlhf_ray.update_transforms import Outgoing, apply_transforms, masked_transforms, plain_transforms
 
 EVERYTHING = ("",)  # the prefix of every parameter name: nothing is shared
 
@@ -98,9 +97,11 @@ class ClientHost:
 
     # -- training ------------------------------------------------------------------------------
     def _train(
-        self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions
-    ) -> ClientUpdate:
-        """One local round and its record written to the store (put on disk by the caller)."""
+        self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions,
+        keep_from: int,
+    ) -> Outgoing:
+        """One local round and its record written to the store (put on disk by the caller); the
+        store keeps the records a restore of round ``keep_from`` or later needs."""
         self._swap_in(client_id, global_weights, round_index - 1)
         prefixes = EVERYTHING if instructions.keep_local else self.personal_prefixes
         mu = instructions.proximal_mu
@@ -111,31 +112,38 @@ class ClientHost:
         shared, personal = split_personal(self.trainer.get_weights(), prefixes)
         record = {"trainer": self.trainer.save_client(), "personal": personal}
         start = time.perf_counter()
-        size = self.store.save(client_id, round_index, record, keep_from=instructions.keep_from)
+        size = self.store.save(client_id, round_index, record, keep_from=keep_from)
         self.records[client_id] = record
         metrics = {**metrics, "store/record_bytes": size, "store/save_ms": 1e3 * (time.perf_counter() - start)}
-        if instructions.dp_clip > 0:
-            from fedrlhf_ray.privacy.client_dp import client_noise, privatize
+        return Outgoing(
+            round_index, client_id, global_weights, shared, int(num_samples),
+            {k: float(v) for k, v in metrics.items()}, sum_weight=float(num_samples),
+        )
 
-            size = sum(int(np.size(v)) for v in shared.values()) + int(instructions.dp_count)
-            normals = client_noise(self.store.noise_secret(client_id), round_index, size)
-            shared, _ = privatize({k: global_weights[k] for k in shared}, shared, instructions, normals)
-        # An attacker deviates after the protocol's steps: what it sends is the attack's.
-        if self.attack is not None:
-            shared = self.attack.apply(round_index, client_id, global_weights, shared)
-        return ClientUpdate(client_id, shared, int(num_samples), {k: float(v) for k, v in metrics.items()})
+    def _train_plain(
+        self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions,
+        keep_from: int,
+    ) -> ClientUpdate:
+        out = self._train(round_index, client_id, global_weights, instructions, keep_from)
+        sent = apply_transforms(out, plain_transforms(instructions, self.attack, self.store.noise_secret))
+        assert sent is not None, "DP and attacks always send an update"
+        update = sent.message()
+        assert isinstance(update, ClientUpdate)
+        return update
 
     def train_client(
-        self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions
+        self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions,
+        keep_from: int,
     ) -> ClientUpdate:
         """One local round; returns only shared weights, the sample count and scalars, once the
         client's record is on disk."""
-        update = self._train(round_index, client_id, global_weights, instructions)
+        update = self._train_plain(round_index, client_id, global_weights, instructions, keep_from)
         self.store.flush()
         return update
 
     def train_clients(
-        self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions
+        self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions,
+        keep_from: int,
     ) -> Iterator[ClientUpdate]:
         """The round's clients of this host, one after the other, streamed back as they finish.
 
@@ -144,14 +152,15 @@ class ClientHost:
         leaves only once its record is on disk: the driver may checkpoint before the rest end.
         """
         for client_id in client_ids:
-            yield self.train_client(round_index, client_id, global_weights, instructions)
+            yield self.train_client(round_index, client_id, global_weights, instructions, keep_from)
 
     def train_batch(
-        self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions
+        self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions,
+        keep_from: int,
     ) -> list[ClientUpdate]:
         """Like :meth:`train_clients` but in one reply (no straggler deadline to honour), with
         one flush of the store for all the records."""
-        updates = [self._train(round_index, c, global_weights, instructions) for c in client_ids]
+        updates = [self._train_plain(round_index, c, global_weights, instructions, keep_from) for c in client_ids]
         self.store.flush()
         return updates
 
@@ -170,31 +179,25 @@ class ClientHost:
 
     def train_masked(
         self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions,
-        held: dict[int, dict[int, bytes]], active: list[int], fraction_bits: int,
+        keep_from: int, held: dict[int, dict[int, bytes]], active: list[int], fraction_bits: int,
     ) -> list[MaskedUpdate]:
-        """Train each client, then send w·θ and w (w: its sample count) as one masked vector.
-        ``active``: the clients whose shares went out, the only ones masks are agreed with."""
-        out = []
-        present = set(active)
+        """Train each client, then send w·θ and w (w: its sample count, 1 under DP) as one masked
+        vector. ``active``: the clients whose shares went out, the only ones masks are agreed with."""
+        sent: list[MaskedUpdate] = []
         for c in client_ids:
-            update = self._train(round_index, c, global_weights, instructions)
-            # Under DP every client counts once (the bound on one client's influence).
-            weight = 1.0 if instructions.dp_clip > 0 else float(update.num_samples)
-            flat = np.concatenate([np.asarray(update.weights[k], np.float64).ravel() for k in sorted(update.weights)])
-            try:
-                vector = quantize(np.concatenate([weight * flat, [weight]]), fraction_bits)
-            except SecAggError:
-                continue  # a non-finite or huge update (an attacker): the client drops out of the sum
+            out = self._train(round_index, c, global_weights, instructions, keep_from)
             masking = self.masking[c]
             masking.keep_shares(held.get(c, {}))
-            masked = masking.mask(vector, present)
-            metrics = dict(update.metrics)
-            if instructions.audit:
-                sent = masked[:-1].view(np.int64).astype(np.float64)
-                metrics["audit/update/cosine"] = cosine_similarity(sent, weight * flat)
-            out.append(MaskedUpdate(c, masked, metrics))
+            transforms = masked_transforms(
+                instructions, self.attack, self.store.noise_secret, masking, active, fraction_bits
+            )
+            final = apply_transforms(out, transforms)
+            if final is not None:  # else it could not be encoded: the client drops out of the sum
+                message = final.message()
+                assert isinstance(message, MaskedUpdate)
+                sent.append(message)
         self.store.flush()
-        return out
+        return sent
 
     def secagg_reveal(
         self, round_index: int, client_ids: list[int], survivors: list[int]

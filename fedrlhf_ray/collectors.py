@@ -57,9 +57,10 @@ class Collected:
 class Collector(Protocol):
     def collect(
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
-        instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int,
     ) -> Collected:
-        """Train the sampled clients from the global weights (``global_ref``) and collect the round."""
+        """Train the sampled clients from the global weights (``global_ref``) and collect the
+        round; the client stores keep the records a restore of round ``keep_from`` needs."""
         ...
 
 
@@ -78,17 +79,17 @@ class PlainCollector:
 
     def collect(
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
-        instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int,
     ) -> Collected:
         groups = hosts.by_host(sampled)
         updates: list[ClientUpdate]
         if self.straggler_timeout_s is None:  # nothing to time out: one reply per host is cheapest
-            replies, _ = hosts.call("train_batch", round_index, groups, global_ref, instructions)
+            replies, _ = hosts.call("train_batch", round_index, groups, global_ref, instructions, keep_from)
             updates = [u for batch in replies.values() for u in batch]
         else:
             deadline = time.monotonic() + self.straggler_timeout_s
             updates = list(hosts.stream(
-                "train_clients", round_index, groups, global_ref, instructions,
+                "train_clients", round_index, groups, global_ref, instructions, keep_from,
                 needed=min(self.min_results, len(sampled)), deadline=deadline,
             ))
         # Aggregation order must not depend on which host finished first.

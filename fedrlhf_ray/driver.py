@@ -22,7 +22,6 @@ driver) and holds no data of any client.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -163,19 +162,20 @@ class FederatedDriver:
         return self.strategy.stop_before(round_index, pool, self.cfg.clients_per_round_count(pool))
 
     def instructions(self, round_index: int) -> RoundInstructions:
-        """What the round's clients are told: the strategy's instructions, and how far back the
-        client stores must keep records."""
-        return dataclasses.replace(
-            self.strategy.configure_train(round_index), keep_from=self.run_dir.oldest_kept_checkpoint()
-        )
+        """What the round's clients are told: the strategy's instructions (and its layers')."""
+        return self.strategy.configure_train(round_index)
 
     def collect(
         self, round_index: int, sampled: list[int], global_ref: Any, instructions: RoundInstructions,
         shared: Weights,
     ) -> Collected:
-        """The round's collection (the audit's driver sees it here, exactly as received)."""
+        """The round's collection. The client stores keep the records a fall back to the oldest
+        checkpoint the driver may still restore needs (``keep_from``)."""
+        keep_from = self.run_dir.oldest_kept_checkpoint()
         try:
-            return self.collector.collect(self.pool, round_index, sampled, global_ref, instructions, shared)
+            return self.collector.collect(
+                self.pool, round_index, sampled, global_ref, instructions, shared, keep_from
+            )
         except SecAggError as err:
             raise RoundFailed(str(err)) from None
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from fedrlhf_ray.collectors import Collected, Collector, Hosts
 from fedrlhf_ray.driver import FederatedDriver
-from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate, RoundInstructions
+from fedrlhf_ray.local_trainer import AuditRequest, ClientUpdate, MaskedUpdate, RoundInstructions
 from fedrlhf_ray.privacy.audit import audit_round
 from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.strategies import sparse_keys_of
@@ -33,9 +33,9 @@ class AuditingCollector:
 
     def collect(
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
-        instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int,
     ) -> Collected:
-        collected = self.inner.collect(hosts, round_index, sampled, global_ref, instructions, shared)
+        collected = self.inner.collect(hosts, round_index, sampled, global_ref, instructions, shared, keep_from)
         self.received = list(collected.updates)
         return collected
 
@@ -55,7 +55,7 @@ class AuditedDriver(FederatedDriver):
         self.collector = self.auditing
 
     def instructions(self, round_index: int) -> RoundInstructions:
-        return dataclasses.replace(super().instructions(round_index), audit=True)
+        return dataclasses.replace(super().instructions(round_index), audit=AuditRequest())
 
     def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         before = dict(self.global_weights)

@@ -20,30 +20,41 @@ Weights = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
-class RoundInstructions:
-    """What the strategy tells the round's clients (Flower's ``configure_train``).
+class ClientDP:
+    """Differential privacy on the client's side (``fedrlhf_ray.privacy.dp``'s record of a round):
+    clip the change of the shared weights to the L2 norm ``clip``, add N(0, ``noise_stddev``²)
+    to each coordinate from the client's own secret randomness, and, with ``count``, send the bit
+    "not clipped" plus N(0, ``count_stddev``²) too (adaptive clipping)."""
 
-    ``proximal_mu``: FedProx's μ of the local term μ/2·‖θ − θ_global‖² (0: none).
-    ``keep_local``: the client shares nothing (local-only baseline).
-    ``keep_from``: the oldest round the driver may still restore, so the client store keeps
-    the records a fall back to it needs.
-    ``audit``: a leakage audit runs; under secure aggregation the client scores, itself, how
-    close the masked vector it sent is to its true update (``audit/update/cosine``): only
-    that number leaves, not the update.
-    ``dp_clip``: differential privacy on the client's side (0: none): clip the change of the
-    shared weights to this L2 norm, add N(0, ``dp_noise_stddev``²) to each coordinate from the
-    client's own secret randomness, and, with ``dp_count``, send the bit "not clipped" plus
-    N(0, ``dp_count_stddev``²) too (adaptive clipping); see ``fedrlhf_ray.privacy.dp``.
+    clip: float
+    noise_stddev: float
+    count: bool = False
+    count_stddev: float = 0.0
+
+
+@dataclass(frozen=True)
+class AuditRequest:
+    """A leakage audit runs (its record of a round): under secure aggregation the client scores,
+    itself, how close the masked vector it sent is to its true update (``audit/update/cosine``);
+    only that number leaves, not the update."""
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    """What the round's clients are told (Flower's ``configure_train``): the strategy's part and
+    one typed, optional record per layer that acts on the client's update.
+
+    The strategy's part: ``proximal_mu``, FedProx's μ of the local term μ/2·‖θ − θ_global‖²
+    (0: none); ``keep_local``, the client shares nothing (local-only baseline).
+    The layers': ``dp`` (:class:`ClientDP`, the clients clip and noise) and ``audit``
+    (:class:`AuditRequest`). The client builds its update transforms from them
+    (``fedrlhf_ray.update_transforms``).
     """
 
     proximal_mu: float = 0.0
     keep_local: bool = False
-    keep_from: int = 0
-    audit: bool = False
-    dp_clip: float = 0.0
-    dp_noise_stddev: float = 0.0
-    dp_count: bool = False
-    dp_count_stddev: float = 0.0
+    dp: ClientDP | None = None
+    audit: AuditRequest | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from fedrlhf_ray import privacy
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.config import validate_config
 from fedrlhf_ray.errors import ConfigError
-from fedrlhf_ray.local_trainer import RoundInstructions
+from fedrlhf_ray.local_trainer import ClientDP
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY, client_noise, privatize
 from fedrlhf_ray.privacy.dp import DifferentialPrivacy, clipped_sum, noised_mean_step
 from fedrlhf_ray.state_codec import StateFileError
@@ -187,7 +187,7 @@ def test_the_client_clips_its_own_change_and_adds_its_share_of_the_noise():
     rng = np.random.default_rng(1)
     big = {k: (3.0 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in GLOBAL.items()}
     size = sum(v.size for v in GLOBAL.values())
-    clip_only = RoundInstructions(dp_clip=1.0, dp_count=True)
+    clip_only = ClientDP(clip=1.0, noise_stddev=0.0, count=True)
     sent, norm = privatize(GLOBAL, big, clip_only, np.zeros(size + 1))
     assert norm > 1.0 and sent[UNCLIPPED_KEY].tolist() == [0.0]  # clipped: its bit is 0
     sent.pop(UNCLIPPED_KEY)
@@ -196,7 +196,7 @@ def test_the_client_clips_its_own_change_and_adds_its_share_of_the_noise():
     small = {k: v + np.float32(1e-3) for k, v in GLOBAL.items()}
     sent, _ = privatize(GLOBAL, small, clip_only, np.zeros(size + 1))
     assert sent[UNCLIPPED_KEY].tolist() == [1.0] and np.allclose(sent["w"], small["w"])
-    noisy = RoundInstructions(dp_clip=1.0, dp_noise_stddev=0.5)
+    noisy = ClientDP(clip=1.0, noise_stddev=0.5)
     draws = np.concatenate([
         np.concatenate([v.ravel() for v in privatize(GLOBAL, GLOBAL, noisy, client_noise(b"k" * 32, r, size))[0].values()])
         for r in range(500)
@@ -213,8 +213,8 @@ def test_distributed_shares_sum_to_the_central_noise_on_the_mean():
         strategy = dp(noise_multiplier=sigma, clip_norm=clip, mode="distributed")
         picked = strategy.sample_clients(r, list(range(pool)), count, np.random.default_rng(r))
         told = strategy.configure_train(r)
-        assert told.dp_clip == clip and told.dp_noise_stddev == pytest.approx(sigma * clip / np.sqrt(len(picked)))
-        sent = [privatize(GLOBAL, GLOBAL, told, client_noise(bytes([c]) * 32, r, size))[0] for c in picked]
+        assert told.dp.clip == clip and told.dp.noise_stddev == pytest.approx(sigma * clip / np.sqrt(len(picked)))
+        sent = [privatize(GLOBAL, GLOBAL, told.dp, client_noise(bytes([c]) * 32, r, size))[0] for c in picked]
         new = strategy.aggregate(GLOBAL, sent, [1.0] * len(sent))
         steps.append(np.concatenate([new[k].ravel() for k in sorted(new)]).astype(np.float64))
     assert np.concatenate(steps).std() == pytest.approx(sigma * clip / (0.5 * pool), rel=0.03)
@@ -245,14 +245,14 @@ def test_under_secure_aggregation_clients_clip_and_the_driver_noises_the_sum_in_
     strategy = dp(noise_multiplier=1.0, clip_norm=0.5, clients_clip=True)
     strategy.sample_clients(1, list(range(10)), 10, np.random.default_rng(0))
     told = strategy.configure_train(1)
-    assert told.dp_clip == 0.5 and told.dp_noise_stddev == 0.0 and not told.dp_count
+    assert told.dp.clip == 0.5 and told.dp.noise_stddev == 0.0 and not told.dp.count
     zero = {k: np.zeros(v.shape) for k, v in GLOBAL.items()}
     released = strategy.aggregate_sum(GLOBAL, zero, total_weight=10)
     assert np.concatenate([v.ravel() for v in released.values()]).std() == pytest.approx(0.05, rel=0.5)
     adaptive = dp(noise_multiplier=1.0, mode="distributed", adaptive_clipping=True, clipped_count_stddev=5.0)
     adaptive.sample_clients(1, list(range(10)), 10, np.random.default_rng(0))
     told = adaptive.configure_train(1)
-    assert told.dp_count and told.dp_count_stddev == pytest.approx(5.0 / np.sqrt(10))
+    assert told.dp.count and told.dp.count_stddev == pytest.approx(5.0 / np.sqrt(10))
 
 
 def test_the_noise_secret_is_made_once_kept_and_checked(tmp_path):

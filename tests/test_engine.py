@@ -351,7 +351,7 @@ def test_personal_head_never_leaves_the_client(new_driver, tmp_path):
     initial = {k: v.copy() for k, v in drv.global_weights.items()}
     import ray
 
-    update = ray.get(drv.hosts[0].train_batch.remote(1, [0], ray.put(initial), RoundInstructions()))[0]
+    update = ray.get(drv.hosts[0].train_batch.remote(1, [0], ray.put(initial), RoundInstructions(), 0))[0]
     assert not any(k.startswith("4.") for k in update.weights)
     assert set(update.weights) == {k for k in initial if not k.startswith("4.")}
     # The head is in the client's own record, in the client-side store.

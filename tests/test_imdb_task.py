@@ -298,7 +298,7 @@ def test_no_review_label_or_reward_model_crosses_the_actor_boundary(text_host):
     from fedrlhf_ray.local_trainer import ClientUpdate, RoundInstructions
 
     global_weights = text_host.reference_weights
-    update = text_host.train_client(1, 1, global_weights, RoundInstructions())
+    update = text_host.train_client(1, 1, global_weights, RoundInstructions(), 0)
     assert isinstance(update, ClientUpdate) and update.weights.keys() == global_weights.keys()
     assert update.num_samples >= 128
     assert all(isinstance(k, str) and type(v) is float for k, v in update.metrics.items())
@@ -318,7 +318,7 @@ def test_kl_to_reference_enters_the_loss_and_is_reported(text_host):
     from fedrlhf_ray.local_trainer import RoundInstructions
 
     weights = text_host.reference_weights
-    update = text_host.train_client(1, 0, weights, RoundInstructions())
+    update = text_host.train_client(1, 0, weights, RoundInstructions(), 0)
     kl = update.metrics["train/kl_to_reference_per_token"]
     assert np.isfinite(kl) and kl >= 0.0
     assert update.metrics["train/kl_coeff"] == pytest.approx(0.05)
@@ -394,7 +394,7 @@ def test_hugging_face_backend_round_trip(ray_session, shared_data, imdb, hf_mode
     original = GPT2LMHeadModel.from_pretrained(hf_models / "gpt2-tiny").state_dict()
     np.testing.assert_array_equal(weights["lm.transformer.h.0.attn.c_attn.weight"],
                                   original["transformer.h.0.attn.c_attn.weight"].numpy())
-    update = host.train_client(1, 0, weights, RoundInstructions())
+    update = host.train_client(1, 0, weights, RoundInstructions(), 0)
     assert update.weights.keys() == weights.keys()
     assert any(not np.array_equal(update.weights[k], weights[k]) for k in weights)
     host._swap_in(0, update.weights, 1)
@@ -465,8 +465,8 @@ def test_preference_feedback_fits_the_reward_model_on_comparisons(ray_session, p
     raw["lm"]["sentiment"].update(feedback="preferences", preference_pairs=24)
     host = ClientHost(TaskTrainerFactory(validate_config(raw).to_dict(), 0, 1), str(tmp_path / "store"))
     weights = host.initial_weights()
-    first = host.train_client(1, 2, weights, RoundInstructions())
-    second = host.train_client(2, 2, first.weights, RoundInstructions())
+    first = host.train_client(1, 2, weights, RoundInstructions(), 0)
+    second = host.train_client(2, 2, first.weights, RoundInstructions(), 0)
     assert first.metrics["feedback/total_pairs"] == 24 and second.metrics["feedback/total_pairs"] == 48
     assert 0.5 <= second.metrics["reward_model/train_pair_accuracy"] <= 1.0
     record = ClientStore(host.store.root).load(2, upto=2)["trainer"]

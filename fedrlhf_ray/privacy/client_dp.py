@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedrlhf_ray.local_trainer import RoundInstructions, Weights
+from fedrlhf_ray.local_trainer import ClientDP, Weights
 from fedrlhf_ray.privacy.secagg import prg
 
 # The weight name under which a clipping client sends its (noised) not-clipped bit: one more
@@ -41,27 +41,27 @@ def client_noise(secret: bytes, round_index: int, size: int) -> np.ndarray:
 def privatize(
     global_shared: Mapping[str, np.ndarray],
     shared: Mapping[str, np.ndarray],
-    instructions: RoundInstructions,
+    dp: ClientDP,
     normals: np.ndarray,
 ) -> tuple[Weights, float]:
-    """A client's DP update: global + clip(Δ, C) + noise per key, and with ``dp_count`` the
+    """A client's DP update: global + clip(Δ, C) + noise per key, and with ``dp.count`` the
     noised not-clipped bit under :data:`UNCLIPPED_KEY`; also ‖Δ‖. ``normals``: standard normal
     draws, one per coordinate of ``shared`` (keys sorted) plus one for the bit."""
     keys = sorted(shared)
     base = {k: np.asarray(global_shared[k], np.float64) for k in keys}
     delta = {k: np.asarray(shared[k], np.float64) - base[k] for k in keys}
     norm = math.sqrt(sum(float(np.vdot(d, d)) for d in delta.values()))
-    clip = instructions.dp_clip
+    clip = dp.clip
     factor = min(1.0, clip / norm) if norm > 0 else 1.0
     out: Weights = {}
     offset = 0
     for k in keys:
         size = delta[k].size
-        noise = instructions.dp_noise_stddev * normals[offset : offset + size].reshape(delta[k].shape)
+        noise = dp.noise_stddev * normals[offset : offset + size].reshape(delta[k].shape)
         offset += size
         g = np.asarray(global_shared[k])
         dtype = g.dtype if np.issubdtype(g.dtype, np.floating) else np.dtype(np.float64)
         out[k] = (base[k] + factor * delta[k] + noise).astype(dtype, copy=False)
-    if instructions.dp_count:
-        out[UNCLIPPED_KEY] = np.array([float(norm <= clip) + instructions.dp_count_stddev * normals[offset]])
+    if dp.count:
+        out[UNCLIPPED_KEY] = np.array([float(norm <= clip) + dp.count_stddev * normals[offset]])
     return out, norm

@@ -48,7 +48,7 @@ import dp_accounting
 import numpy as np
 from dp_accounting.rdp import RdpAccountant
 
-from fedrlhf_ray.local_trainer import RoundInstructions, Weights
+from fedrlhf_ray.local_trainer import ClientDP, RoundInstructions, Weights
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.schema import DPConfig
 from fedrlhf_ray.seeding import derive_rng
@@ -237,13 +237,12 @@ class DifferentialPrivacy(StrategyWrapper):
             return instructions
         _, update_noise, count_stddev = self.steps[-1]
         share = 1.0 / math.sqrt(max(1, self._sampled)) if self.mode == "distributed" else 0.0
-        return dataclasses.replace(
-            instructions,
-            dp_clip=self.clip_norm,
-            dp_noise_stddev=update_noise * self.clip_norm * share,
-            dp_count=count_stddev is not None,
-            dp_count_stddev=(count_stddev or 0.0) * share,
-        )
+        return dataclasses.replace(instructions, dp=ClientDP(
+            clip=self.clip_norm,
+            noise_stddev=update_noise * self.clip_norm * share,
+            count=count_stddev is not None,
+            count_stddev=(count_stddev or 0.0) * share,
+        ))
 
     def aggregate(
         self,

@@ -49,20 +49,23 @@ class SecureCollector:
 
     def collect(
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
-        instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int,
     ) -> Collected:
         """The survivors' Σ w·θ (by name as in ``shared``, plus DP's not-clipped bit when the
         instructions ask for it) and Σ w, and their masked updates. No survivors: zeros and 0."""
-        template = {**shared, UNCLIPPED_KEY: np.zeros(1)} if instructions.dp_count else dict(shared)
-        total, weight, updates, metrics = self._sum(hosts, round_index, sampled, global_ref, instructions, template)
+        counting = instructions.dp is not None and instructions.dp.count
+        template = {**shared, UNCLIPPED_KEY: np.zeros(1)} if counting else dict(shared)
+        total, weight, updates, metrics = self._sum(
+            hosts, round_index, sampled, (global_ref, instructions, keep_from), template
+        )
         return Collected(
             updates, received_bytes=float(sum(u.masked.nbytes for u in updates)), metrics=metrics,
             total=(total, weight), skipped=bool(metrics.get("secagg/skipped")),
         )
 
     def _sum(
-        self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
-        instructions: RoundInstructions, shared: Mapping[str, np.ndarray],
+        self, hosts: Hosts, round_index: int, sampled: list[int], train: tuple[Any, RoundInstructions, int],
+        shared: Mapping[str, np.ndarray],
     ) -> tuple[Weights, float, list[MaskedUpdate], dict[str, float]]:
         r = round_index
         if len(sampled) < 3:
@@ -90,7 +93,7 @@ class SecureCollector:
 
         groups = hosts.by_host(active)
         train_args = {
-            h: (global_ref, instructions, {c: held[c] for c in ids}, active, self.fraction_bits)
+            h: (*train, {c: held[c] for c in ids}, active, self.fraction_bits)
             for h, ids in groups.items()
         }
         replies = hosts.call_once("train_masked", r, groups, train_args)
