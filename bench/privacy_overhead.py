@@ -105,7 +105,7 @@ def measure(trainer: str, k: int, rounds: int, mode: str, tmp: Path) -> dict[str
     factory = mlp_trainer_factory(k, seed=0) if trainer == "mlp" else None
     start = time.perf_counter()
     result = run_experiment(cfg, run_dir=tmp / f"{trainer}-{k}-{mode}", trainer_factory=factory,
-                            driver_cls=CountingDriver)
+                            driver_cls=CountingDriver, in_process_driver=True)  # the counts stay here
     wall = time.perf_counter() - start
     # Rounds 2..R-1: round 1 warms up, the last one also evaluates.
     rows = [r for r in result.run_dir.metrics() if 2 <= r["round"] < rounds]

@@ -16,12 +16,16 @@ the retry reproduces the lost result exactly). If the retry fails too, the round
 what arrived when at least ``federation.min_results`` did.
 
 Every random stream is derived from ``(seed, round, client)``, so a resumed or retried run
-repeats an uninterrupted one exactly. The driver runs in the experiment's process (the Ray
-driver) and holds no data of any client.
+repeats an uninterrupted one exactly. The driver runs in its own Ray actor (:class:`DriverHost`,
+the driver actor), on the node the run started from unless ``ray.driver_resources`` says
+otherwise, and holds no data of any client; the experiment's process only gets metrics and rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,7 +43,7 @@ from fedrlhf_ray.host_pool import HostPool
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, RoundInstructions, Weights
 from fedrlhf_ray.metrics import summarize
 from fedrlhf_ray.privacy.secagg import SecAggError
-from fedrlhf_ray.rundir import CLIENT_STORE, RunDir, warn
+from fedrlhf_ray.rundir import CLIENT_STORE, WARNING_PREFIX, RunDir, warn
 from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_rng
 from fedrlhf_ray.state_codec import StateFileError
@@ -296,3 +300,106 @@ class FederatedDriver:
     def placement(self) -> list[dict[str, Any]]:
         """Which Ray node runs each client host, and which clients it serves."""
         return self.pool.placement(self.training_clients)
+
+
+class DriverHost:
+    """The lifecycle's side of the driver, run in a Ray actor (:data:`DriverActor`, the card's
+    driver actor) or, for instrumented tests and benches, in the lifecycle's own process.
+
+    It builds the driver (``driver_cls``: :class:`FederatedDriver` or a subclass) inside the actor,
+    so the global weights live there and only metrics, rows and file names come back; the task's
+    round artifacts (IMDb: sample generations) and the final model are written from here too.
+    """
+
+    def __init__(self) -> None:
+        self.driver: FederatedDriver | None = None
+        self.artifacts: Any = None
+        self.pending_warnings: list[str] = []
+
+    def invoke(self, method: str, *args: Any) -> tuple[Any, list[str]]:
+        """``self.method(*args)`` in the actor, with the warning lines it printed (an actor's
+        stderr does not reach the command's console: the caller prints them there). When it
+        raises, its warnings wait for :meth:`drain`."""
+        buffer = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(buffer):
+                result = getattr(self, method)(*args)
+        except BaseException:
+            self.pending_warnings = _warning_lines(buffer.getvalue())
+            raise
+        return result, _warning_lines(buffer.getvalue())
+
+    def drain(self) -> list[str]:
+        lines, self.pending_warnings = self.pending_warnings, []
+        return lines
+
+    def start(
+        self, driver_cls: type[FederatedDriver], cfg: ExperimentConfig, run_dir: str,
+        trainer_factory: HostTrainerFactory | None, only_clients: Sequence[int] | None,
+    ) -> None:
+        self.driver = driver_cls(cfg, run_dir, trainer_factory=trainer_factory, only_clients=only_clients)
+        if trainer_factory is None:  # a replaced trainer is not the task's: no task artifacts
+            self.artifacts = task_for(cfg.env.name).round_artifacts(cfg)
+
+    @property
+    def started(self) -> FederatedDriver:
+        assert self.driver is not None, "the driver has not started"
+        return self.driver
+
+    def ping(self) -> bool:
+        return True
+
+    def where(self) -> dict[str, Any]:
+        """The Ray node and process the driver runs in."""
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        return {"node_id": node, "pid": os.getpid()}
+
+    def call(self, method: str, *args: Any) -> Any:
+        """``driver.method(*args)``: its round, evaluation, checkpoint, restore, placement, ..."""
+        return getattr(self.started, method)(*args)
+
+    def current_round(self) -> int:
+        return self.started.round
+
+    def write_round_artifacts(self, round_index: int) -> list[str]:
+        """The task's text of the global model after an evaluated round; the names written."""
+        if self.artifacts is None:
+            return []
+        drv = self.started
+        return [drv.run_dir.write_samples(round_index, self.artifacts.text(round_index, drv.global_weights))]
+
+    def save_final_weights(self) -> None:
+        drv = self.started
+        drv.run_dir.save_final_weights(drv.global_weights)
+
+    def shutdown(self) -> None:
+        if self.driver is not None:
+            self.driver.shutdown()
+
+
+def _warning_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(WARNING_PREFIX)]
+
+
+DriverActor = ray.remote(DriverHost)
+
+
+def driver_actor_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Where the driver actor runs: on ``ray.driver_resources`` if given; in a Tune trial, in the
+    trial's placement group (with the client actors it starts); else on this node, with no CPU
+    (it relays and aggregates; the client actors train)."""
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    wanted = cfg.ray.driver_resources
+    options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
+    if wanted:
+        custom = {k: float(v) for k, v in wanted.items() if k not in ("CPU", "GPU")}
+        options.update(num_cpus=float(wanted.get("CPU", 0.0)), num_gpus=float(wanted.get("GPU", 0.0)))
+        if custom:
+            options["resources"] = custom
+        return options
+    if get_current_placement_group() is None:
+        node = ray.get_runtime_context().get_node_id()
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    return options

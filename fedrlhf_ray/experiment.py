@@ -26,6 +26,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,7 +39,7 @@ from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.ray_runtime import check_fits, ensure_ray, local_ray_processes, reap
 from fedrlhf_ray.rundir import CONFIG, FINAL_WEIGHTS, RAY_PROCESSES, STATUS, SUMMARY, RunDir, warn
 from fedrlhf_ray.schema import ExperimentConfig
-from fedrlhf_ray.tasks import RoundArtifacts, task_for
+from fedrlhf_ray.tasks import task_for
 
 # Fields a resumed run may change: it otherwise keeps the config it started with.
 RESUMABLE_OVERRIDES = ("federation.rounds",)
@@ -189,6 +190,7 @@ def run_experiment(
     handle_sigterm: bool = False,
     check_resources: bool = True,
     driver_cls: type | None = None,
+    in_process_driver: bool = False,
 ) -> Result:
     """Run ``cfg`` (see the module docstring).
 
@@ -236,7 +238,8 @@ def run_experiment(
     life = _Lifecycle(cfg, rd, resume, before, owns_ray=ray_mode == "started")
     try:
         return life.run(
-            uri, trainer_factory, only_clients, extra_tags, on_start, on_round, driver_cls or FederatedDriver
+            uri, trainer_factory, only_clients, extra_tags, on_start, on_round, driver_cls or FederatedDriver,
+            in_process_driver,
         )
     finally:
         life.stop_actors()
@@ -265,28 +268,31 @@ class _Lifecycle:
         self.rd = rd
         self.resume = resume
         self.before = before
-        self.driver: Any = None
+        self.driver: DriverClient | None = None
+        self.driver_where: dict[str, Any] = {}
         self.tracker: tracking.RunTracker | None = None
         self.tracker_status_before: str | None = None
         self.new_rounds = 0
         self.finished = False
-        self.samples: RoundArtifacts | None = None  # the task's, written after each evaluation
 
-    def run(self, uri, trainer_factory, only_clients, extra_tags, on_start, on_round, driver_cls) -> Result:
+    def run(
+        self, uri, trainer_factory, only_clients, extra_tags, on_start, on_round, driver_cls, in_process_driver
+    ) -> Result:
         cfg, rd = self.cfg, self.rd
         try:
             if self.owns_ray:
                 rd.write_json(RAY_PROCESSES, local_ray_processes())
             rd.write_config(cfg.to_dict())  # on resume: a raised federation.rounds is kept
             self.tracker = self._start_tracking(uri, extra_tags)
-            self.driver = driver_cls(cfg, rd, trainer_factory=trainer_factory, only_clients=only_clients)
-            if trainer_factory is None:
-                self.samples = task_for(cfg.env.name).round_artifacts(cfg)
+            driver = self.driver = DriverClient.start(
+                cfg, driver_cls, rd, trainer_factory, only_clients, in_process=in_process_driver
+            )
+            done_round = 0
             if self.resume:
-                self.driver.restore()
+                done_round = driver.call("restore")
                 initial = rd.round_metrics(0)
             else:
-                initial, rows = self.driver.initial_evaluation()
+                initial, rows = driver.call("initial_evaluation")
                 rd.append_metrics([initial], rows)
                 self._write_samples(0)
             if self.tracker is not None:
@@ -296,34 +302,36 @@ class _Lifecycle:
                     self.tracker.backfill(rd.path)
                 else:
                     self.tracker.log_round(0, initial, rd.client_metrics())
-            placement = self.driver.placement()
-            rd.write_status("running", placement=placement)
+            placement = driver.call("placement")
+            self.driver_where = driver.host("where")
+            rd.write_status("running", placement=placement, driver=self.driver_where)
             if self.tracker is not None:
                 self.tracker.set_tags({"fedrlhf.ray_nodes": str(len({p["node_id"] for p in placement}))})
             progress = Progress(
-                rd, cfg.federation.rounds, self.driver.round, self.resume, placement,
+                rd, cfg.federation.rounds, done_round, self.resume, placement,
                 last_eval=rd.last_evaluation(), tracker=self.tracker,
             )
             if on_start is not None:
                 on_start(progress)
             result = None
-            while self.driver.round < cfg.federation.rounds and result is None:
-                metrics, rows = self.driver.run_round()
+            while done_round < cfg.federation.rounds and result is None:
+                metrics, rows = driver.call("run_round")
+                done_round = int(metrics["round"])
                 rd.append_metrics([metrics], rows)
-                self.driver.checkpoint()
+                driver.call("checkpoint")
                 self.new_rounds += 1
                 if any(k.startswith("eval/") for k in metrics):
-                    self._write_samples(self.driver.round)
+                    self._write_samples(done_round)
                 if self.tracker is not None:  # after the checkpoint: a logged round is a resumable round
-                    self.tracker.log_round(self.driver.round, metrics, rows)
-                progress.completed_rounds = self.driver.round
+                    self.tracker.log_round(done_round, metrics, rows)
+                progress.completed_rounds = done_round
                 progress.metrics = metrics
                 if any(k.startswith("eval/") for k in metrics):
                     progress.last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-                done = self.driver.round == cfg.federation.rounds
-                stop = None if done else self.driver.stop_reason(self.driver.round + 1)
+                done = done_round == cfg.federation.rounds
+                stop = None if done else driver.call("stop_reason", done_round + 1)
                 if stop is not None:
-                    warn(f"the run ends after round {self.driver.round}: {stop}")
+                    warn(f"the run ends after round {done_round}: {stop}")
                 if done or stop is not None:
                     result = self._finish(initial, progress, stop)
                 if on_round is not None:
@@ -335,11 +343,11 @@ class _Lifecycle:
 
     def _write_samples(self, round_index: int) -> None:
         """The task's text of the global model (IMDb: sample generations), to the run dir and MLflow."""
-        if self.samples is None or self.driver is None:
+        if self.driver is None:
             return
-        name = self.rd.write_samples(round_index, self.samples.text(round_index, self.driver.global_weights))
-        if self.tracker is not None:
-            self.tracker.log_artifacts(self.rd.path, [name], "samples")
+        names = self.driver.host("write_round_artifacts", round_index)
+        if self.tracker is not None and names:
+            self.tracker.log_artifacts(self.rd.path, names, "samples")
 
     # -- tracking ------------------------------------------------------------------------------
     def _start_tracking(self, uri: str | None, extra_tags: dict[str, str] | None) -> tracking.RunTracker | None:
@@ -367,7 +375,7 @@ class _Lifecycle:
             summary["privacy"].update(delta=self.cfg.privacy.dp.delta, mode=self.cfg.privacy.dp.mode)
         summary.update(task_for(self.cfg.env.name).summary(final))
         rd.write_json(SUMMARY, summary)
-        rd.write_status("completed", rounds=rounds, placement=progress.placement)
+        rd.write_status("completed", rounds=rounds, placement=progress.placement, driver=self.driver_where)
         if self.tracker is not None:
             self._log_artifacts(with_model=True)
             self.tracker.finish("FINISHED")
@@ -378,7 +386,7 @@ class _Lifecycle:
         rd = self.rd
         assert self.tracker is not None
         if with_model and self.driver is not None:
-            rd.save_final_weights(self.driver.global_weights)
+            self.driver.host("save_final_weights")
             self.tracker.log_artifacts(rd.path, [FINAL_WEIGHTS], "model")
         tracking.log_run_files(self.tracker, rd.path, self.cfg.name, task_for(self.cfg.env.name).curve_panels)
 
@@ -415,7 +423,7 @@ class _Lifecycle:
 
     def stop_actors(self) -> None:
         if self.driver is not None:
-            self.driver.shutdown()
+            self.driver.stop()
             self.driver = None
 
     def _close_tracker(self, status: str, *, delete: bool, artifacts: bool = True) -> None:
@@ -432,3 +440,79 @@ class _Lifecycle:
                 self.tracker.client().delete_run(self.tracker.run_id)
         except Exception as err:  # noqa: BLE001
             warn(f"could not close MLflow run {self.tracker.run_id}: {str(err).splitlines()[0]}")
+
+
+class DriverClient:
+    """How the lifecycle talks to the driver: its :class:`~fedrlhf_ray.driver.DriverHost` in the
+    driver actor (the default: this process then holds no model weights, only metrics and rows),
+    or in this process (``in_process``: for tests and benches that instrument the driver class).
+    An error the driver raises comes back as itself (a one-line UserError stays one)."""
+
+    def __init__(self, actor: Any, local: Any) -> None:
+        self.actor = actor
+        self.local = local
+
+    @classmethod
+    def start(
+        cls, cfg: ExperimentConfig, driver_cls: type, rd: RunDir, trainer_factory: Any,
+        only_clients: Sequence[int] | None, *, in_process: bool,
+    ) -> DriverClient:
+        from fedrlhf_ray.driver import DriverActor, DriverHost, driver_actor_options
+
+        args = (driver_cls, cfg, str(rd.path), trainer_factory, only_clients)
+        if in_process:
+            local = DriverHost()
+            local.start(*args)
+            return cls(None, local)
+        client = cls(DriverActor.options(**driver_actor_options(cfg)).remote(), None)
+        client.host("start", *args)
+        return client
+
+    def host(self, method: str, *args: Any) -> Any:
+        """``DriverHost.method(*args)``, where the host runs."""
+        if self.local is not None:
+            return getattr(self.local, method)(*args)
+        import ray
+        from ray.exceptions import RayTaskError
+
+        try:
+            result, warnings = ray.get(self.actor.invoke.remote(method, *args))
+        except RayTaskError as err:
+            self._print(ray.get(self.actor.drain.remote()))
+            cause = err.cause
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+        self._print(warnings)
+        return result
+
+    @staticmethod
+    def _print(lines: list[str]) -> None:
+        for line in lines:
+            print(line, file=sys.stderr)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """``FederatedDriver.method(*args)`` (its round, evaluation, checkpoint, restore, ...)."""
+        return self.host("call", method, *args)
+
+    def stop(self) -> None:
+        """Stop the client actors, then the driver actor, and wait until it is gone (it must not
+        write into a run directory that is about to be removed)."""
+        if self.local is not None:
+            self.local.shutdown()
+            return
+        import time
+
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        ray.kill(self.actor)  # its client actors go with it (Ray ends the actors a dead owner made)
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actor.ping.remote(), timeout=1.0)
+            except RayActorError:
+                return
+            except GetTimeoutError:
+                continue  # still busy: the kill has not landed yet
+            time.sleep(0.1)

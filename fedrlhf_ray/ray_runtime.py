@@ -163,11 +163,20 @@ def check_fits(cfg: ExperimentConfig, num_hosts: int) -> None:
     per = cfg.ray.cpus_per_worker
     if per > cpus:
         raise UserError(f"ray.cpus_per_worker: got {per:g} — the Ray cluster has {cpus:g} CPUs in all")
-    if num_hosts * per > cpus + 1e-9:
+    driver = cfg.ray.driver_resources or {}
+    driver_cpus = float(driver.get("CPU", 0.0))
+    if num_hosts * per + driver_cpus > cpus + 1e-9:
+        also = f" and the driver actor {driver_cpus:g}" if driver_cpus else ""
         raise UserError(
-            f"ray.num_workers: {num_hosts} client actors × {per:g} CPUs need {num_hosts * per:g}, the Ray "
-            f"cluster has {cpus:g}; lower ray.num_workers or ray.cpus_per_worker"
+            f"ray.num_workers: {num_hosts} client actors × {per:g} CPUs{also} need {num_hosts * per + driver_cpus:g}, "
+            f"the Ray cluster has {cpus:g}; lower ray.num_workers or ray.cpus_per_worker"
         )
+    for name, amount in driver.items():
+        if name != "CPU" and float(resources.get(name, 0.0)) < amount:
+            raise UserError(
+                f"ray.driver_resources: {name}={amount:g} — the Ray cluster has {float(resources.get(name, 0.0)):g} "
+                f"of {name!r}; give a resource a node offers (ray start --resources) or leave it unset"
+            )
 
 
 # -- what the machine and the config allow ------------------------------------------------------

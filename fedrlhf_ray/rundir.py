@@ -233,6 +233,9 @@ class RunDir:
         return rounds[CHECKPOINTS_KEPT - 1] if len(rounds) >= CHECKPOINTS_KEPT else 0
 
 
+WARNING_PREFIX = "fedrlhf: warning: "
+
+
 def warn(message: str) -> None:
     """One warning line on stderr (the CLI's errors use the same prefix)."""
-    print(f"fedrlhf: warning: {message}", file=sys.stderr)
+    print(f"{WARNING_PREFIX}{message}", file=sys.stderr)

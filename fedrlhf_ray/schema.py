@@ -492,6 +492,12 @@ class RayConfig(_Section):
     cpus_per_worker: Float = Field(1.0, gt=0.0, description="CPUs reserved by each client actor.")
     num_cpus: Int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
     object_store_mb: Int = Field(512, ge=64, description="Object store size for a local Ray, MB.")
+    driver_resources: dict[Annotated[str, Field(min_length=1)], Annotated[Float, Field(ge=0.0)]] | None = Field(
+        None,
+        description="Ray resources of the driver actor, e.g. {CPU: 1} or a custom node resource "
+        "{driver_node: 1} to pin it; default: no CPU, on the node the run started from (in a Tune trial: "
+        "in the trial's placement group).",
+    )
 
 
 class ExperimentConfig(_Section):

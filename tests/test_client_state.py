@@ -83,9 +83,10 @@ def recorded_run(ray_session, tmp_path_factory):
     try:
         run_dir = tmp_path_factory.mktemp("privacy") / "run"
         cfg = validate_config(TINY)
-        run_experiment(cfg, run_dir=run_dir)
+        # The driver runs in this process here, where the recording patch applies.
+        run_experiment(cfg, run_dir=run_dir, in_process_driver=True)
         more = validate_config({**TINY, "federation": {**TINY["federation"], "rounds": 3}})
-        run_experiment(more, run_dir=run_dir, resume=True)
+        run_experiment(more, run_dir=run_dir, resume=True, in_process_driver=True)
     finally:
         FederatedDriver._received = original
     return RunDir(run_dir), received

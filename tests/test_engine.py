@@ -158,7 +158,7 @@ def test_client_update_is_the_privacy_boundary(ray_session, tmp_path):
     try:
         global_w = ray.get(actor.initial_weights.remote())
         global_ref = ray.put(global_w)
-        updates = ray.get([actor.train_client.remote(1, c, global_ref, RoundInstructions()) for c in (1, 2)])
+        updates = ray.get([actor.train_client.remote(1, c, global_ref, RoundInstructions(), 0) for c in (1, 2)])
         eval_metrics = ray.get(actor.evaluate_client.remote(1, 2, global_ref, 1))
     finally:
         ray.kill(actor)

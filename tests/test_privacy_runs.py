@@ -36,6 +36,11 @@ def run(cfg, run_dir, **kw):
     return run_experiment(cfg, run_dir=run_dir, trainer_factory=mlp_trainer_factory(K, seed=SEED, lr_decay=0.8), **kw)
 
 
+def instrumented_run(cfg, run_dir, **kw):
+    """A run whose driver is in this process, where the test's patches of its classes apply."""
+    return run(cfg, run_dir, in_process_driver=True, **kw)
+
+
 DP = {"dp": {"enabled": True, "noise_multiplier": 1.2, "clip_norm": 0.5}}
 
 
@@ -131,14 +136,14 @@ def test_the_driver_never_holds_an_unmasked_update(ray_session, tmp_path, monkey
     seen: list = []
     original = FederatedDriver._received
     monkeypatch.setattr(FederatedDriver, "_received", lambda self, obj: seen.append(obj) or original(self, obj))
-    run(dense(privacy=SECAGG), tmp_path / "secagg")
+    instrumented_run(dense(privacy=SECAGG), tmp_path / "secagg")
     plain_updates: list[ClientUpdate] = []
     monkeypatch.setattr(
         FederatedDriver, "_received",
         lambda self, obj: plain_updates.extend(u for u in (obj if isinstance(obj, list) else []) if isinstance(u, ClientUpdate))
         or original(self, obj),
     )
-    run(dense(), tmp_path / "plain")
+    instrumented_run(dense(), tmp_path / "plain")
 
     def flat(objs):
         for obj in objs:
@@ -197,7 +202,7 @@ def test_distributed_dp_under_secure_aggregation_the_driver_only_sees_a_noised_s
         return original(self, global_weights, weighted_sum, total_weight)
 
     monkeypatch.setattr(DifferentialPrivacy, "aggregate_sum", spy)
-    result = run(dense(privacy=DISTRIBUTED), tmp_path / "distributed")
+    result = instrumented_run(dense(privacy=DISTRIBUTED), tmp_path / "distributed")
     assert len(sums) == 4
     for g, total, weight, sigma in sums:
         assert weight == K
@@ -241,7 +246,7 @@ def test_distributed_dp_without_secure_aggregation_sends_clipped_noised_updates(
     monkeypatch.setattr(FederatedDriver, "_received", lambda self, obj: seen.append(obj) or original(self, obj))
     cfg = dense(privacy={"dp": {**DP["dp"], "mode": "distributed", "adaptive_clipping": True,
                                 "clipped_count_stddev": 2.0}})
-    result = run(cfg, tmp_path / "plain")
+    result = instrumented_run(cfg, tmp_path / "plain")
     updates = [u for obj in seen for u in (obj if isinstance(obj, list) else [obj]) if isinstance(u, ClientUpdate)]
     assert len(updates) == 4 * K
     assert all("privacy/unclipped" in u.weights for u in updates)

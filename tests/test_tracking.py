@@ -14,6 +14,7 @@ import pytest
 
 from fedrlhf_ray.config import load_config
 from fedrlhf_ray.rundir import CLIENT_METRICS, METRICS, MLFLOW_RUN
+from fedrlhf_ray.tasks import task_for
 from fedrlhf_ray.tracking import (
     MAX_METRICS_PER_BATCH,
     ROUND_METRIC,
@@ -107,7 +108,7 @@ def test_local_store_round_trip_backfill_and_plot(tmp_path):
     client = MlflowClient(uri)
     history = client.get_metric_history(tracker.run_id, "eval/liked_hit_rate/mean")
     assert sorted((m.step, round(m.value, 6)) for m in history) == [(0, 0.3), (1, 0.4), (2, 0.5)]
-    png = plot_learning_curves(run_dir, run_dir / "curves.png", "unit")
+    png = plot_learning_curves(run_dir, run_dir / "curves.png", "unit", task_for(cfg.env.name).curve_panels)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tracker.log_artifacts(run_dir, ["curves.png"])
     tracker.finish("FINISHED")
