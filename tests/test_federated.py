@@ -61,7 +61,7 @@ def test_broadcast_reaches_learner_and_acting_env_runner(host):
 
 def test_update_carries_only_weights_counts_and_scalars(host):
     global_weights = host.initial_weights()
-    update = host.train_client(1, 1, global_weights, RoundInstructions())
+    update = host.train_client(1, 1, global_weights, RoundInstructions(), 0)
     assert isinstance(update, ClientUpdate)
     assert isinstance(update.client_id, int) and isinstance(update.num_samples, int)
     assert update.num_samples == TINY["ppo"]["train_batch_size"]
@@ -212,10 +212,10 @@ def test_a_clients_round_does_not_depend_on_what_its_host_ran_before(ray_session
         host = ClientHost(TaskTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path / f"store-{other_client_between}"))
         start = host.initial_weights()
         plain = RoundInstructions()
-        host.train_client(1, 0, start, plain)
+        host.train_client(1, 0, start, plain, 0)
         if other_client_between:
-            host.train_client(1, 1, start, plain)
-        update = host.train_client(2, 0, start, plain)
+            host.train_client(1, 1, start, plain, 0)
+        update = host.train_client(2, 0, start, plain, 0)
         algo = host.trainer.algo
         in_sync = all(
             np.array_equal(a, b)
