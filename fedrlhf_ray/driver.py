@@ -358,9 +358,6 @@ class DriverHost:
         """``driver.method(*args)``: its round, evaluation, checkpoint, restore, placement, ..."""
         return getattr(self.started, method)(*args)
 
-    def current_round(self) -> int:
-        return self.started.round
-
     def write_round_artifacts(self, round_index: int) -> list[str]:
         """The task's text of the global model after an evaluated round; the names written."""
         if self.artifacts is None:
