@@ -87,7 +87,7 @@ def local_speed(cfg) -> dict[str, float]:
     trainer.load_client(0, None)
     module = text_ppo.acting_module(trainer.algo)
     prompts = clients[0].test_prompts[:32]
-    g = cfg.env.imdb.generate_tokens
+    g = cfg.imdb().generate_tokens
     generate(module.lm, module.reference, prompts[:2], max_tokens=2, eos_id=lm.eos_id, temperature=1.0, seed=0)
     start = time.perf_counter()
     gens = generate(module.lm, module.reference, prompts, max_tokens=g, eos_id=lm.eos_id, temperature=1.0, seed=0)

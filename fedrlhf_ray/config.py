@@ -22,7 +22,14 @@ from pydantic import BaseModel, ValidationError
 
 from fedrlhf_ray.errors import ConfigError
 from fedrlhf_ray.preflight import check_config
-from fedrlhf_ray.schema import _LAMBDA_FORMS, ExperimentConfig, LambdaSpread
+from fedrlhf_ray.schema import (
+    _LAMBDA_FORMS,
+    DEFAULT_ENV,
+    ENV_ONLY_SECTIONS,
+    ENV_SECTIONS,
+    ExperimentConfig,
+    LambdaSpread,
+)
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
@@ -33,9 +40,12 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 def _model_at(loc: list[str]) -> type[BaseModel]:
     """The section at ``loc`` (field names and λ's form tags), whose fields an unknown key is listed with."""
     model: type[BaseModel] = ExperimentConfig
-    for part in loc:
+    for i, part in enumerate(loc):
         if part == "spread":
             model = LambdaSpread
+            continue
+        if loc[:i] == ["env"] and part in ENV_SECTIONS:
+            model = ENV_SECTIONS[part]
             continue
         for name, field in model.model_fields.items():
             if part in (name, field.alias) and isinstance(field.annotation, type) and issubclass(
@@ -48,9 +58,21 @@ def _model_at(loc: list[str]) -> type[BaseModel]:
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     parts = [str(p) for p in first["loc"]]
-    names = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "lambda" and p in _LAMBDA_FORMS)]
+    # Tags of λ's forms and of the env's kinds appear in the location, not in the field names.
+    names = [
+        p for i, p in enumerate(parts)
+        if not (i and parts[i - 1] == "lambda" and p in _LAMBDA_FORMS) and not (i == 1 and parts[0] == "env")
+    ]
     loc = ".".join(names)
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "env_name":
+        value = first.get("input")
+        if not isinstance(value, dict):
+            return f"env: got {_short_repr(value)} — must be a mapping (a section) such as {{name: {DEFAULT_ENV}}}"
+        return f"env.name: got {_short_repr(value.get('name'))} — must be one of {', '.join(ENV_SECTIONS)}"
+    if first["type"] == "extra_forbidden" and len(parts) == 3 and parts[0] == "env":
+        allowed = ", ".join(_allowed_fields(_model_at(parts[:-1])))
+        return f"{loc}: unknown field of the {parts[1]} env (env.name picks the env) — allowed: {allowed}"
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown field — allowed: {', '.join(_allowed_fields(_model_at(parts[:-1])))}"
     value = first.get("input")
@@ -65,12 +87,47 @@ def _allowed_fields(model: type[BaseModel]) -> list[str]:
     return sorted(f.alias or name for name, f in model.model_fields.items())
 
 
+def _default_dump(model: type[BaseModel], name: str) -> Any:
+    field = model.model_fields[name]
+    default = field.get_default(call_default_factory=True)
+    return default.model_dump(mode="json", by_alias=True) if isinstance(default, BaseModel) else default
+
+
+def without_other_envs_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` without the other envs' sections where they hold their defaults.
+
+    Configs written before each env carried only its own fields (every run directory's
+    ``config.yaml`` of that time, and files copied from it) hold every env's section at its
+    defaults; those still load. A section of another env set to anything else stays and is
+    refused by the schema, naming it."""
+    env = raw.get("env")
+    if not isinstance(env, dict):
+        return raw
+    name = env.get("name", DEFAULT_ENV)
+    own = ENV_SECTIONS.get(name) if isinstance(name, str) else None
+    if own is None:
+        return raw
+    out = dict(raw)
+    kept = dict(env)
+    for key, value in env.items():
+        if key in own.model_fields:
+            continue
+        others = [m for m in ENV_SECTIONS.values() if key in m.model_fields]
+        if others and all(value == _default_dump(m, key) for m in others):
+            del kept[key]
+    out["env"] = kept
+    for section, (owner, model) in ENV_ONLY_SECTIONS.items():
+        if name != owner and out.get(section) == model().model_dump(mode="json", by_alias=True):
+            del out[section]
+    return out
+
+
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw mapping into an :class:`ExperimentConfig` or raise a one-line ConfigError."""
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
     try:
-        cfg = ExperimentConfig.model_validate(raw)
+        cfg = ExperimentConfig.model_validate(without_other_envs_defaults(raw))
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
     return check_config(cfg)

@@ -197,10 +197,9 @@ class LMConfig(_Section):
     sentiment: SentimentConfig = Field(default_factory=SentimentConfig)
 
 
-class EnvConfig(_Section):
-    """The environment: slate recommendation (synthetic, MovieLens) or IMDb text continuation."""
+class SlateEnvConfig(_Section):
+    """The fields every slate-recommendation env shares (synthetic, MovieLens)."""
 
-    name: Literal["synthetic", "movielens", "imdb"] = Field("synthetic", description="Which environment.")
     slate_size: Int = Field(10, ge=2, le=100, description="Candidates shown per step (M).")
     session_length: Int = Field(10, ge=1, le=1000, description="Steps per episode (one session).")
     history_length: Int = Field(10, ge=1, le=200, description="Recent training items in the observation.")
@@ -210,18 +209,63 @@ class EnvConfig(_Section):
     )
     # Every environment rates on a scale up to 5: a higher threshold would like nothing.
     like_threshold: Float = Field(4.0, gt=0.0, le=5.0, description="A rating at or above this is 'liked'.")
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    imdb: ImdbConfig = Field(default_factory=ImdbConfig)
 
     @model_validator(mode="after")
-    def _positives_fit_slate(self) -> EnvConfig:
+    def _positives_fit_slate(self) -> SlateEnvConfig:
         if self.positives_per_slate > self.slate_size:
             raise ValueError(
                 f"positives_per_slate ({self.positives_per_slate}) must be <= slate_size ({self.slate_size})"
             )
         return self
 
+
+class SyntheticEnvConfig(SlateEnvConfig):
+    """Slate recommendation in the synthetic world."""
+
+    name: Literal["synthetic"] = Field("synthetic", description="Which environment.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class MovieLensEnvConfig(SlateEnvConfig):
+    """Slate recommendation on MovieLens users."""
+
+    name: Literal["movielens"] = Field("movielens", description="Which environment.")
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+class ImdbEnvConfig(_Section):
+    """IMDb text continuation (its language model is the top-level ``lm`` section)."""
+
+    name: Literal["imdb"] = Field("imdb", description="Which environment.")
+    imdb: ImdbConfig = Field(default_factory=ImdbConfig)
+
+
+# Each env carries only its own fields, chosen by ``name`` (default: synthetic).
+ENV_SECTIONS: dict[str, type[_Section]] = {
+    "synthetic": SyntheticEnvConfig,
+    "movielens": MovieLensEnvConfig,
+    "imdb": ImdbEnvConfig,
+}
+ENV_NAMES: tuple[str, ...] = tuple(ENV_SECTIONS)
+DEFAULT_ENV = "synthetic"  # the env of a config that names none
+# Top-level sections that belong to one env only: section -> (its env, its model).
+ENV_ONLY_SECTIONS: dict[str, tuple[str, type[_Section]]] = {"lm": ("imdb", LMConfig)}
+
+
+def _env_tag(value: Any) -> str | None:
+    name = value.get("name", DEFAULT_ENV) if isinstance(value, dict) else getattr(value, "name", None)
+    return name if isinstance(name, str) and name in ENV_SECTIONS else None
+
+
+EnvConfig = Annotated[
+    Annotated[SyntheticEnvConfig, Tag("synthetic")]
+    | Annotated[MovieLensEnvConfig, Tag("movielens")]
+    | Annotated[ImdbEnvConfig, Tag("imdb")],
+    Discriminator(
+        _env_tag, custom_error_type="env_name",
+        custom_error_message=f"env.name must be one of {', '.join(ENV_NAMES)}",
+    ),
+]
 
 class ClientsConfig(_Section):
     """How clients are formed."""
@@ -507,13 +551,15 @@ class ExperimentConfig(_Section):
         "experiment", max_length=200, description="Experiment name (run directory and MLflow run name)."
     )
     seed: Int = Field(0, ge=0, description="The root seed.")
-    env: EnvConfig = Field(default_factory=EnvConfig)
+    env: EnvConfig = Field(default_factory=SyntheticEnvConfig, description="The environment, by `env.name`.")
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings)
-    lm: LMConfig = Field(default_factory=LMConfig)
+    lm: LMConfig | None = Field(
+        None, description="The language model (only with env.name imdb, where it defaults to LMConfig's defaults)."
+    )
     federation: FederationConfig = Field(default_factory=FederationConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
@@ -530,6 +576,25 @@ class ExperimentConfig(_Section):
                 "must be usable as a directory name: not empty, '.' or '..', no '/', '\\' or control character"
             )
         return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_of_the_env(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        env = raw.get("env")
+        name = env.get("name", DEFAULT_ENV) if isinstance(env, dict) else getattr(env, "name", DEFAULT_ENV)
+        raw = dict(raw)
+        for section, (owner, _) in ENV_ONLY_SECTIONS.items():
+            if name == owner:
+                if raw.get(section) is None:
+                    raw[section] = {}
+            elif raw.get(section) is not None:
+                raise PydanticCustomError(
+                    "env_section", "{section}: only env.name {owner} has this section (env.name is {name}); remove it",
+                    {"section": section, "owner": owner, "name": name},
+                )
+        return raw
 
     @model_validator(mode="after")
     def _one_lambda_per_client(self) -> ExperimentConfig:
@@ -564,4 +629,36 @@ class ExperimentConfig(_Section):
         return round_index % self.evaluation.every_n_rounds == 0 or round_index == self.federation.rounds
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        return self.model_dump(mode="json", by_alias=True, exclude_none=False, exclude={
+            section for section, (owner, _) in ENV_ONLY_SECTIONS.items() if owner != self.env.name
+        })
+
+    def slate_env(self) -> SlateEnvConfig:
+        """The slate-recommendation env's settings (synthetic or MovieLens)."""
+        if not isinstance(self.env, SlateEnvConfig):
+            raise TypeError(f"env.name {self.env.name} is not a slate-recommendation env")
+        return self.env
+
+    def movielens(self) -> DataConfig:
+        """``env.data`` of a MovieLens config."""
+        if not isinstance(self.env, MovieLensEnvConfig):
+            raise TypeError(f"env.name {self.env.name} has no MovieLens data")
+        return self.env.data
+
+    def synthetic(self) -> SyntheticConfig:
+        """``env.synthetic`` of a synthetic config."""
+        if not isinstance(self.env, SyntheticEnvConfig):
+            raise TypeError(f"env.name {self.env.name} has no synthetic world")
+        return self.env.synthetic
+
+    def imdb(self) -> ImdbConfig:
+        """``env.imdb`` of an IMDb config."""
+        if not isinstance(self.env, ImdbEnvConfig):
+            raise TypeError(f"env.name {self.env.name} has no IMDb data")
+        return self.env.imdb
+
+    def language_model(self) -> LMConfig:
+        """``lm`` of an IMDb config."""
+        if self.lm is None:
+            raise TypeError(f"env.name {self.env.name} has no language model")
+        return self.lm

@@ -76,7 +76,7 @@ def test_unknown_top_level_key_lists_allowed_sections():
     [
         ({"env": {"slatesize": 4}}, "env.slatesize", ("slate_size", "session_length", "synthetic")),
         ({"env": {"synthetic": {"items": 50}}}, "env.synthetic.items", ("n_items", "latent_dim")),
-        ({"env": {"data": {"folder": "/x"}}}, "env.data.folder", ("path", "cache_dir", "dataset")),
+        ({"env": {"name": "movielens", "data": {"folder": "/x"}}}, "env.data.folder", ("path", "cache_dir", "dataset")),
         ({"ppo": {"learning_rate": 0.1}}, "ppo.learning_rate", ("lr", "minibatch_size")),
         ({"federation": {"round": 2}}, "federation.round", ("rounds", "clients_per_round")),
         ({"feedback": {"budget": 9}}, "feedback.budget", ("budget_per_round", "beta")),
@@ -99,7 +99,7 @@ def test_unknown_nested_key_names_path_and_lists_allowed_fields(raw, dotted, som
         ({"ppo": {"lr": "fast"}}, "ppo.lr", "'fast'", "number"),
         ({"tracking": {"enabled": "maybe"}}, "tracking.enabled", "'maybe'", "boolean"),
         ({"name": 3}, "name", "3", "string"),
-        ({"env": 3}, "env", "3", "dictionary"),
+        ({"env": 3}, "env", "3", "a mapping (a section)"),
         ({"federation": {"rounds": 2.5}}, "federation.rounds", "2.5", "integer"),
         # out of range
         ({"federation": {"rounds": 0}}, "federation.rounds", "0", "greater than or equal to 1"),
@@ -117,8 +117,8 @@ def test_unknown_nested_key_names_path_and_lists_allowed_fields(raw, dotted, som
         ({"ray": {"object_store_mb": 10}}, "ray.object_store_mb", "10", "greater than or equal to 64"),
         ({"clients": {"num_clients": 0}}, "clients.num_clients", "0", "greater than or equal to 1"),
         # bad literal: the allowed values are listed
-        ({"env": {"name": "atari"}}, "env.name", "'atari'", "'synthetic', 'movielens' or 'imdb'"),
-        ({"env": {"data": {"dataset": "ml-10m"}}}, "env.data.dataset", "'ml-10m'",
+        ({"env": {"name": "atari"}}, "env.name", "'atari'", "synthetic, movielens, imdb"),
+        ({"env": {"name": "movielens", "data": {"dataset": "ml-10m"}}}, "env.data.dataset", "'ml-10m'",
          "'ml-latest-small', 'ml-100k', 'ml-1m' or 'ml-25m'"),
         ({"clients": {"formation": "silo"}}, "clients.formation", "'silo'", "'user' or 'group'"),
         ({"federation": {"strategy": "bulyan"}}, "federation.strategy", "'bulyan'",

@@ -25,7 +25,7 @@ from envs.synthetic import make_synthetic_clients
 from fedrlhf_ray import ray_runtime as machine_checks
 from fedrlhf_ray.config import ConfigError, apply_overrides, load_config, read_yaml, validate_config
 from fedrlhf_ray.ray_runtime import check_machine
-from fedrlhf_ray.schema import ExperimentConfig
+from fedrlhf_ray.schema import ENV_ONLY_SECTIONS, ENV_SECTIONS, ExperimentConfig
 from fedrlhf_ray.tasks.rec.clients import build_clients
 from fedrlhf_ray.tracking import tracking_uri_problem
 
@@ -50,24 +50,50 @@ def file_error(path: Path, overrides: list[str] | None = None) -> str:
     return msg
 
 
+def env_of(dotted: str) -> str | None:
+    """The env whose config has the field ``dotted`` (None: every env's has it)."""
+    first, _, rest = dotted.partition(".")
+    if first in ENV_ONLY_SECTIONS:
+        return ENV_ONLY_SECTIONS[first][0]
+    if first != "env" or rest == "name":
+        return None
+    return next(name for name, section in ENV_SECTIONS.items() if rest.partition(".")[0] in section.model_fields)
+
+
 def nested(dotted: str, value) -> dict:
-    """``{"a": {"b": value}}`` for ``"a.b"``."""
+    """``{"a": {"b": value}}`` for ``"a.b"``, in a config of the env that has the field."""
     *sections, leaf = dotted.split(".")
     raw: dict = {leaf: value}
     for section in reversed(sections):
         raw = {section: raw}
+    env = env_of(dotted)
+    if env is not None:
+        raw.setdefault("env", {})["name"] = env
     return raw
 
 
+def _section(annotation) -> type[BaseModel] | None:
+    candidates = (annotation, *typing.get_args(annotation))
+    return next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
 def leaf_fields(model: type = ExperimentConfig, prefix: str = ""):
-    """(dotted name, annotation) of every leaf field, nested sections included."""
+    """(dotted name, annotation) of every leaf field, nested sections and every env's included."""
     for name, field in model.model_fields.items():
         key = f"{prefix}{field.alias or name}"
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from leaf_fields(annotation, key + ".")
+        if model is ExperimentConfig and name == "env":
+            seen: set[str] = set()
+            for env_section in ENV_SECTIONS.values():
+                for env_key, annotation in leaf_fields(env_section, "env."):
+                    if env_key not in seen:
+                        seen.add(env_key)
+                        yield env_key, annotation
+            continue
+        section = _section(field.annotation)
+        if section is not None:
+            yield from leaf_fields(section, key + ".")
         else:
-            yield key, annotation
+            yield key, field.annotation
 
 
 def _is(annotation, kind: type) -> bool:
@@ -465,8 +491,36 @@ def test_synthetic_bounds_are_exact(tmp_path):
 
 
 def test_movielens_sections_do_not_trip_synthetic_checks():
-    cfg = validate_config({"env": {"name": "movielens", "slate_size": 100, "synthetic": {"n_items": 50}}})
-    assert cfg.env.slate_size == 100
+    cfg = validate_config({"env": {"name": "movielens", "slate_size": 100}})
+    assert cfg.slate_env().slate_size == 100
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"env": {"name": "movielens", "synthetic": {"n_items": 50}}},
+         "env.synthetic: unknown field of the movielens env (env.name picks the env) — allowed: data, heldout_fraction"),
+        ({"env": {"data": {"path": "x"}}}, "env.data: unknown field of the synthetic env"),
+        ({"env": {"name": "imdb", "slate_size": 4}}, "env.slate_size: unknown field of the imdb env"),
+        ({"env": {"name": "movielens"}, "lm": {"n_layer": 3}},
+         "lm: only env.name imdb has this section (env.name is movielens); remove it"),
+    ],
+)
+def test_another_envs_fields_are_refused(raw, expected):
+    assert config_error(raw).startswith(expected)
+
+
+def test_configs_that_carry_every_envs_defaults_still_load():
+    """A config.yaml written when every env's section was always there (older run directories)."""
+    old = ExperimentConfig.model_validate({"env": {"name": "imdb"}}).to_dict()
+    for name, section in ENV_SECTIONS.items():
+        old["env"].update({k: v for k, v in section().model_dump(mode="json").items() if k != "name"})
+    old["env"]["name"] = "movielens"
+    cfg = validate_config(old)
+    assert cfg.env.name == "movielens" and cfg.lm is None and "lm" not in cfg.to_dict()
+    assert set(cfg.to_dict()["env"]) == set(ENV_SECTIONS["movielens"].model_fields)
+    old["env"]["imdb"]["reviews_per_client"] = 50  # set, not a default: a mistake to report
+    assert config_error(old).startswith("env.imdb: unknown field of the movielens env")
 
 
 def test_make_synthetic_clients_refuses_an_empty_training_split():

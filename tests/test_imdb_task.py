@@ -589,7 +589,7 @@ def test_tune_sweeps_the_imdb_task(prepared, shared_data, tmp_path):
     from conftest import fedrlhf_cli
 
     cfg, _, _ = prepared
-    raw = tiny_config(shared_data, cfg.env.imdb.cache_dir, federation={"rounds": 1}, tracking={"enabled": True})
+    raw = tiny_config(shared_data, cfg.imdb().cache_dir, federation={"rounds": 1}, tracking={"enabled": True})
     raw["env"]["imdb"]["path"] = os.path.relpath(shared_data / "imdb", tmp_path)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw))
     sweep = {"name": "imdb-tiny", "experiment": "base.yaml", "search_space": {"lm.kl_coeff": {"grid": [0.0, 0.1]}},

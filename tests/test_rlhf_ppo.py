@@ -36,7 +36,7 @@ def trained(ray_session):
         trainer.train(rnd)
     after = trainer.evaluate()
     rand = evaluate_client(
-        random_score_fn(1), client, rec_ppo.env_kwargs(cfg.env), episodes_per_user=20, seed=7
+        random_score_fn(1), client, rec_ppo.env_kwargs(cfg.slate_env()), episodes_per_user=20, seed=7
     )
     yield trainer, weights_before, before, after, rand
     trainer.stop()

@@ -58,7 +58,7 @@ class RecTask:
     def check_config(self, cfg: ExperimentConfig) -> None:
         if cfg.env.name != "synthetic":
             return
-        env, syn = cfg.env, cfg.env.synthetic
+        env, syn = cfg.slate_env(), cfg.synthetic()
         most = syn.n_items - env.slate_size
         if syn.items_per_user > most:
             raise ValueError(
@@ -91,7 +91,7 @@ class RecTask:
         return None
 
     def tags(self, cfg: ExperimentConfig) -> dict[str, str]:
-        return {"fedrlhf.dataset": cfg.env.data.dataset if cfg.env.name == "movielens" else "synthetic"}
+        return {"fedrlhf.dataset": cfg.movielens().dataset if cfg.env.name == "movielens" else "synthetic"}
 
     def summary(self, final: dict[str, float]) -> dict[str, Any]:
         if "eval/liked_hit_rate/mean" not in final:

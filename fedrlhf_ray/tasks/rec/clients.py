@@ -15,10 +15,10 @@ def build_clients(cfg: ExperimentConfig) -> list[ClientData]:
     Raises ``envs.data.movielens.DatasetError`` when the MovieLens copy is missing or bad, and
     :class:`ConfigError` when the configured clients cannot be formed from it.
     """
-    env, clients = cfg.env, cfg.clients
+    env, clients = cfg.slate_env(), cfg.clients
     users_per_client = 1 if clients.formation == "user" else clients.users_per_client
-    if env.name == "synthetic":
-        syn = env.synthetic
+    if cfg.env.name == "synthetic":
+        syn = cfg.synthetic()
         return make_synthetic_clients(
             num_clients=clients.num_clients,
             users_per_client=users_per_client,
@@ -36,7 +36,7 @@ def build_clients(cfg: ExperimentConfig) -> list[ClientData]:
         )
     from envs.data.movielens import RATING_SCALES, load_movielens
 
-    data_cfg = env.data
+    data_cfg = cfg.movielens()
     data = load_movielens(
         data_cfg.dataset, data_cfg.path, cache_dir=data_cfg.cache_dir, download=data_cfg.download
     )

@@ -13,12 +13,12 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from envs.rec_env import ShapedRewardWrapper, SlateRecEnv
 from envs.types import ClientData
 from fedrlhf_ray import rllib_edge
-from fedrlhf_ray.schema import EnvConfig, PPOSettings
+from fedrlhf_ray.schema import PPOSettings, SlateEnvConfig
 from fedrlhf_ray.tasks.rec.policy import SlatePolicyModule, SlateScorer
 
 
-def env_kwargs(env: EnvConfig) -> dict[str, Any]:
-    """The :class:`SlateRecEnv` keyword arguments an :class:`EnvConfig` stands for."""
+def env_kwargs(env: SlateEnvConfig) -> dict[str, Any]:
+    """The :class:`SlateRecEnv` keyword arguments a :class:`SlateEnvConfig` stands for."""
     return {
         "slate_size": env.slate_size,
         "session_length": env.session_length,
@@ -44,7 +44,7 @@ def make_shaped_env(ctx: Any) -> ShapedRewardWrapper:
     return ShapedRewardWrapper(env, lam=ctx["lam"])
 
 
-def build_ppo(client: ClientData, env: EnvConfig, ppo: PPOSettings, lam: float, seed: int) -> Algorithm:
+def build_ppo(client: ClientData, env: SlateEnvConfig, ppo: PPOSettings, lam: float, seed: int) -> Algorithm:
     """The client actor's PPO algorithm over the shaped slate env (see :func:`rllib_edge.build_ppo`)."""
     return rllib_edge.build_ppo(
         env_name=ENV_NAME,

@@ -57,7 +57,7 @@ class RLHFTrainer(RLlibLocalTrainer):
         self.lambdas = {c.client_id: lam for c, lam in zip(clients, lambdas, strict=True)}
         self.budget_scale = budget_scale or {}
         first = clients[0]
-        self._built(rec_ppo.build_ppo(first, cfg.env, cfg.ppo, 0.0, derive_seed(cfg.seed, "ppo")), cfg.seed)
+        self._built(rec_ppo.build_ppo(first, cfg.slate_env(), cfg.ppo, 0.0, derive_seed(cfg.seed, "ppo")), cfg.seed)
         self.selector = (
             UncertaintyQueries(pool_factor=cfg.feedback.pool_factor)
             if cfg.feedback.query_strategy == "uncertainty"
@@ -90,7 +90,7 @@ class RLHFTrainer(RLlibLocalTrainer):
             weight_decay=rm.weight_decay,
             epochs=rm.epochs,
             batch_size=rm.batch_size,
-            history_length=self.cfg.env.history_length,
+            history_length=self.cfg.slate_env().history_length,
             seed=derive_seed(self.cfg.seed, "reward_model", client.client_id),
         )
 
@@ -198,7 +198,7 @@ class RLHFTrainer(RLlibLocalTrainer):
         out = evaluate_client(
             lambda obs: rec_ppo.score_observations(scorer, obs),
             self.loaded,
-            rec_ppo.env_kwargs(self.cfg.env),
+            rec_ppo.env_kwargs(self.cfg.slate_env()),
             episodes_per_user=self.cfg.evaluation.episodes_per_user,
             ndcg_k=self.cfg.evaluation.ndcg_k,
             seed=derive_seed(self.cfg.seed, "eval", self.loaded.client_id),

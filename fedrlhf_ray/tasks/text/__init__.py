@@ -47,7 +47,7 @@ class TextTask:
     datasets = ("imdb",)
 
     def check_config(self, cfg: ExperimentConfig) -> None:
-        imdb, lm = cfg.env.imdb, cfg.lm
+        imdb, lm = cfg.imdb(), cfg.language_model()
         if lm.n_embd % lm.n_head:
             raise ValueError(f"lm.n_embd: got {lm.n_embd} — must be a multiple of lm.n_head ({lm.n_head})")
         window = imdb.prompt_tokens + imdb.generate_tokens

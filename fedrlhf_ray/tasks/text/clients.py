@@ -10,7 +10,7 @@ def build_imdb_shards(cfg: ExperimentConfig) -> list:
     """The K clients' IMDb shards (``envs.data.imdb.ImdbShard``), deterministic in ``cfg.seed``."""
     from envs.data.imdb import ShardError, load_imdb, shard_imdb
 
-    imdb = cfg.env.imdb
+    imdb = cfg.imdb()
     data = load_imdb(imdb.path, cache_dir=imdb.cache_dir, download=imdb.download)
     try:
         return shard_imdb(

@@ -32,7 +32,7 @@ def build_text_ppo(cfg: ExperimentConfig, source: tuple[str, str], vocab_size: i
                    seed: int) -> Algorithm:
     """One in-process PPO algorithm over the text env (PPO's own adaptive KL to the previous
     policy is off: the KL that matters here is to the reference, in :class:`TextPPOLearner`)."""
-    imdb = cfg.env.imdb
+    imdb = cfg.imdb()
     env_config = {
         "vocab_size": vocab_size, "generate_tokens": imdb.generate_tokens, "prompt_tokens": imdb.prompt_tokens,
         "eos_id": eos_id, "seed": seed,

@@ -40,7 +40,7 @@ PERPLEXITY_REVIEWS = 500
 
 
 def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    lm, sent = cfg.lm, cfg.lm.sentiment
+    lm, sent = cfg.language_model(), cfg.language_model().sentiment
     model = (
         {"pretrained": lm.pretrained}
         if lm.pretrained is not None
@@ -56,7 +56,7 @@ def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
 def cache_root(cfg: ExperimentConfig) -> Path:
     from envs.data.movielens.parsed_cache import default_cache_dir
 
-    base = cfg.env.imdb.cache_dir
+    base = cfg.imdb().cache_dir
     return (Path(base).expanduser() if base else default_cache_dir()) / "imdb-lm"
 
 
@@ -68,8 +68,9 @@ def prepared_folder(cfg: ExperimentConfig) -> Path:
 
 def load_lm(cfg: ExperimentConfig) -> LanguageModel:
     """The experiment's LM: ``lm.pretrained``, or the prepared one (which must exist)."""
-    if cfg.lm.pretrained is not None:
-        return load_pretrained(cfg.lm.pretrained)
+    pretrained = cfg.language_model().pretrained
+    if pretrained is not None:
+        return load_pretrained(pretrained)
     folder = prepared_folder(cfg)
     if not (folder / REPORT).exists():
         raise UserError(
@@ -139,7 +140,7 @@ def pretrain(
 ) -> tuple[Any, dict]:
     # GPT-2's initialisation and its dropout draw from torch's global generator: seed it in this scope only.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.lm.pretrain_seed)
+        torch.manual_seed(cfg.language_model().pretrain_seed)
         return _pretrain(cfg, tokenizer, corpus, heldout, progress)
 
 
@@ -151,7 +152,7 @@ def _pretrain(
     from fedrlhf_ray.tasks.text.lm import quiet_transformers
 
     quiet_transformers()
-    lm = cfg.lm
+    lm = cfg.language_model()
     eos = int(tokenizer.token_to_id(END_OF_TEXT))
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=tokenizer.get_vocab_size(), n_positions=lm.context, n_embd=lm.n_embd, n_layer=lm.n_layer,
@@ -199,13 +200,13 @@ def train_evaluator(
     cfg: ExperimentConfig, lm: LanguageModel, train: list[Any], test: list[Any]
 ) -> tuple[BagOfTokens, dict]:
     """The independent sentiment evaluator: all 25,000 training reviews, scored on all 25,000 test ones."""
-    sent = cfg.lm.sentiment
+    sent = cfg.language_model().sentiment
     x_train = lm.encode([r.text for r in train], sent.max_review_tokens)
     x_test = lm.encode([r.text for r in test], sent.max_review_tokens)
     model = BagOfTokens(lm.vocab_size, sent.hash_buckets)
     fit = model.fit_labels(
         x_train, np.array([r.label for r in train]), epochs=sent.epochs, lr=sent.lr,
-        weight_decay=sent.weight_decay, seed=cfg.lm.pretrain_seed,
+        weight_decay=sent.weight_decay, seed=cfg.language_model().pretrain_seed,
     )
     accuracy = float(((model.positive_probability(x_test) > 0.5) == np.array([r.label for r in test])).mean())
     return model, {"train_accuracy": fit["accuracy"], "test_accuracy": accuracy,
@@ -247,21 +248,22 @@ def prepare(
     if (folder / REPORT).exists():
         cached = read_report(folder)
         # A damaged file is one line here, before a run starts actors that would each fail on it.
-        if cfg.lm.pretrained is None:
+        if cfg.language_model().pretrained is None:
             load_prepared(folder)
         load_evaluator(folder / EVALUATOR)
         return folder, cached
-    if cfg.lm.pretrained is not None:
-        load_pretrained(cfg.lm.pretrained)  # a missing model is one line before any work
+    pretrained = cfg.language_model().pretrained
+    if pretrained is not None:
+        load_pretrained(pretrained)  # a missing model is one line before any work
     if announce:
         print(f"preparing the IMDb models once (cached in {folder}); `fedrlhf prepare imdb` does it ahead",
               file=sys.stderr, flush=True)
     from envs.data.imdb import load_imdb
 
-    imdb = cfg.env.imdb
+    imdb = cfg.imdb()
     if data is None:
         data = load_imdb(imdb.path, cache_dir=imdb.cache_dir, download=imdb.download)
-    lm_cfg = cfg.lm
+    lm_cfg = cfg.language_model()
     start = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=folder.parent))

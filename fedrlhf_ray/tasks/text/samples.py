@@ -44,13 +44,13 @@ class SampleWriter:
         state = {k.removeprefix(LM_PREFIX): torch.tensor(np.asarray(v)) for k, v in weights.items()
                  if k.startswith(LM_PREFIX)}
         self.policy.load_state_dict(state, strict=False)
-        imdb = self.cfg.env.imdb
+        imdb = self.cfg.imdb()
         lines = [f"# round {round_index}: the global model continues {len(self.prompts)} public prompts "
-                 f"({SAMPLES_PER_PROMPT} samples each, temperature {self.cfg.lm.eval_temperature:g})", ""]
+                 f"({SAMPLES_PER_PROMPT} samples each, temperature {self.cfg.language_model().eval_temperature:g})", ""]
         for i, (text, ids) in enumerate(zip(PUBLIC_PROMPTS, self.prompts, strict=True)):
             gens = generate(
                 self.policy, self.reference, [ids] * SAMPLES_PER_PROMPT, max_tokens=imdb.generate_tokens,
-                eos_id=self.lm.eos_id, temperature=self.cfg.lm.eval_temperature,
+                eos_id=self.lm.eos_id, temperature=self.cfg.language_model().eval_temperature,
                 seed=derive_seed(self.cfg.seed, "samples", i),
             )
             for cont in gens.continuations:

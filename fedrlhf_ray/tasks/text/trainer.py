@@ -46,8 +46,9 @@ class TextClient:
 
 
 def lm_source(cfg: ExperimentConfig) -> tuple[str, str]:
-    if cfg.lm.pretrained is not None:
-        return ("pretrained", cfg.lm.pretrained)
+    pretrained = cfg.language_model().pretrained
+    if pretrained is not None:
+        return ("pretrained", pretrained)
     from fedrlhf_ray.tasks.text.prepare import prepared_folder
 
     return ("prepared", str(prepared_folder(cfg)))
@@ -59,7 +60,7 @@ def _openings(seqs: Sequence[np.ndarray], length: int) -> list[np.ndarray]:
 
 
 def tokenize_shard(cfg: ExperimentConfig, lm: LanguageModel, shard: ImdbShard) -> TextClient:
-    sent, p = cfg.lm.sentiment, cfg.env.imdb.prompt_tokens
+    sent, p = cfg.language_model().sentiment, cfg.imdb().prompt_tokens
     reviews = lm.encode([r.text for r in shard.train], sent.max_review_tokens)
     test = lm.encode([r.text for r in shard.test], sent.max_review_tokens)
     return TextClient(
@@ -120,7 +121,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         self.source = lm_source(cfg)
         self.lm: LanguageModel = cached_lm(self.source)
         self.evaluator = _independent_evaluator(cfg)
-        sent = cfg.lm.sentiment
+        sent = cfg.language_model().sentiment
         self.shared_scorer = HFSentiment(sent.pretrained, self.lm.decode) if sent.pretrained is not None else None
         self._built(
             text_ppo.build_text_ppo(cfg, self.source, self.lm.vocab_size, self.lm.eos_id, derive_seed(cfg.seed, "ppo")),
@@ -138,7 +139,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
 
     # -- reward models -------------------------------------------------------------------------
     def _labelled_model(self, client: TextClient, purpose: str) -> BagOfTokens:
-        sent = self.cfg.lm.sentiment
+        sent = self.cfg.language_model().sentiment
         model = BagOfTokens(self.lm.vocab_size, sent.hash_buckets)
         model.fit_labels(
             client.reviews, client.labels, epochs=sent.epochs, lr=sent.lr, weight_decay=sent.weight_decay,
@@ -160,7 +161,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
     def load_client(self, client_id: int, state: dict[str, Any] | None) -> None:
         client = self.clients[client_id]
         self.client = client
-        sent = self.cfg.lm.sentiment
+        sent = self.cfg.language_model().sentiment
         self.winners: list[np.ndarray] = []
         self.losers: list[np.ndarray] = []
         if state is None:
@@ -168,7 +169,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
                 self._labelled_model(client, "reward_model") if sent.feedback == "labels"
                 else BagOfTokens(self.lm.vocab_size, sent.hash_buckets)
             )
-            self.kl_coeff = self.cfg.lm.kl_coeff
+            self.kl_coeff = self.cfg.language_model().kl_coeff
             self._load_optimizer(None)
         else:
             self.reward_model = BagOfTokens.from_state(state["reward_model"])
@@ -187,7 +188,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
             "kl_coeff": float(self.kl_coeff),
             "optimizer": self._optimizer_state(),
         }
-        if self.cfg.lm.sentiment.feedback == "preferences":
+        if self.cfg.language_model().sentiment.feedback == "preferences":
             record["preferences"] = {"winners": _pad(self.winners), "losers": _pad(self.losers)}
         return record
 
@@ -202,12 +203,12 @@ class TextRLHFTrainer(RLlibLocalTrainer):
     def _ask_preferences(self, round_index: int) -> dict[str, float]:
         """This round's comparisons: two continuations of each of some of the client's prompts,
         the simulated human's Bradley–Terry answers, then the reward model refitted on all of them."""
-        sent, client = self.cfg.lm.sentiment, self.loaded
+        sent, client = self.cfg.language_model().sentiment, self.loaded
         rng = np.random.default_rng(derive_seed(self.cfg.seed, "queries", round_index, client.client_id))
         picks = rng.choice(len(client.prompts), size=min(sent.preference_pairs, len(client.prompts)), replace=False)
         prompts = [client.prompts[i] for i in picks]
         module = text_ppo.acting_module(self.algo)
-        imdb = self.cfg.env.imdb
+        imdb = self.cfg.imdb()
         seed = derive_seed(self.cfg.seed, "pairs", round_index, client.client_id)
         first, second = (
             generate(module.lm, module.reference, prompts, max_tokens=imdb.generate_tokens, eos_id=self.lm.eos_id,
@@ -232,7 +233,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         start = time.perf_counter()
         cid = self.loaded.client_id
         metrics: dict[str, float] = {}
-        if self.cfg.lm.sentiment.feedback == "preferences":
+        if self.cfg.language_model().sentiment.feedback == "preferences":
             metrics.update(self._ask_preferences(round_index))
         self._begin(round_index, "train")
         rllib_edge.set_prox_anchor(self.algo, anchor, proximal_mu)
@@ -243,11 +244,11 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         metrics.update({f"train/{k}": v for k, v in ppo_metrics.items()})
         metrics.update({f"train/{k}": v for k, v in self.scorer.drain().items()})
         metrics["train/kl_coeff"] = self.kl_coeff
-        lm = self.cfg.lm
+        lm = self.cfg.language_model()
         if lm.adaptive_kl:
             # The learner reports KL per generated token; the target is per sequence.
             per_token = ppo_metrics.get("kl_to_reference_per_token", float("nan"))
-            per_sequence = per_token * self.cfg.env.imdb.generate_tokens
+            per_sequence = per_token * self.cfg.imdb().generate_tokens
             self.kl_coeff = adapt_kl_coeff(self.kl_coeff, per_sequence, lm.target_kl, lm.kl_horizon)
         metrics["train/env_steps"] = float(steps)
         metrics["train/seconds"] = time.perf_counter() - start
@@ -262,12 +263,12 @@ class TextRLHFTrainer(RLlibLocalTrainer):
 
     def evaluate(self, round_index: int = 0) -> dict[str, float]:
         """Generations for the client's held-out prompts (the same samples' seed every round)."""
-        client, imdb = self.loaded, self.cfg.env.imdb
+        client, imdb = self.loaded, self.cfg.imdb()
         module = text_ppo.acting_module(self.algo)
         module.eval()
         gens = generate(
             module.lm, module.reference, client.test_prompts, max_tokens=imdb.generate_tokens,
-            eos_id=self.lm.eos_id, temperature=self.cfg.lm.eval_temperature,
+            eos_id=self.lm.eos_id, temperature=self.cfg.language_model().eval_temperature,
             seed=derive_seed(self.cfg.seed, "eval", client.client_id),
         )
         module.train()
@@ -276,7 +277,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         pooled = client.prompt_lambdas
         lam = float(np.mean(pooled)) if pooled is not None else self.lambdas[client.client_id]
         out = text_metrics(gens, own, independent, lam, self.lm.vocab_size)
-        if self.shared_scorer is None and (self.cfg.lm.sentiment.feedback == "labels" or self.winners):
+        if self.shared_scorer is None and (self.cfg.language_model().sentiment.feedback == "labels" or self.winners):
             predicted = self.reward_model.positive_probability(client.test_reviews) > 0.5
             out["reward_model_accuracy"] = float((predicted == (client.test_labels == 1)).mean())
         return {f"eval/{k}": v for k, v in out.items()}
