@@ -99,7 +99,7 @@ from fedrlhf_ray.config import validate_config  # noqa: E402
 from fedrlhf_ray.driver import FederatedDriver  # noqa: E402
 from fedrlhf_ray.local_trainer import RoundInstructions  # noqa: E402
 from fedrlhf_ray.rundir import RunDir  # noqa: E402
-from fedrlhf_ray.strategies import fedavg, make_strategy  # noqa: E402
+from fedrlhf_ray.strategies import RoundPlan, fedavg, make_strategy  # noqa: E402
 from fedrlhf_ray.torch_trainer import MLPTrainer, MLPTrainerFactory, mlp_trainer_factory  # noqa: E402
 
 SEED = 0
@@ -200,8 +200,9 @@ class HostNoRay(Plain):
         start = time.perf_counter()
         keep_from = max(0, r - 2)  # as the driver's (last two kept)
         updates = self.host.train_batch(r, self.clients, self.global_w, RoundInstructions(), keep_from)
+        plan = RoundPlan(r, tuple(self.clients), len(self.clients), len(self.clients))
         self.global_w = self.strategy.aggregate(
-            self.global_w, [u.weights for u in updates], [u.num_samples for u in updates]
+            plan, self.global_w, [u.weights for u in updates], [u.num_samples for u in updates]
         )
         return time.perf_counter() - start, sum(u.metrics["train/seconds"] for u in updates), {}
 
@@ -230,8 +231,9 @@ class HostActor(HostNoRay):
         updates = ray.get(self.actor.train_batch.remote(
             r, list(self.clients), ray.put(self.global_w), RoundInstructions(), max(0, r - 2)
         ))
+        plan = RoundPlan(r, tuple(self.clients), len(self.clients), len(self.clients))
         self.global_w = self.strategy.aggregate(
-            self.global_w, [u.weights for u in updates], [u.num_samples for u in updates]
+            plan, self.global_w, [u.weights for u in updates], [u.num_samples for u in updates]
         )
         return time.perf_counter() - start, sum(u.metrics["train/seconds"] for u in updates), {}
 

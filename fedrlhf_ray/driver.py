@@ -47,7 +47,7 @@ from fedrlhf_ray.rundir import CLIENT_STORE, WARNING_PREFIX, RunDir, warn
 from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_rng
 from fedrlhf_ray.state_codec import StateFileError
-from fedrlhf_ray.strategies import SumAggregator, make_strategy, merge, sparse_keys_of, split_personal
+from fedrlhf_ray.strategies import RoundPlan, SumAggregator, make_strategy, merge, sparse_keys_of, split_personal
 from fedrlhf_ray.tasks import task_for
 
 # (host index, number of hosts) -> a picklable zero-argument factory run inside the actor.
@@ -153,11 +153,12 @@ class FederatedDriver:
         return obj
 
     # -- the round -----------------------------------------------------------------------------
-    def sample_clients(self, round_index: int) -> list[int]:
+    def plan_round(self, round_index: int) -> RoundPlan:
+        """The strategy's plan of round ``round_index``: its clients, drawn from the round's stream."""
         pool = self.training_clients
         m = self.cfg.clients_per_round_count(len(pool))
         rng = derive_rng(self.cfg.seed, "sample", round_index)
-        return self.strategy.sample_clients(round_index, pool, m, rng)
+        return self.strategy.plan_round(round_index, pool, m, rng)
 
     def stop_reason(self, round_index: int) -> str | None:
         """Why round ``round_index`` must not run (the strategy's say, e.g. a spent privacy
@@ -165,9 +166,9 @@ class FederatedDriver:
         pool = len(self.training_clients)
         return self.strategy.stop_before(round_index, pool, self.cfg.clients_per_round_count(pool))
 
-    def instructions(self, round_index: int) -> RoundInstructions:
+    def instructions(self, plan: RoundPlan) -> RoundInstructions:
         """What the round's clients are told: the strategy's instructions (and its layers')."""
-        return self.strategy.configure_train(round_index)
+        return self.strategy.configure_train(plan)
 
     def collect(
         self, round_index: int, sampled: list[int], global_ref: Any, instructions: RoundInstructions,
@@ -183,15 +184,15 @@ class FederatedDriver:
         except SecAggError as err:
             raise RoundFailed(str(err)) from None
 
-    def aggregate(self, shared: Weights, collected: Collected) -> Weights:
+    def aggregate(self, plan: RoundPlan, shared: Weights, collected: Collected) -> Weights:
         """The strategy's new shared weights from what was collected: a secure sum, or the updates."""
         if collected.total is not None:
             weighted_sum, total_weight = collected.total
             # The preflight refused secure aggregation with a strategy that cannot sum.
             assert isinstance(self.strategy, SumAggregator), self.strategy.name
-            return self.strategy.aggregate_sum(shared, weighted_sum, total_weight)
+            return self.strategy.aggregate_sum(plan, shared, weighted_sum, total_weight)
         plain = [u for u in collected.updates if isinstance(u, ClientUpdate)]
-        return self.strategy.aggregate(shared, [u.weights for u in plain], [u.num_samples for u in plain])
+        return self.strategy.aggregate(plan, shared, [u.weights for u in plain], [u.num_samples for u in plain])
 
     def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Sample, configure, collect, aggregate and evaluate round ``self.round + 1``: its metrics
@@ -199,8 +200,9 @@ class FederatedDriver:
         r = self.round + 1
         start = time.perf_counter()
         restarts, retried = self.pool.actor_restarts, self.pool.retried_clients
-        sampled = self.sample_clients(r)
-        instructions = self.instructions(r)
+        plan = self.plan_round(r)
+        sampled = list(plan.sampled)
+        instructions = self.instructions(plan)
         global_ref = ray.put(self.global_weights)
         shared, personal = split_personal(self.global_weights, self.prefixes)
         collected = self.collect(r, sampled, global_ref, instructions, shared)
@@ -210,7 +212,7 @@ class FederatedDriver:
             raise RoundFailed(
                 f"round {r}: {len(updates)} of {len(sampled)} clients answered, fewer than federation.min_results"
             )
-        self.global_weights = merge(self.aggregate(shared, collected), personal)
+        self.global_weights = merge(self.aggregate(plan, shared, collected), personal)
         self.round = r
 
         metrics: dict[str, float] = {

@@ -20,7 +20,7 @@ from fedrlhf_ray.driver import FederatedDriver
 from fedrlhf_ray.local_trainer import AuditRequest, ClientUpdate, MaskedUpdate, RoundInstructions
 from fedrlhf_ray.privacy.audit import audit_round
 from fedrlhf_ray.schema import ExperimentConfig
-from fedrlhf_ray.strategies import sparse_keys_of
+from fedrlhf_ray.strategies import RoundPlan, sparse_keys_of
 from fedrlhf_ray.tasks import task_for
 
 
@@ -54,8 +54,8 @@ class AuditedDriver(FederatedDriver):
         self.auditing = AuditingCollector(self.collector)
         self.collector = self.auditing
 
-    def instructions(self, round_index: int) -> RoundInstructions:
-        return dataclasses.replace(super().instructions(round_index), audit=AuditRequest())
+    def instructions(self, plan: RoundPlan) -> RoundInstructions:
+        return dataclasses.replace(super().instructions(plan), audit=AuditRequest())
 
     def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         before = dict(self.global_weights)

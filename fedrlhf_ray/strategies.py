@@ -404,29 +404,54 @@ def krum_select(updates: Sequence[Mapping[str, np.ndarray]], num_byzantine: int,
 # --------------------------------------------------------------------------- strategies
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round as its strategy planned it, passed explicitly to every later step of the round
+    (configure, aggregate), so that no step depends on what an earlier call left behind.
+
+    ``sampled``: the clients taking part, drawn from a pool of ``pool_size`` clients of which
+    ``count`` were to be sampled (exactly, or in expectation under Poisson sampling)."""
+
+    round_index: int
+    sampled: tuple[int, ...]
+    pool_size: int
+    count: int
+
+    @property
+    def sampling_rate(self) -> float:
+        """q: each client's chance to be sampled (what DP's accountant amplifies by)."""
+        return min(1.0, self.count / self.pool_size)
+
+    @property
+    def expected(self) -> float:
+        """q·|pool|: the clients expected (the fixed denominator of DP-FedAvg's mean)."""
+        return self.sampling_rate * self.pool_size
+
+
 @runtime_checkable
 class Strategy(Protocol):
-    """What the driver calls. A strategy owns its round: which clients take part
-    (:meth:`sample_clients`, from the round's generator), whether the round may run at all
-    (:meth:`stop_before`: a reason to end the run first, e.g. a spent privacy budget), what the
-    sampled clients are told (:meth:`configure_train`) and how their updates become the new
-    global weights (:meth:`aggregate`, called every round, with no updates too: the global
-    weights then stay, unless a wrapper adds noise). Wrappers (DP, robust filters) implement
-    it around an inner strategy."""
+    """What the driver calls. A strategy owns its round: whether the round may run at all
+    (:meth:`stop_before`: a reason to end the run first, e.g. a spent privacy budget), which
+    clients take part (:meth:`plan_round`, from the round's generator: a :class:`RoundPlan`),
+    what they are told (:meth:`configure_train`) and how their updates become the new global
+    weights (:meth:`aggregate`, called every round, with no updates too: the global weights then
+    stay, unless a wrapper adds noise). The plan is passed to every step of its round. Wrappers
+    (DP, robust filters) implement it around an inner strategy."""
 
     @property
     def name(self) -> str: ...  # read-only: the strategies define it as a class variable
 
-    def sample_clients(
+    def plan_round(
         self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator
-    ) -> list[int]: ...
+    ) -> RoundPlan: ...
 
     def stop_before(self, round_index: int, pool_size: int, count: int) -> str | None: ...
 
-    def configure_train(self, round_index: int) -> RoundInstructions: ...
+    def configure_train(self, plan: RoundPlan) -> RoundInstructions: ...
 
     def aggregate(
         self,
+        plan: RoundPlan,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
@@ -446,7 +471,8 @@ class SumAggregator(Protocol):
     DP-FedAvg. Secure aggregation and DP need one; :func:`sums` tells by capability."""
 
     def aggregate_sum(
-        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+        self, plan: RoundPlan, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray],
+        total_weight: float,
     ) -> Weights: ...
 
 
@@ -461,16 +487,17 @@ class _Aggregation:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparse_keys", _as_keys(self.sparse_keys))
 
-    def sample_clients(
+    def plan_round(
         self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator
-    ) -> list[int]:
+    ) -> RoundPlan:
         """``count`` clients of ``pool`` uniformly without replacement."""
-        return sorted(int(c) for c in rng.choice(pool, size=count, replace=False))
+        sampled = tuple(sorted(int(c) for c in rng.choice(pool, size=count, replace=False)))
+        return RoundPlan(round_index, sampled, len(pool), count)
 
     def stop_before(self, round_index: int, pool_size: int, count: int) -> str | None:
         return None
 
-    def configure_train(self, round_index: int) -> RoundInstructions:
+    def configure_train(self, plan: RoundPlan) -> RoundInstructions:
         return RoundInstructions()
 
     def _options(self) -> dict[str, Any]:
@@ -478,6 +505,7 @@ class _Aggregation:
 
     def aggregate(
         self,
+        plan: RoundPlan,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
@@ -531,7 +559,8 @@ class FedAvg(_Aggregation):
     method: ClassVar[str] = "fedavg"
 
     def aggregate_sum(
-        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+        self, plan: RoundPlan, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray],
+        total_weight: float,
     ) -> Weights:
         return mean_of_sum(global_weights, weighted_sum, total_weight)
 
@@ -550,7 +579,7 @@ class FedProx(FedAvg):
         if not (math.isfinite(self.mu) and self.mu >= 0):
             raise ValueError(f"FedProx mu must be finite and >= 0, got {self.mu}")
 
-    def configure_train(self, round_index: int) -> RoundInstructions:
+    def configure_train(self, plan: RoundPlan) -> RoundInstructions:
         return RoundInstructions(proximal_mu=float(self.mu))
 
 
@@ -655,24 +684,25 @@ class StrategyWrapper:
     def name(self) -> str:
         return self.inner.name
 
-    def sample_clients(
+    def plan_round(
         self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator
-    ) -> list[int]:
-        return self.inner.sample_clients(round_index, pool, count, rng)
+    ) -> RoundPlan:
+        return self.inner.plan_round(round_index, pool, count, rng)
 
     def stop_before(self, round_index: int, pool_size: int, count: int) -> str | None:
         return self.inner.stop_before(round_index, pool_size, count)
 
-    def configure_train(self, round_index: int) -> RoundInstructions:
-        return self.inner.configure_train(round_index)
+    def configure_train(self, plan: RoundPlan) -> RoundInstructions:
+        return self.inner.configure_train(plan)
 
     def aggregate(
         self,
+        plan: RoundPlan,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
     ) -> Weights:
-        return self.inner.aggregate(global_weights, updates, num_samples)
+        return self.inner.aggregate(plan, global_weights, updates, num_samples)
 
     def round_metrics(self) -> dict[str, float]:
         return self.inner.round_metrics()
@@ -693,6 +723,7 @@ class RejectNonFinite(StrategyWrapper):
 
     def aggregate(
         self,
+        plan: RoundPlan,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
@@ -701,6 +732,7 @@ class RejectNonFinite(StrategyWrapper):
         self.rejected = keep.count(False)
         samples = list(num_samples)
         return self.inner.aggregate(
+            plan,
             global_weights,
             [u for u, ok in zip(updates, keep, strict=True) if ok],
             [n for n, ok in zip(samples, keep, strict=True) if ok],
@@ -716,11 +748,12 @@ class RejectNonFiniteOfSum(RejectNonFinite):
     is (the clients drop a non-finite update out of the sum themselves)."""
 
     def aggregate_sum(
-        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+        self, plan: RoundPlan, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray],
+        total_weight: float,
     ) -> Weights:
         inner = self.inner
         assert isinstance(inner, SumAggregator)
-        return inner.aggregate_sum(global_weights, weighted_sum, total_weight)
+        return inner.aggregate_sum(plan, global_weights, weighted_sum, total_weight)
 
 
 @dataclass(frozen=True)
@@ -730,7 +763,7 @@ class LocalOnly(_Aggregation):
     name: ClassVar[str] = "local"
     method: ClassVar[str] = "fedavg"
 
-    def configure_train(self, round_index: int) -> RoundInstructions:
+    def configure_train(self, plan: RoundPlan) -> RoundInstructions:
         return RoundInstructions(keep_local=True)
 
     def _combine(

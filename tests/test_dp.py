@@ -16,7 +16,15 @@ from fedrlhf_ray.local_trainer import ClientDP
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY, client_noise, privatize
 from fedrlhf_ray.privacy.dp import DifferentialPrivacy, clipped_sum, noised_mean_step
 from fedrlhf_ray.state_codec import StateFileError
-from fedrlhf_ray.strategies import FedAvg, FedProx, RejectNonFinite, SumAggregator, delta_norms, make_strategy
+from fedrlhf_ray.strategies import (
+    FedAvg,
+    FedProx,
+    RejectNonFinite,
+    RoundPlan,
+    SumAggregator,
+    delta_norms,
+    make_strategy,
+)
 
 GLOBAL = {"w": np.zeros((4, 5), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
@@ -24,6 +32,9 @@ GLOBAL = {"w": np.zeros((4, 5), dtype=np.float32), "b": np.zeros(3, dtype=np.flo
 def updates(n: int, scale: float, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{k: (scale * rng.standard_normal(v.shape)).astype(np.float32) for k, v in GLOBAL.items()} for _ in range(n)]
+
+
+PLAN = RoundPlan(1, (0, 1), 2, 2)
 
 
 def dp(**kw) -> DifferentialPrivacy:
@@ -34,8 +45,8 @@ def dp(**kw) -> DifferentialPrivacy:
 def run_rounds(strategy: DifferentialPrivacy, rounds: int, pool: int = 50, count: int = 10) -> dict:
     g = dict(GLOBAL)
     for r in range(1, rounds + 1):
-        picked = strategy.sample_clients(r, list(range(pool)), count, np.random.default_rng(r))
-        g = strategy.aggregate(g, updates(len(picked), 0.5, seed=r), [1] * len(picked))
+        plan = strategy.plan_round(r, list(range(pool)), count, np.random.default_rng(r))
+        g = strategy.aggregate(plan, g, updates(len(plan.sampled), 0.5, seed=r), [1] * len(plan.sampled))
     return g
 
 
@@ -64,7 +75,9 @@ def test_noise_on_the_mean_has_std_sigma_c_over_m():
 
 def test_poisson_sampling_at_rate_count_over_pool():
     strategy = dp()
-    sizes = [len(strategy.sample_clients(r, list(range(200)), 20, np.random.default_rng(r))) for r in range(400)]
+    plans = [strategy.plan_round(r, list(range(200)), 20, np.random.default_rng(r)) for r in range(400)]
+    assert {(p.sampling_rate, p.expected) for p in plans} == {(0.1, 20.0)}
+    sizes = [len(p.sampled) for p in plans]
     assert np.mean(sizes) == pytest.approx(20, rel=0.05)
     assert len(set(sizes)) > 5  # not a fixed size
 
@@ -124,8 +137,8 @@ def test_adaptive_clipping_tracks_the_update_norms():
     g = dict(GLOBAL)
     for r in range(1, 16):
         for s in (small, large):
-            picked = s.sample_clients(r, list(range(50)), 25, np.random.default_rng(r))
-            s.aggregate(g, updates(len(picked), 0.05, seed=r), [1] * len(picked))
+            plan = s.plan_round(r, list(range(50)), 25, np.random.default_rng(r))
+            s.aggregate(plan, g, updates(len(plan.sampled), 0.05, seed=r), [1] * len(plan.sampled))
     norm = float(np.median(delta_norms(GLOBAL, updates(200, 0.05))))
     # Both move towards the median update norm (≈ 0.24) from either side.
     assert small.clip_norm < 1.0 and large.clip_norm > 0.01
@@ -144,7 +157,7 @@ def test_layers_wrap_fedavg_and_fedprox_behind_the_filter():
     strategy = make_strategy(cfg.federation, privacy=privacy.layers(cfg))
     assert isinstance(strategy, RejectNonFinite) and isinstance(strategy, SumAggregator)
     assert type(strategy.inner) is DifferentialPrivacy
-    assert type(strategy.inner.inner) is FedProx and strategy.configure_train(1).proximal_mu == 0.01
+    assert type(strategy.inner.inner) is FedProx and strategy.configure_train(PLAN).proximal_mu == 0.01
     assert privacy.layers(validate_config({})) is None
 
 
@@ -211,11 +224,12 @@ def test_distributed_shares_sum_to_the_central_noise_on_the_mean():
     steps = []
     for r in range(1, 301):
         strategy = dp(noise_multiplier=sigma, clip_norm=clip, mode="distributed")
-        picked = strategy.sample_clients(r, list(range(pool)), count, np.random.default_rng(r))
-        told = strategy.configure_train(r)
+        plan = strategy.plan_round(r, list(range(pool)), count, np.random.default_rng(r))
+        picked = plan.sampled
+        told = strategy.configure_train(plan)
         assert told.dp.clip == clip and told.dp.noise_stddev == pytest.approx(sigma * clip / np.sqrt(len(picked)))
         sent = [privatize(GLOBAL, GLOBAL, told.dp, client_noise(bytes([c]) * 32, r, size))[0] for c in picked]
-        new = strategy.aggregate(GLOBAL, sent, [1.0] * len(sent))
+        new = strategy.aggregate(plan, GLOBAL, sent, [1.0] * len(sent))
         steps.append(np.concatenate([new[k].ravel() for k in sorted(new)]).astype(np.float64))
     assert np.concatenate(steps).std() == pytest.approx(sigma * clip / (0.5 * pool), rel=0.03)
     assert strategy.round_metrics()["privacy/noise_stddev"] == pytest.approx(sigma * clip / (0.5 * pool))
@@ -223,35 +237,32 @@ def test_distributed_shares_sum_to_the_central_noise_on_the_mean():
 
 def test_dropouts_take_their_noise_along_and_are_accounted():
     strategy = dp(noise_multiplier=1.0, mode="distributed")
-    picked = strategy.sample_clients(1, list(range(50)), 10, np.random.default_rng(0))
-    m = len(picked)
+    plan = strategy.plan_round(1, list(range(50)), 10, np.random.default_rng(0))
+    m = len(plan.sampled)
     zero = {k: np.zeros(v.shape) for k, v in GLOBAL.items()}
-    strategy.aggregate_sum(GLOBAL, zero, total_weight=m // 2)  # half dropped after masking
+    strategy.aggregate_sum(plan, GLOBAL, zero, total_weight=m // 2)  # half dropped after masking
     rate, noise, _ = strategy.steps[-1]
     assert noise == pytest.approx(np.sqrt((m // 2) / m))
     full = dp(noise_multiplier=1.0, mode="distributed")
-    full.sample_clients(1, list(range(50)), 10, np.random.default_rng(0))
-    full.aggregate_sum(GLOBAL, zero, total_weight=m)
+    full.aggregate_sum(plan, GLOBAL, zero, total_weight=m)
     assert full.steps[-1] == (rate, 1.0, None) and strategy.epsilon() > full.epsilon()
     # Nobody at all: the driver releases the whole noise itself (an empty sample's mechanism).
     empty = dp(noise_multiplier=1.0, mode="distributed")
-    empty.sample_clients(1, list(range(50)), 10, np.random.default_rng(0))
-    released = empty.aggregate_sum(GLOBAL, zero, total_weight=0)
+    released = empty.aggregate_sum(plan, GLOBAL, zero, total_weight=0)
     assert np.concatenate([v.ravel() for v in released.values()]).std() > 0.01
     assert empty.steps[-1] == (rate, 1.0, None)
 
 
 def test_under_secure_aggregation_clients_clip_and_the_driver_noises_the_sum_in_central_mode():
     strategy = dp(noise_multiplier=1.0, clip_norm=0.5, clients_clip=True)
-    strategy.sample_clients(1, list(range(10)), 10, np.random.default_rng(0))
-    told = strategy.configure_train(1)
+    plan = strategy.plan_round(1, list(range(10)), 10, np.random.default_rng(0))
+    told = strategy.configure_train(plan)
     assert told.dp.clip == 0.5 and told.dp.noise_stddev == 0.0 and not told.dp.count
     zero = {k: np.zeros(v.shape) for k, v in GLOBAL.items()}
-    released = strategy.aggregate_sum(GLOBAL, zero, total_weight=10)
+    released = strategy.aggregate_sum(plan, GLOBAL, zero, total_weight=10)
     assert np.concatenate([v.ravel() for v in released.values()]).std() == pytest.approx(0.05, rel=0.5)
     adaptive = dp(noise_multiplier=1.0, mode="distributed", adaptive_clipping=True, clipped_count_stddev=5.0)
-    adaptive.sample_clients(1, list(range(10)), 10, np.random.default_rng(0))
-    told = adaptive.configure_train(1)
+    told = adaptive.configure_train(plan)
     assert told.dp.count and told.dp.count_stddev == pytest.approx(5.0 / np.sqrt(10))
 
 

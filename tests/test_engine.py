@@ -24,7 +24,7 @@ from fedrlhf_ray.config import validate_config
 from fedrlhf_ray.driver import FederatedDriver, client_store_root
 from fedrlhf_ray.local_trainer import ClientUpdate, RoundInstructions
 from fedrlhf_ray.rundir import CLIENT_METRICS, CLIENT_STORE, METRICS, RunDir, read_jsonl
-from fedrlhf_ray.strategies import fedavg
+from fedrlhf_ray.strategies import RoundPlan, fedavg
 from fedrlhf_ray.torch_trainer import MLPTrainer, MLPTrainerFactory, mlp_trainer_factory
 
 SEED = 3
@@ -316,7 +316,7 @@ def test_records_by_client_id_let_a_resume_use_another_number_of_hosts(new_drive
 def test_client_sampling_is_seeded_per_round(new_driver, tmp_path):
     cfg = make_cfg(10, 1, rounds=2, clients_per_round=0.5)
     drv = new_driver(cfg, tmp_path)
-    picks = {r: drv.sample_clients(r) for r in range(1, 7)}
+    picks = {r: drv.plan_round(r).sampled for r in range(1, 7)}
     for clients in picks.values():
         assert len(clients) == 5 == len(set(clients))
         assert all(0 <= c < 10 for c in clients)
@@ -324,11 +324,11 @@ def test_client_sampling_is_seeded_per_round(new_driver, tmp_path):
     assert all(picks[r] != picks[r + 1] for r in range(1, 6))
     # Deterministic per (seed, round): another driver with the same config picks the same.
     other = types.SimpleNamespace(cfg=cfg, training_clients=list(range(10)), strategy=drv.strategy)
-    assert {r: FederatedDriver.sample_clients(other, r) for r in picks} == picks
+    assert {r: FederatedDriver.plan_round(other, r).sampled for r in picks} == picks
     reseeded = types.SimpleNamespace(
         cfg=cfg.model_copy(update={"seed": SEED + 1}), training_clients=list(range(10)), strategy=drv.strategy
     )
-    assert {r: FederatedDriver.sample_clients(reseeded, r) for r in picks} != picks
+    assert {r: FederatedDriver.plan_round(reseeded, r).sampled for r in picks} != picks
 
     trained: dict[int, list[int]] = {}
     for r in (1, 2):
@@ -337,7 +337,7 @@ def test_client_sampling_is_seeded_per_round(new_driver, tmp_path):
         for row in rows:
             if row["kind"] == "train":
                 trained.setdefault(row["round"], []).append(row["client"])
-    assert {r: sorted(c) for r, c in trained.items()} == {1: picks[1], 2: picks[2]}
+    assert {r: tuple(sorted(c)) for r, c in trained.items()} == {1: picks[1], 2: picks[2]}
     assert_weights(drv.global_weights, plain_rounds({1: picks[1], 2: picks[2]}, 10))
     # Only the sampled clients have a record, each as of the rounds it trained.
     store = ClientStore(drv.store_root)
@@ -385,7 +385,7 @@ def test_finetune_evaluates_global_and_personalised_without_changing_records(new
 def test_local_baseline_never_aggregates(new_driver, tmp_path):
     cfg = make_cfg(3, 2, baseline="local", every=1)
     drv = new_driver(cfg, tmp_path)
-    assert drv.strategy.configure_train(1).keep_local
+    assert drv.strategy.configure_train(RoundPlan(1, (0,), 1, 1)).keep_local
     initial = {k: v.copy() for k, v in drv.global_weights.items()}
     for _ in range(2):
         m, _ = drv.run_round()
@@ -417,7 +417,7 @@ def test_fedprox_mu_reaches_the_clients_through_the_strategy(new_driver, tmp_pat
     for strategy in ("fedavg", "fedprox"):
         cfg = make_cfg(2, 1, rounds=1, strategy=strategy, fedprox_mu=50.0)
         drv = new_driver(cfg, tmp_path / strategy)
-        assert drv.strategy.configure_train(1).proximal_mu == (50.0 if strategy == "fedprox" else 0.0)
+        assert drv.strategy.configure_train(RoundPlan(1, (0,), 1, 1)).proximal_mu == (50.0 if strategy == "fedprox" else 0.0)
         start = {k: v.copy() for k, v in drv.global_weights.items()}
         drv.run_round()
         moved[strategy] = sum(float(((drv.global_weights[k] - start[k]) ** 2).sum()) for k in start)

@@ -20,7 +20,7 @@ from fedrlhf_ray.driver import TaskTrainerFactory
 from fedrlhf_ray.experiment import run_experiment
 from fedrlhf_ray.local_trainer import ClientUpdate, RoundInstructions
 from fedrlhf_ray.rundir import CLIENT_STORE, METRICS, RunDir
-from fedrlhf_ray.strategies import make_strategy
+from fedrlhf_ray.strategies import RoundPlan, make_strategy
 from fedrlhf_ray.tasks.rec.feedback import FeedbackLog
 
 TINY = {
@@ -189,7 +189,7 @@ def test_fedprox_term_pulls_local_training_towards_the_global_model(ray_session)
         trainer = RLHFTrainer(cfg, [client], [1.0])
         trainer.load_client(0, None)
         anchor = trainer.get_weights()
-        mu = make_strategy(cfg.federation).configure_train(1).proximal_mu
+        mu = make_strategy(cfg.federation).configure_train(RoundPlan(1, (0,), 1, 1)).proximal_mu
         trainer.train(1, anchor=anchor, proximal_mu=mu)
         after = trainer.get_weights()
         trainer.stop()

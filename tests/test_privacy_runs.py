@@ -197,9 +197,9 @@ def test_distributed_dp_under_secure_aggregation_the_driver_only_sees_a_noised_s
     sums = []
     original = DifferentialPrivacy.aggregate_sum
 
-    def spy(self, global_weights, weighted_sum, total_weight):
-        sums.append((dict(global_weights), dict(weighted_sum), total_weight, self.steps[-1][1]))
-        return original(self, global_weights, weighted_sum, total_weight)
+    def spy(self, plan, global_weights, weighted_sum, total_weight):
+        sums.append((dict(global_weights), dict(weighted_sum), total_weight, self._step_of(plan)[1]))
+        return original(self, plan, global_weights, weighted_sum, total_weight)
 
     monkeypatch.setattr(DifferentialPrivacy, "aggregate_sum", spy)
     result = instrumented_run(dense(privacy=DISTRIBUTED), tmp_path / "distributed")

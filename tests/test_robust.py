@@ -13,6 +13,7 @@ from fedrlhf_ray.strategies import (
     MultiKrum,
     NormBound,
     RejectNonFinite,
+    RoundPlan,
     clip_to_norm,
     delta_norms,
     fedavg,
@@ -25,6 +26,8 @@ from fedrlhf_ray.tasks.rec.feedback import SimulatedHuman, random_pairs
 from tests.test_feedback import make_client
 
 GLOBAL = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+
+PLAN = RoundPlan(1, (0, 1, 2), 3, 3)  # a round's plan; these strategies aggregate whatever it says
 
 
 def honest(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -43,13 +46,13 @@ def test_finite_updates_and_reject_non_finite_counts():
     assert finite_updates(ups) == [True, False, True, False]
     strategy = make_strategy(validate_config({}).federation)
     assert isinstance(strategy, RejectNonFinite)
-    out = strategy.aggregate(GLOBAL, ups, [1, 1, 1, 1])
+    out = strategy.aggregate(PLAN, GLOBAL, ups, [1, 1, 1, 1])
     expected = fedavg([ups[0], ups[2]], [1, 1])
     assert all(np.array_equal(out[k], expected[k]) for k in GLOBAL)
     assert strategy.round_metrics() == {"fed/rejected": 2.0}
     # Nothing finite left: the global model stays as it was.
     nan = [{k: np.full(v.shape, np.nan, dtype=np.float32) for k, v in GLOBAL.items()}] * 3
-    same = strategy.aggregate(GLOBAL, nan, [1, 1, 1])
+    same = strategy.aggregate(PLAN, GLOBAL, nan, [1, 1, 1])
     assert all(np.array_equal(same[k], GLOBAL[k]) for k in GLOBAL) and strategy.round_metrics()["fed/rejected"] == 3
 
 
@@ -72,10 +75,10 @@ def test_krum_never_picks_the_outlier_and_multi_krum_averages_the_honest():
     scores = krum_scores(ups, num_byzantine=1)
     assert int(np.argmax(scores)) == 2
     assert 2 not in krum_select(ups, 1, num_selected=5)
-    out = MultiKrum(num_byzantine=1, num_selected=5).aggregate(GLOBAL, ups, [1] * 6)
+    out = MultiKrum(num_byzantine=1, num_selected=5).aggregate(PLAN, GLOBAL, ups, [1] * 6)
     expected = fedavg([u for i, u in enumerate(ups) if i != 2], [1] * 5)
     assert all(np.allclose(out[k], expected[k]) for k in GLOBAL)
-    single = Krum(num_byzantine=1).aggregate(GLOBAL, ups, [1] * 6)
+    single = Krum(num_byzantine=1).aggregate(PLAN, GLOBAL, ups, [1] * 6)
     assert any(all(np.array_equal(single[k], u[k]) for k in GLOBAL) for u in ups if u is not attacker)
 
 
@@ -83,7 +86,7 @@ def test_krum_with_too_few_updates_takes_the_median():
     ups = honest(3) + [{k: np.full(v.shape, 99.0, dtype=np.float32) for k, v in GLOBAL.items()}]
     with pytest.raises(ValueError, match="more than 2f \\+ 2"):
         krum_scores(ups, num_byzantine=1)
-    out = Krum(num_byzantine=1).aggregate(GLOBAL, ups, [1] * 4)
+    out = Krum(num_byzantine=1).aggregate(PLAN, GLOBAL, ups, [1] * 4)
     assert all(np.abs(out[k]).max() < 1.0 for k in GLOBAL)  # the 99s did not win
 
 
@@ -91,7 +94,7 @@ def test_norm_bound_limits_a_scaled_attacker():
     ups = honest(4)
     attacker = attacked_update("scale", GLOBAL, ups[0], 1000.0, np.random.default_rng(0))
     plain = fedavg([*ups, attacker], [1] * 5)
-    bounded = NormBound(norm_bound=0.5).aggregate(GLOBAL, [*ups, attacker], [1] * 5)
+    bounded = NormBound(norm_bound=0.5).aggregate(PLAN, GLOBAL, [*ups, attacker], [1] * 5)
     assert delta_norms(GLOBAL, [plain])[0] > 50
     assert delta_norms(GLOBAL, [bounded])[0] <= 0.5 + 1e-6
 

@@ -21,6 +21,7 @@ from fedrlhf_ray.strategies import (
     MultiKrum,
     NormBound,
     RejectNonFinite,
+    RoundPlan,
     Strategy,
     SumAggregator,
     TrimmedMean,
@@ -36,6 +37,8 @@ from fedrlhf_ray.strategies import (
 )
 
 EMB = "scorer.item_embedding.weight"
+
+PLAN = RoundPlan(1, (0, 1, 2), 3, 3)  # a round's plan; these strategies aggregate whatever it says
 
 
 def _client(value: float) -> dict[str, np.ndarray]:
@@ -351,7 +354,7 @@ def test_make_strategy_maps_every_config_value(value):
     assert strategy.state() == {}
     # The strategy tells the round's clients what to do: FedProx's μ, nothing else here.
     for r in (1, 7):
-        assert strategy.configure_train(r) == RoundInstructions(proximal_mu=0.3 if value == "fedprox" else 0.0)
+        assert strategy.configure_train(PLAN) == RoundInstructions(proximal_mu=0.3 if value == "fedprox" else 0.0)
     if value == "trimmed_mean":
         assert strategy.trim_fraction == 0.2
     if value in ("krum", "multi_krum"):
@@ -370,9 +373,9 @@ def test_local_baseline_is_the_local_only_strategy(value):
     cfg = FederationConfig(strategy=value, baseline="local")
     strategy = make_strategy(cfg, sparse_keys=[EMB]).inner
     assert type(strategy) is LocalOnly and isinstance(strategy, Strategy)
-    assert strategy.configure_train(1) == RoundInstructions(keep_local=True)
+    assert strategy.configure_train(PLAN) == RoundInstructions(keep_local=True)
     g = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
-    out = strategy.aggregate(g, [_client(1.0), _client(2.0)], [1, 1])
+    out = strategy.aggregate(PLAN, g, [_client(1.0), _client(2.0)], [1, 1])
     assert out.keys() == g.keys()
     for k in g:
         np.testing.assert_array_equal(out[k], g[k])
@@ -402,7 +405,7 @@ def test_strategy_classes_call_the_pure_functions():
         (TrimmedMean(0.2), trimmed_mean(updates, 0.2)),
     ]
     for strategy, expected in pairs:
-        out = strategy.aggregate(g, updates, samples)
+        out = strategy.aggregate(PLAN, g, updates, samples)
         for k in expected:
             np.testing.assert_array_equal(out[k], expected[k], err_msg=strategy.name)
     assert FedProx(0.5).mu == 0.5
@@ -415,8 +418,8 @@ def test_strategy_classes_call_the_pure_functions():
 def test_strategy_sparse_keys_field_is_used():
     g, a, b, c = _touch_tables()
     updates = [{EMB: a}, {EMB: b}, {EMB: c}]
-    sparse = FedAvg(sparse_keys=[EMB]).aggregate({EMB: g}, updates, [1, 1, 1])[EMB]
-    dense = FedAvg().aggregate({EMB: g}, updates, [1, 1, 1])[EMB]
+    sparse = FedAvg(sparse_keys=[EMB]).aggregate(PLAN, {EMB: g}, updates, [1, 1, 1])[EMB]
+    dense = FedAvg().aggregate(PLAN, {EMB: g}, updates, [1, 1, 1])[EMB]
     np.testing.assert_array_equal(sparse[0], a[0])
     assert not np.allclose(dense[0], a[0])
 

@@ -52,7 +52,7 @@ from fedrlhf_ray.local_trainer import ClientDP, RoundInstructions, Weights
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.schema import DPConfig
 from fedrlhf_ray.seeding import derive_rng
-from fedrlhf_ray.strategies import StrategyWrapper, delta_norms
+from fedrlhf_ray.strategies import RoundPlan, StrategyWrapper, delta_norms
 
 MODES = ("central", "distributed")
 
@@ -182,11 +182,8 @@ class DifferentialPrivacy(StrategyWrapper):
     clipped_count_stddev: float | None = None
     mode: str = "central"
     clients_clip: bool = False
-    # One (sampling rate, update noise multiplier, count noise multiplier or None) per round run.
+    # One (sampling rate, update noise multiplier, count noise multiplier or None) per release.
     steps: list[tuple[float, float, float | None]] = field(default_factory=list)
-    _round: int = 0
-    _expected: float = 1.0
-    _sampled: int = 0
     _metrics: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -199,17 +196,15 @@ class DifferentialPrivacy(StrategyWrapper):
     def _step_for(self, pool_size: int, count: int) -> tuple[float, float, float | None]:
         return round_step(self.noise_multiplier, pool_size, count, self.adaptive_clipping, self.clipped_count_stddev)
 
-    def sample_clients(self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator) -> list[int]:
+    def plan_round(self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator) -> RoundPlan:
         """Poisson sampling: each client of ``pool`` independently with probability count/|pool|."""
-        self._round = round_index
-        step = self._step_for(len(pool), count)
-        rate = step[0]
-        self._expected = rate * len(pool)
-        self.steps.append(step)
-        chosen = rng.random(len(pool)) < rate
-        sampled = [int(c) for c, take in zip(pool, chosen, strict=True) if take]
-        self._sampled = len(sampled)
-        return sampled
+        plan = RoundPlan(round_index, (), len(pool), count)
+        chosen = rng.random(len(pool)) < plan.sampling_rate
+        return dataclasses.replace(plan, sampled=tuple(int(c) for c, take in zip(pool, chosen, strict=True) if take))
+
+    def _step_of(self, plan: RoundPlan) -> tuple[float, float, float | None]:
+        """(q, σ_Δ, σ_b or None) of the round ``plan`` describes."""
+        return self._step_for(plan.pool_size, plan.count)
 
     def epsilon(self) -> float:
         """ε at δ spent by the rounds run so far."""
@@ -229,14 +224,14 @@ class DifferentialPrivacy(StrategyWrapper):
         return None
 
     # -- the round -----------------------------------------------------------------------------
-    def configure_train(self, round_index: int) -> RoundInstructions:
+    def configure_train(self, plan: RoundPlan) -> RoundInstructions:
         """The inner strategy's instructions and, when the clients clip, the clip norm and
         each client's share of the noise (nothing in central mode: the driver adds it)."""
-        instructions = self.inner.configure_train(round_index)
+        instructions = self.inner.configure_train(plan)
         if not self.clients_clip:
             return instructions
-        _, update_noise, count_stddev = self.steps[-1]
-        share = 1.0 / math.sqrt(max(1, self._sampled)) if self.mode == "distributed" else 0.0
+        _, update_noise, count_stddev = self._step_of(plan)
+        share = 1.0 / math.sqrt(max(1, len(plan.sampled))) if self.mode == "distributed" else 0.0
         return dataclasses.replace(instructions, dp=ClientDP(
             clip=self.clip_norm,
             noise_stddev=update_noise * self.clip_norm * share,
@@ -246,23 +241,26 @@ class DifferentialPrivacy(StrategyWrapper):
 
     def aggregate(
         self,
+        plan: RoundPlan,
         global_weights: Mapping[str, np.ndarray],
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
     ) -> Weights:
         if not self.clients_clip:
             delta_sum, norms = clipped_sum(global_weights, updates, self.clip_norm)
-            return self._release(global_weights, delta_sum, float((norms <= self.clip_norm).sum()), len(updates))
+            unclipped = float((norms <= self.clip_norm).sum())
+            return self._release(plan, global_weights, delta_sum, unclipped, len(updates))
         # Distributed noise without a secure sum: each update arrives clipped and noised.
         base = {k: np.asarray(v, dtype=np.float64) for k, v in global_weights.items()}
         delta_sum = {
             k: sum((np.asarray(u[k], np.float64) - g for u in updates), np.zeros_like(g)) for k, g in base.items()
         }
         unclipped = sum(float(np.asarray(u[UNCLIPPED_KEY])[0]) for u in updates if UNCLIPPED_KEY in u)
-        return self._release(global_weights, delta_sum, unclipped, len(updates))
+        return self._release(plan, global_weights, delta_sum, unclipped, len(updates))
 
     def aggregate_sum(
-        self, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray], total_weight: float
+        self, plan: RoundPlan, global_weights: Mapping[str, np.ndarray], weighted_sum: Mapping[str, np.ndarray],
+        total_weight: float,
     ) -> Weights:
         """From a secure sum of clipped (and, distributed, noised) updates, each of weight 1."""
         contributors = round(total_weight)
@@ -271,32 +269,36 @@ class DifferentialPrivacy(StrategyWrapper):
             for k, g in global_weights.items()
         }
         unclipped = float(np.asarray(weighted_sum[UNCLIPPED_KEY])[0]) if UNCLIPPED_KEY in weighted_sum else 0.0
-        return self._release(global_weights, delta_sum, unclipped, contributors)
+        return self._release(plan, global_weights, delta_sum, unclipped, contributors)
 
     def _release(
         self,
+        plan: RoundPlan,
         global_weights: Mapping[str, np.ndarray],
         delta_sum: Mapping[str, np.ndarray],
         unclipped: float,
         contributors: int,
     ) -> Weights:
-        """global + (Σ clipped Δ + the noise the clients did not add) / (qK); adaptive clipping."""
-        rate, update_noise, count_stddev = self.steps[-1]
+        """global + (Σ clipped Δ + the noise the clients did not add) / (qK); adaptive clipping.
+        The release is accounted here, with the noise it really carries."""
+        rate, update_noise, count_stddev = step = self._step_of(plan)
         driver_share = 1.0
+        sampled = len(plan.sampled)
         if self.mode == "distributed" and contributors > 0:
             driver_share = 0.0
-            if contributors < self._sampled:  # dropouts took their noise with them
-                kept = math.sqrt(contributors / self._sampled)
-                self.steps[-1] = (rate, update_noise * kept, None if count_stddev is None else count_stddev * kept)
+            if contributors < sampled:  # dropouts took their noise with them
+                kept = math.sqrt(contributors / sampled)
+                step = (rate, update_noise * kept, None if count_stddev is None else count_stddev * kept)
+        self.steps.append(step)
         clip = self.clip_norm
-        rng = derive_rng(self.seed, "dp-noise", self._round)
-        new = noised_mean_step(global_weights, delta_sum, driver_share * update_noise * clip, self._expected, rng)
+        rng = derive_rng(self.seed, "dp-noise", plan.round_index)
+        new = noised_mean_step(global_weights, delta_sum, driver_share * update_noise * clip, plan.expected, rng)
         self._metrics = {
             "privacy/clip_norm": clip,
-            "privacy/noise_stddev": self.steps[-1][1] * clip / self._expected,
+            "privacy/noise_stddev": step[1] * clip / plan.expected,
         }
         if count_stddev is not None:
-            share = (unclipped + driver_share * count_stddev * float(rng.standard_normal())) / self._expected
+            share = (unclipped + driver_share * count_stddev * float(rng.standard_normal())) / plan.expected
             self.clip_norm = clip * math.exp(-self.clip_learning_rate * (share - self.target_quantile))
             self._metrics["privacy/unclipped_share_noised"] = share
         return new
