@@ -45,6 +45,12 @@ class ClientStore:
     def _folder(self, client_id: int) -> Path:
         return self.root / f"client-{client_id:06d}"
 
+    def _make_folder(self, client_id: int) -> None:
+        """The client's folder and the store's root, readable by their owner only (0700)."""
+        for folder in (self.root, self._folder(client_id)):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+
     def _path(self, client_id: int, round_index: int) -> Path:
         return self._folder(client_id) / f"round-{round_index:06d}.npz"
 
@@ -64,12 +70,14 @@ class ClientStore:
         data = state_codec.dumps(record)
         versions = self.versions(client_id)
         if not versions:
-            self._folder(client_id).mkdir(parents=True, exist_ok=True)
+            self._make_folder(client_id)
         versions = sorted({*versions, round_index}, reverse=True)
         older = [v for v in versions if v <= keep_from]
         stale = [self._path(client_id, v) for v in older[1:]]
         # The new record takes over a pruned one's file: cheaper than a new file and a deletion.
-        atomic_write(self._path(client_id, round_index), data, durable=False, recycle=stale[0] if stale else None)
+        atomic_write(
+            self._path(client_id, round_index), data, durable=False, recycle=stale[0] if stale else None, private=True
+        )
         for path in stale[1:]:
             path.unlink(missing_ok=True)
         self._versions[client_id] = [v for v in versions if v not in older[1:]]
@@ -83,9 +91,9 @@ class ClientStore:
         try:
             secret = path.read_bytes()
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_folder(client_id)
             secret = secrets.token_bytes(NOISE_KEY_BYTES)
-            atomic_write(path, secret)
+            atomic_write(path, secret, private=True)
             return secret
         except OSError as err:
             raise state_codec.StateFileError(f"{path}: unreadable ({err.strerror or err})") from None

@@ -37,7 +37,7 @@ from fedrlhf_ray import tracking
 from fedrlhf_ray.config import load_config
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.ray_runtime import check_fits, ensure_ray, local_ray_processes, reap
-from fedrlhf_ray.rundir import CONFIG, FINAL_WEIGHTS, RAY_PROCESSES, STATUS, SUMMARY, RunDir, warn
+from fedrlhf_ray.rundir import CONFIG, FINAL_WEIGHTS, RAY_PROCESSES, STATUS, SUMMARY, RunDir, find_link, warn
 from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.tasks import task_for
 
@@ -108,6 +108,7 @@ def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentCon
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
         raise UserError(f"--resume {run_dir}: no such run directory")
+    refuse_links(Path(run_dir))
     if not (rd / CONFIG).is_file():
         raise UserError(f"--resume {run_dir}: no {CONFIG} there (not a run directory)")
     if not rd.checkpoint_rounds():
@@ -128,6 +129,22 @@ def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentCon
             f"add rounds with --set federation.rounds={done + 1} or more"
         )
     return cfg
+
+
+def refuse_links(run_dir: Path, client_state_dir: str | None = None) -> None:
+    """A resume reads and writes the run directory and the client store: one line, before
+    anything is read or written, if a symbolic link or a hard-linked file lies anywhere in them."""
+    roots = [run_dir]
+    if client_state_dir is not None:
+        roots.append(Path(client_state_dir).expanduser() / run_dir.resolve().name)
+    for root in roots:
+        link = find_link(root)
+        if link is not None:
+            kind = "a symbolic link" if link.is_symlink() else "a file with another hard link"
+            raise UserError(
+                f"--resume {run_dir}: {link} is {kind}; a run directory holds neither "
+                "(remove it, or start the run again)"
+            )
 
 
 def check_out_location(out: str | Path, label: str = "--out") -> None:
@@ -216,6 +233,7 @@ def run_experiment(
             previous = tracking.load_tracker(Path(run_dir), cfg.tracking.per_client)
         uri = tracking.usable_tracking_uri(cfg, previous.tracking_uri if previous else tracking_uri)
     if resume and run_dir is not None:
+        refuse_links(Path(run_dir), cfg.federation.client_state_dir)
         reap(RunDir(run_dir).read_json(RAY_PROCESSES), str(run_dir))
     ray_mode = ensure_ray(cfg, address)
     if handle_sigterm:

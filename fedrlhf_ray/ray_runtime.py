@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -112,40 +113,88 @@ def ensure_ray(cfg: ExperimentConfig, address: str | None = None) -> str:
 
 def local_ray_processes() -> dict[str, Any]:
     """This process and the processes its local Ray started (pid and start time, so that a
-    reused pid is never mistaken for one of them)."""
+    reused pid is never mistaken for one of them), and the Ray session they belong to."""
     import psutil
 
     me = psutil.Process()
     children = [{"pid": c.pid, "started": c.create_time()} for c in me.children(recursive=True)]
-    return {"owner": {"pid": me.pid, "started": me.create_time()}, "processes": children}
+    sessions = {s for s in map(_session_of, me.children(recursive=True)) if s is not None}
+    return {
+        "owner": {"pid": me.pid, "started": me.create_time()},
+        "session": next(iter(sessions)) if len(sessions) == 1 else None,
+        "processes": children,
+    }
 
 
-def _alive(entry: dict[str, Any]) -> Any:
+def _alive(entry: Any) -> Any:
     import psutil
 
     try:
         proc = psutil.Process(int(entry["pid"]))
         if abs(proc.create_time() - float(entry["started"])) < 1e-3:
             return proc
-    except (psutil.Error, KeyError, TypeError, ValueError):
+    except (psutil.Error, KeyError, TypeError, ValueError, OverflowError):
         pass
     return None
+
+
+# A Ray session's folder (``<temp dir>/session_<date>_<time>_<pid>``): every process of a local
+# Ray names it in its command line or holds its log files open.
+_SESSION_RE = re.compile(r"/session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_\d+(?=/|$)")
+
+
+def _session_of(proc: Any) -> str | None:
+    import psutil
+
+    try:
+        texts = list(proc.cmdline()) + [f.path for f in proc.open_files()]
+    except psutil.Error:
+        return None
+    for text in texts:
+        found = _SESSION_RE.search(text)
+        if found:
+            return found.group(0).lstrip("/")  # the session's name: its date, time and pid
+    return None
+
+
+def _left_behind(proc: Any, session: str) -> bool:
+    """Whether ``proc`` is a process of the Ray session ``session`` that no live program owns:
+    it and every ancestor up to init are that session's (a dead run's Ray is reparented to
+    init; a live run's hangs under the program that started it)."""
+    import psutil
+
+    if _session_of(proc) != session:
+        return False
+    try:
+        ancestors = proc.parents()
+    except psutil.Error:
+        return False
+    return all(a.pid == 1 or _session_of(a) == session for a in ancestors)
 
 
 def reap(record: dict[str, Any] | None, run_dir: str) -> int:
     """Kill what is left of a dead run's local Ray; returns how many processes were killed.
 
-    A run whose process still lives is not touched: it is refused in one line."""
-    if not record:
+    ``record`` comes from a file in the run directory, which anyone may have edited: it names
+    candidates, never what to kill. A process dies only if it is alive with the recorded start
+    time, belongs to the recorded Ray session (its command line or open log files name that
+    session's folder) and nothing but that session and init lies above it. A run whose
+    process still lives is not touched: it is refused in one line."""
+    if not isinstance(record, dict):
         return 0
-    if _alive(record.get("owner", {})) is not None:
+    owner = _alive(record.get("owner"))
+    if owner is not None and owner.pid != os.getpid():
         raise UserError(
-            f"--resume {run_dir}: the run is still running (process {record['owner']['pid']}); stop it first"
+            f"--resume {run_dir}: the run is still running (process {owner.pid}); stop it first"
         )
+    session = record.get("session")
+    processes = record.get("processes")
+    if not isinstance(session, str) or not _SESSION_RE.search("/" + session) or not isinstance(processes, list):
+        return 0
     killed = 0
-    for entry in record.get("processes", []):
+    for entry in processes:
         proc = _alive(entry)
-        if proc is not None:
+        if proc is not None and proc.pid != os.getpid() and _left_behind(proc, session):
             try:
                 proc.kill()
                 killed += 1

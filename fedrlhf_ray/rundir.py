@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -54,9 +55,13 @@ class StorageError(UserError):
     """A file of the run could not be written (disk full, read-only, ...)."""
 
 
-def atomic_write(path: Path, data: bytes, durable: bool = True, recycle: Path | None = None) -> None:
+def atomic_write(
+    path: Path, data: bytes, durable: bool = True, recycle: Path | None = None, private: bool = False
+) -> None:
     """Write ``data`` to ``path`` all or nothing (temporary file, ``os.replace``); ``durable``
-    also fsyncs it first, else the caller syncs a batch of files at once.
+    also fsyncs it first, else the caller syncs a batch of files at once. ``private``: the file
+    is readable by its owner only (0600). A link planted at ``path`` is replaced, never
+    followed; the temporary file is created anew (a link planted there is refused).
 
     ``recycle`` names an obsolete file (gone afterwards either way) whose inode the write takes
     over: renamed to the temporary name and overwritten, which costs a sixth of creating a
@@ -67,9 +72,12 @@ def atomic_write(path: Path, data: bytes, durable: bool = True, recycle: Path | 
             if recycle is None:
                 raise FileNotFoundError
             os.replace(recycle, tmp)
-            fd = os.open(tmp, os.O_WRONLY)
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            tmp.unlink(missing_ok=True)  # a leftover of a killed writer with this pid
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if private else 0o666)
+        if private:
+            os.fchmod(fd, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -92,12 +100,15 @@ def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
         return
     size = path.stat().st_size if path.exists() else 0
     try:
-        with open(path, "a") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        with open(fd, "a") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
         try:
+            if path.is_symlink():
+                raise StorageError(f"could not write {path}: it is a symbolic link") from None
             if size:
                 os.truncate(path, size)
             else:
@@ -105,6 +116,23 @@ def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
         except OSError:
             pass
         raise StorageError(f"could not write {path}: {err.strerror or err}") from None
+
+
+def find_link(root: Path) -> Path | None:
+    """The first symbolic link, or file with another hard link, at or under ``root`` (never
+    followed), or None. A run directory holds neither: one planted there would make a resume
+    write, or read, a file outside it."""
+    if root.is_symlink():
+        return root
+    if not root.is_dir():
+        return None
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            path = Path(folder) / name
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink > 1):
+                return path
+    return None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
