@@ -227,7 +227,9 @@ class FederatedDriver:
         for key in sorted({name for u in updates for name in u.metrics}):
             values = [u.metrics[key] for u in updates if key in u.metrics]
             metrics[f"{key}/mean"] = float(np.nanmean(values)) if values else float("nan")
-        client_rows: list[dict[str, Any]] = [
+        # Under DP, who was sampled is part of the secret the accountant's amplification by
+        # sampling relies on: only the counts above are logged, no client's training row.
+        client_rows: list[dict[str, Any]] = [] if self.cfg.privacy.dp.enabled else [
             {"round": r, "client": u.client_id, "kind": "train", **u.metrics} for u in updates
         ]
         # A run the strategy will stop before the next round ends with this one: evaluate it.
@@ -282,7 +284,12 @@ class FederatedDriver:
         for r in rounds:
             try:
                 state = self.run_dir.load_checkpoint(r)
-            except StateFileError as err:
+                weights = {str(k): np.asarray(v) for k, v in state["global_weights"].items()}
+                expected = {k: np.shape(v) for k, v in self.global_weights.items()}
+                if {k: v.shape for k, v in weights.items()} != expected:
+                    raise ValueError("its global weights do not fit the model")
+                self.strategy.load_state(state["strategy"])
+            except (StateFileError, KeyError, TypeError, ValueError, AttributeError) as err:
                 warn(f"the checkpoint of round {r} is damaged ({err}); falling back to the one before")
                 continue
             groups = self.pool.by_host(self.training_clients)
@@ -292,8 +299,7 @@ class FederatedDriver:
                 warn(f"client records of round {r} are damaged (clients {damaged[:5]}); falling back to the one before")
                 continue
             self.round = r
-            self.global_weights = {k: np.asarray(v) for k, v in state["global_weights"].items()}
-            self.strategy.load_state(state["strategy"])
+            self.global_weights = weights
             self.run_dir.truncate_metrics(r)
             return r
         what = f"{len(rounds)} checkpoint(s), none usable" if rounds else "no checkpoint"

@@ -240,7 +240,8 @@ class RunDir:
 
     def save_checkpoint(self, round_index: int, state: dict[str, Any]) -> None:
         """Commit round ``round_index``'s checkpoint, then drop all but the last two."""
-        atomic_write(self.checkpoint_path(round_index), state_codec.dumps(state))
+        # Private: it holds the strategy's state, e.g. DP's secret.
+        atomic_write(self.checkpoint_path(round_index), state_codec.dumps(state), private=True)
         for old in self.checkpoint_rounds()[CHECKPOINTS_KEPT:]:
             self.checkpoint_path(old).unlink(missing_ok=True)
 

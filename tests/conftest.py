@@ -114,6 +114,27 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
+@pytest.fixture(scope="session")
+def quickstart_runs(tmp_path_factory, ray_session):
+    """``run(*overrides)``: the quickstart (``tune_configs/quickstart.yaml``, tracking off,
+    evaluated at round 0 and after the last round) with ``overrides``, run once per session and
+    shared by the tests that check what it learns."""
+    import functools
+
+    from fedrlhf_ray.config import load_config
+    from fedrlhf_ray.experiment import run_experiment
+
+    root = tmp_path_factory.mktemp("quickstart")
+
+    @functools.cache
+    def run(*overrides: str):
+        sets = ["evaluation.every_n_rounds=100", "tracking.enabled=false", *overrides]
+        cfg = load_config(REPO_ROOT / "tune_configs" / "quickstart.yaml", sets)
+        return run_experiment(cfg, run_dir=root / f"run-{run.cache_info().currsize}")
+
+    return run
+
+
 TINY_OVERRIDES = {
     "clients.num_clients": 2,
     "ray.num_workers": 1,

@@ -35,10 +35,11 @@ def updates(n: int, scale: float, seed: int = 0) -> list[dict[str, np.ndarray]]:
 
 
 PLAN = RoundPlan(1, (0, 1), 2, 2)
+SIZE = sum(v.size for v in GLOBAL.values())
 
 
 def dp(**kw) -> DifferentialPrivacy:
-    settings = {"noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5, "seed": 0, **kw}
+    settings = {"noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-5, **kw}
     return DifferentialPrivacy(FedAvg(), **settings)
 
 
@@ -66,7 +67,7 @@ def test_noise_on_the_mean_has_std_sigma_c_over_m():
     zero = {k: np.zeros(v.shape) for k, v in GLOBAL.items()}
     rng = np.random.default_rng(0)
     draws = np.concatenate([
-        np.concatenate([v.ravel() for v in noised_mean_step(GLOBAL, zero, sigma * clip, m, rng).values()])
+        np.concatenate([v.ravel() for v in noised_mean_step(GLOBAL, zero, sigma * clip, m, rng.standard_normal(SIZE)).values()])
         for _ in range(2000)
     ])  # 46,000 values: the sample std is within 1 % of the true one with overwhelming probability
     assert draws.std() == pytest.approx(sigma * clip / m, rel=0.02)
@@ -274,3 +275,43 @@ def test_the_noise_secret_is_made_once_kept_and_checked(tmp_path):
     (tmp_path / "client-000003" / "noise.key").write_bytes(b"short")
     with pytest.raises(StateFileError, match="damaged"):
         ClientStore(tmp_path).noise_secret(3)
+
+
+def test_central_noise_and_sampling_are_secret_from_whoever_knows_the_seed():
+    """The release minus the noise an attacker recomputes from the config's seed (as the noise
+    once was drawn) keeps all of the true noise; two strategies draw different secrets; the
+    secret is in the checkpointed state only, never in the metrics."""
+    from fedrlhf_ray.seeding import derive_rng
+
+    releases = []
+    for _ in range(2):
+        strategy = dp(noise_multiplier=1.0, clip_norm=1.0)
+        plan = RoundPlan(1, tuple(range(10)), 10, 10)
+        new = strategy.aggregate(plan, GLOBAL, [], [])
+        releases.append(np.concatenate([(new[k] - GLOBAL[k]).ravel() for k in GLOBAL]).astype(np.float64))
+        guessed = derive_rng(0, "dp-noise", 1)
+        recomputed = np.concatenate([guessed.standard_normal(v.shape).ravel() for v in GLOBAL.values()]) / 10
+        residual = releases[-1] - recomputed
+        assert residual.std() > 0.9 * releases[-1].std()  # the guess removes none of the noise
+        assert "privacy/secret" not in strategy.round_metrics()
+        assert bytes.fromhex(strategy.state()["secret"]) == strategy.secret
+    assert not np.allclose(releases[0], releases[1])
+    # Sampling ignores the public generator it is handed.
+    a, b = dp(), dp()
+    public = [a.plan_round(r, list(range(40)), 20, np.random.default_rng(0)).sampled for r in range(1, 6)]
+    assert public != [b.plan_round(r, list(range(40)), 20, np.random.default_rng(0)).sampled for r in range(1, 6)]
+
+
+def test_a_restored_strategy_repeats_its_noise_and_sample():
+    first = dp(noise_multiplier=1.0)
+    second = dp(noise_multiplier=1.0)
+    second.load_state(first.state())
+    plan_a = first.plan_round(3, list(range(30)), 10, np.random.default_rng(1))
+    plan_b = second.plan_round(3, list(range(30)), 10, np.random.default_rng(2))
+    assert plan_a == plan_b
+    ups = updates(len(plan_a.sampled), 0.3, seed=3)
+    out_a = first.aggregate(plan_a, GLOBAL, ups, [1] * len(ups))
+    out_b = second.aggregate(plan_b, GLOBAL, ups, [1] * len(ups))
+    assert all(np.array_equal(out_a[k], out_b[k]) for k in GLOBAL)
+    with pytest.raises(ValueError, match="lacks its secret"):
+        dp().load_state({k: v for k, v in first.state().items() if k != "secret"})

@@ -154,17 +154,10 @@ def test_resume_repeats_an_uninterrupted_run(ray_session, tmp_path):
 
 
 @pytest.mark.slow
-def test_federated_rlhf_closes_half_the_gap(ray_session, tmp_path):
-    cfg = validate_config(
-        {
-            "seed": 0,
-            "clients": {"num_clients": 5, "formation": "group", "users_per_client": 4},
-            "federation": {"rounds": 8},
-            "ray": {"num_workers": 2},
-            "tracking": {"enabled": False},
-        }
-    )
-    result = run_experiment(cfg, run_dir=tmp_path / "run")
+def test_federated_rlhf_closes_half_the_gap(quickstart_runs):
+    """The quickstart (5 clients of 4 users, 8 rounds of FedAvg); its run is shared with
+    ``test_robust_learning``'s clean FedAvg run."""
+    result = quickstart_runs("federation.strategy=fedavg")
     first, last = result.initial, result.final
     rand, oracle = last["eval/random_hit_rate/mean"], last["eval/oracle_hit_rate/mean"]
     closed = (last["eval/liked_hit_rate/mean"] - rand) / (oracle - rand)

@@ -14,13 +14,7 @@ has every strategy × attack; these are the claims it makes that a test holds to
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-
-from fedrlhf_ray.config import load_config
-from fedrlhf_ray.experiment import run_experiment
-from tests.conftest import REPO_ROOT
 
 ATTACKS = {"sign_flip": ["attack.kind=sign_flip"], "scale": ["attack.kind=scale", "attack.scale=10"]}
 STRATEGIES = {
@@ -30,31 +24,29 @@ STRATEGIES = {
 }
 
 
-@functools.cache
-def liked_hit(tmp_root: str, strategy: str, attack: str | None) -> float:
-    overrides = ["evaluation.every_n_rounds=100", "tracking.enabled=false", *STRATEGIES[strategy],
-                 *(ATTACKS[attack] if attack else [])]
-    cfg = load_config(REPO_ROOT / "tune_configs" / "quickstart.yaml", overrides)
-    result = run_experiment(cfg, run_dir=f"{tmp_root}/{strategy}-{attack}")
-    return float(result.final["eval/liked_hit_rate/mean"])
-
-
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("robust"))
+def liked_hit(quickstart_runs):
+    """The final mean liked-hit rate of the quickstart under a strategy and an attack (or none);
+    the clean FedAvg run is the one ``test_federated`` checks."""
+
+    def final(strategy: str, attack: str | None) -> float:
+        result = quickstart_runs(*STRATEGIES[strategy], *(ATTACKS[attack] if attack else []))
+        return float(result.final["eval/liked_hit_rate/mean"])
+
+    return final
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_fedavg_degrades_under_attack(ray_session, root, attack):
-    clean, attacked = liked_hit(root, "fedavg", None), liked_hit(root, "fedavg", attack)
+def test_fedavg_degrades_under_attack(liked_hit, attack):
+    clean, attacked = liked_hit("fedavg", None), liked_hit("fedavg", attack)
     assert attacked < clean - 0.10, (clean, attacked)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "attack"), [("median", "scale"), ("multi_krum", "sign_flip")])
-def test_robust_strategies_stay_near_their_clean_run(ray_session, root, strategy, attack):
-    clean, attacked = liked_hit(root, strategy, None), liked_hit(root, strategy, attack)
+def test_robust_strategies_stay_near_their_clean_run(liked_hit, strategy, attack):
+    clean, attacked = liked_hit(strategy, None), liked_hit(strategy, attack)
     assert attacked >= clean - 0.05, (strategy, clean, attacked)
-    fedavg_loss = liked_hit(root, "fedavg", None) - liked_hit(root, "fedavg", attack)
+    fedavg_loss = liked_hit("fedavg", None) - liked_hit("fedavg", attack)
     assert clean - attacked < fedavg_loss - 0.1, (strategy, clean - attacked, fedavg_loss)

@@ -41,7 +41,6 @@ def layers(cfg: ExperimentConfig) -> Callable[[Strategy], Strategy] | None:
             noise_multiplier=float(dp.noise_multiplier),
             clip_norm=float(dp.clip_norm),
             delta=float(dp.delta),
-            seed=int(cfg.seed),
             target_epsilon=None if dp.target_epsilon is None else float(dp.target_epsilon),
             adaptive_clipping=bool(dp.adaptive_clipping),
             target_quantile=float(dp.target_quantile),

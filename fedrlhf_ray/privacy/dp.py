@@ -38,8 +38,11 @@ Gaussian would; not built here).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import logging
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,14 +52,15 @@ import numpy as np
 from dp_accounting.rdp import RdpAccountant
 
 from fedrlhf_ray.local_trainer import ClientDP, RoundInstructions, Weights
-from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
+from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY, client_noise
 from fedrlhf_ray.schema import DPConfig
-from fedrlhf_ray.seeding import derive_rng
+from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import RoundPlan, StrategyWrapper, delta_norms
 
 MODES = ("central", "distributed")
 
 RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+SECRET_BYTES = 32
 
 
 
@@ -128,17 +132,42 @@ def noised_mean_step(
     delta_sum: Mapping[str, np.ndarray],
     noise_stddev: float,
     denominator: float,
-    rng: np.random.Generator,
+    normals: np.ndarray,
 ) -> Weights:
-    """global + (Σ + N(0, noise_stddev² I)) / denominator, in the global weights' dtypes."""
+    """global + (Σ + N(0, noise_stddev² I)) / denominator, in the global weights' dtypes;
+    ``normals``: standard normal draws, one per coordinate of the global weights in their order."""
     out: Weights = {}
+    start = 0
     for k, value in global_weights.items():
         g = np.asarray(value)
-        noise = noise_stddev * rng.standard_normal(g.shape)
+        noise = noise_stddev * normals[start : start + g.size].reshape(g.shape)
+        start += g.size
         step = (np.asarray(delta_sum[k]) + noise) / denominator
         dtype = g.dtype if np.issubdtype(g.dtype, np.floating) else np.dtype(np.float64)
         out[k] = (g.astype(np.float64) + step).astype(dtype, copy=False)
     return out
+
+
+def new_secret() -> bytes:
+    """The driver's DP secret: 32 bytes of the operating system's entropy, drawn when the run
+    starts and kept only in the driver's checkpoint (never logged), so nobody holding the config
+    and the released models can recompute the noise or who was sampled."""
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def secret_normals(secret: bytes, purpose: str, round_index: int, size: int) -> np.ndarray:
+    """``size`` standard normal draws for ``purpose`` in round ``round_index`` that only the
+    holder of ``secret`` can compute (the ChaCha20 stream of :func:`client_noise` under a key
+    derived for the purpose)."""
+    key = hmac.new(secret, f"fedrlhf driver {purpose}".encode(), hashlib.sha256).digest()
+    return client_noise(key, round_index, size)
+
+
+def secret_rng(secret: bytes, purpose: str, round_index: int) -> np.random.Generator:
+    """A generator for ``purpose`` in round ``round_index`` seeded with 256 bits derived from
+    ``secret`` (Poisson sampling: the sample itself is never released, only its size)."""
+    key = hmac.new(secret, f"fedrlhf driver {purpose} round {round_index}".encode(), hashlib.sha256).digest()
+    return np.random.default_rng(np.random.SeedSequence(int.from_bytes(key, "big")))
 
 
 def round_step(
@@ -174,7 +203,6 @@ class DifferentialPrivacy(StrategyWrapper):
     noise_multiplier: float
     clip_norm: float
     delta: float
-    seed: int
     target_epsilon: float | None = None
     adaptive_clipping: bool = False
     target_quantile: float = 0.5
@@ -184,6 +212,9 @@ class DifferentialPrivacy(StrategyWrapper):
     clients_clip: bool = False
     # One (sampling rate, update noise multiplier, count noise multiplier or None) per release.
     steps: list[tuple[float, float, float | None]] = field(default_factory=list)
+    # The noise and the sample come from here, not from the config's seed (see new_secret;
+    # drawn when the strategy is made, unless given).
+    secret: bytes = field(default=b"", repr=False)
     _metrics: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -191,13 +222,18 @@ class DifferentialPrivacy(StrategyWrapper):
             raise ValueError(f"privacy.dp.mode: got {self.mode!r} — allowed: {', '.join(MODES)}")
         if self.mode == "distributed":
             self.clients_clip = True
+        if not self.secret:
+            self.secret = new_secret()
 
     # -- sampling and accounting ---------------------------------------------------------------
     def _step_for(self, pool_size: int, count: int) -> tuple[float, float, float | None]:
         return round_step(self.noise_multiplier, pool_size, count, self.adaptive_clipping, self.clipped_count_stddev)
 
     def plan_round(self, round_index: int, pool: Sequence[int], count: int, rng: np.random.Generator) -> RoundPlan:
-        """Poisson sampling: each client of ``pool`` independently with probability count/|pool|."""
+        """Poisson sampling: each client of ``pool`` independently with probability count/|pool|,
+        drawn from the secret (``rng``, the config seed's stream, is public: the accountant's
+        amplification by sampling holds only while who was sampled stays unknown)."""
+        rng = secret_rng(self.secret, "sample", round_index)
         plan = RoundPlan(round_index, (), len(pool), count)
         chosen = rng.random(len(pool)) < plan.sampling_rate
         return dataclasses.replace(plan, sampled=tuple(int(c) for c, take in zip(pool, chosen, strict=True) if take))
@@ -291,14 +327,15 @@ class DifferentialPrivacy(StrategyWrapper):
                 step = (rate, update_noise * kept, None if count_stddev is None else count_stddev * kept)
         self.steps.append(step)
         clip = self.clip_norm
-        rng = derive_rng(self.seed, "dp-noise", plan.round_index)
-        new = noised_mean_step(global_weights, delta_sum, driver_share * update_noise * clip, plan.expected, rng)
+        size = sum(int(np.asarray(v).size) for v in global_weights.values())
+        normals = secret_normals(self.secret, "dp-noise", plan.round_index, size + 1)
+        new = noised_mean_step(global_weights, delta_sum, driver_share * update_noise * clip, plan.expected, normals)
         self._metrics = {
             "privacy/clip_norm": clip,
             "privacy/noise_stddev": step[1] * clip / plan.expected,
         }
         if count_stddev is not None:
-            share = (unclipped + driver_share * count_stddev * float(rng.standard_normal())) / plan.expected
+            share = (unclipped + driver_share * count_stddev * float(normals[size])) / plan.expected
             self.clip_norm = clip * math.exp(-self.clip_learning_rate * (share - self.target_quantile))
             self._metrics["privacy/unclipped_share_noised"] = share
         return new
@@ -311,9 +348,14 @@ class DifferentialPrivacy(StrategyWrapper):
             "inner": self.inner.state(),
             "steps": [list(step) for step in self.steps],
             "clip_norm": self.clip_norm,
+            "secret": self.secret.hex(),
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.inner.load_state(state.get("inner", {}))
         self.steps = [(float(a), float(b), None if c is None else float(c)) for a, b, c in state.get("steps", [])]
         self.clip_norm = float(state.get("clip_norm", self.clip_norm))
+        secret = state.get("secret")
+        if not isinstance(secret, str) or len(secret) != 2 * SECRET_BYTES:
+            raise StateFileError("the checkpoint's DP state lacks its secret (written by an older version?)")
+        self.secret = bytes.fromhex(secret)
