@@ -56,8 +56,8 @@ def movielens_audit_cfg(data, *extra, **dp):
     return load_config(REPO_ROOT / "tune_configs" / "movielens_paper.yaml", overrides)
 
 
-def audited(cfg, tmp_path, name):
-    result = run_experiment(cfg, run_dir=tmp_path / name, driver_cls=AuditedDriver)
+def audited(cfg, tmp_path, name, **kw):
+    result = run_experiment(cfg, run_dir=tmp_path / name, driver_cls=AuditedDriver, **kw)
     return result.run_dir.round_metrics(1), [r for r in result.run_dir.client_metrics() if r.get("kind") == "audit"]
 
 
@@ -73,12 +73,16 @@ def test_plain_fedavg_updates_give_the_rated_movies_away(ray_session, shared_dat
 
 
 @pytest.mark.slow
-def test_dp_noise_drives_the_released_models_leak_towards_chance(ray_session, shared_data, tmp_path):
+def test_dp_noise_drives_the_released_models_leak_towards_chance(ray_session, shared_data, tmp_path, monkeypatch):
     """Central DP protects what is published, not the updates from the driver that adds the noise."""
+    from fedrlhf_ray.privacy import dp
+
+    # The driver's DP secret, fixed (its driver runs in this process) so that the AUCs are too.
+    monkeypatch.setattr(dp, "new_secret", lambda: bytes(range(32)))
     aucs = {}
     for sigma in (0.001, 0.01, 1.0):
         cfg = movielens_audit_cfg(shared_data, noise_multiplier=sigma, clip_norm=1.0)
-        metrics, _ = audited(cfg, tmp_path, f"dp{sigma}")
+        metrics, _ = audited(cfg, tmp_path, f"dp{sigma}", in_process_driver=True)
         aucs[sigma] = metrics["audit/release/auc/mean"]
         assert metrics["audit/update/auc/mean"] >= 0.7  # the driver still sees each update in the clear
     # Measured: 0.805, 0.622, then chance (plain dense FedAvg's release: 0.808).
