@@ -25,6 +25,7 @@ import ray
 from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.privacy.client_policy import ClientPolicy
 from fedrlhf_ray.privacy.secagg import MaskingClient
 from fedrlhf_ray.process_setup import install_process
 from fedrlhf_ray.state_codec import StateFileError
@@ -43,8 +44,11 @@ class ClientHost:
         store_root: str,
         personal_prefixes: Collection[str] = (),
         attack: Attack | None = None,
+        policy: ClientPolicy | None = None,
     ) -> None:
         install_process()
+        # What this host's clients enforce whatever a round asks (set here, at creation).
+        self.policy = policy or ClientPolicy()
         self.trainer = trainer_factory()
         self.store = ClientStore(store_root)
         self.personal_prefixes = tuple(personal_prefixes)
@@ -124,6 +128,7 @@ class ClientHost:
         self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions,
         keep_from: int,
     ) -> ClientUpdate:
+        self.policy.check_plain(client_id, round_index, instructions)
         out = self._train(round_index, client_id, global_weights, instructions, keep_from)
         sent = apply_transforms(out, plain_transforms(instructions, self.attack, self.store.noise_secret))
         assert sent is not None, "DP and attacks always send an update"
@@ -175,6 +180,8 @@ class ClientHost:
         threshold: int,
     ) -> dict[int, dict[int, bytes]]:
         """Each client's sealed shares, by recipient (only the recipient can open them)."""
+        for c in client_ids:
+            self.policy.check_threshold(c, round_index, threshold, len(neighbour_keys[c]))
         return {c: self.masking[c].make_shares(neighbour_keys[c], threshold) for c in client_ids}
 
     def train_masked(
@@ -185,8 +192,12 @@ class ClientHost:
         vector. ``active``: the clients whose shares went out, the only ones masks are agreed with."""
         sent: list[MaskedUpdate] = []
         for c in client_ids:
-            out = self._train(round_index, c, global_weights, instructions, keep_from)
             masking = self.masking[c]
+            self.policy.check_dp(c, round_index, instructions)
+            self.policy.check_active(
+                c, round_index, set(masking.neighbours), set(active), set(held.get(c, {})), masking.threshold
+            )
+            out = self._train(round_index, c, global_weights, instructions, keep_from)
             masking.keep_shares(held.get(c, {}))
             transforms = masked_transforms(
                 instructions, self.attack, self.store.noise_secret, masking, active, fraction_bits

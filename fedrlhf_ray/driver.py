@@ -42,6 +42,7 @@ from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.host_pool import HostPool
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, RoundInstructions, Weights
 from fedrlhf_ray.metrics import summarize
+from fedrlhf_ray.privacy.client_policy import ClientPolicy
 from fedrlhf_ray.privacy.secagg import SecAggError
 from fedrlhf_ray.rundir import CLIENT_STORE, WARNING_PREFIX, RunDir, warn
 from fedrlhf_ray.schema import ExperimentConfig
@@ -127,6 +128,7 @@ class FederatedDriver:
         self.pool = HostPool(
             [trainer_factory(w, num_hosts) for w in range(num_hosts)], str(self.store_root), self.prefixes,
             Attack.from_config(cfg), cfg.ray.cpus_per_worker, received=self._received,
+            policy=ClientPolicy.from_config(cfg),
         )
         self.global_weights: Weights = self.pool.first("initial_weights")
         sparse = sparse_keys_of(self.global_weights) if fed.sparse_rows else []

@@ -19,16 +19,35 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client import ClientActor
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.local_trainer import LocalTrainer
+from fedrlhf_ray.privacy.client_policy import ClientPolicy
 from fedrlhf_ray.rundir import warn
 
 # Building a client actor loads its clients' data and an RLlib algorithm: seconds, not minutes.
 ACTOR_START_TIMEOUT_S = 300.0
+
+
+def client_error(err: Exception) -> Exception:
+    """A client actor's own one-line error (a refusal, a full disk, bad data) as itself, not as
+    Ray's wrapper with the actor's traceback; any other error as it came."""
+    cause = getattr(err, "cause", None)
+    if isinstance(err, RayTaskError) and isinstance(cause, UserError):
+        return cause
+    return err
+
+
+def _get(ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except RayActorError:
+        raise
+    except RayTaskError as err:
+        raise client_error(err) from None
 
 
 class HostPool:
@@ -42,6 +61,7 @@ class HostPool:
         attack: Attack | None,
         cpus_per_host: float,
         received: Callable[[Any], Any],
+        policy: ClientPolicy | None = None,
     ) -> None:
         self.received = received
         self.cpus_per_host = cpus_per_host
@@ -51,7 +71,7 @@ class HostPool:
         # ray.remote(class) cannot express, so the handles are typed Any.
         self.hosts: list[Any] = [
             ClientActor.options(num_cpus=cpus_per_host, max_restarts=-1, max_task_retries=0).remote(
-                factory, store_root, personal_prefixes, attack
+                factory, store_root, personal_prefixes, attack, policy
             )
             for factory in trainer_factories
         ]
@@ -101,7 +121,7 @@ class HostPool:
 
     def first(self, method: str) -> Any:
         """``host.method()`` of the first host (every host builds the same policy)."""
-        return self.received(ray.get(getattr(self.hosts[0], method).remote()))
+        return self.received(_get(getattr(self.hosts[0], method).remote()))
 
     def _fetch(self, refs: dict[int, Any]) -> tuple[dict[int, Any], list[int]]:
         """Every host's reply (through ``received``) and the hosts whose actor died. Every
@@ -116,7 +136,7 @@ class HostPool:
             except RayActorError:
                 lost.append(h)
             except Exception as err:  # noqa: BLE001 - re-raised below
-                error = error or err
+                error = error or client_error(err)
         if error is not None:
             raise error
         return replies, lost
@@ -155,7 +175,7 @@ class HostPool:
                 if not self.await_restart(h):
                     raise RayActorError()
                 retry = getattr(self.hosts[h], method).remote(round_index, groups[h], *rest)
-                replies[h] = self.received(ray.get(retry))
+                replies[h] = self.received(_get(retry))
             except RayActorError:
                 # Lost twice: the round goes on without these clients; Ray restarts the host
                 # again, and later calls must find it up.
@@ -184,7 +204,7 @@ class HostPool:
             stream: Any = ready[0]  # an ObjectRefGenerator; ray.wait is typed for ObjectRefs only
             h, ids, first_try = streams[stream]
             try:
-                item = self.received(ray.get(next(stream)))
+                item = self.received(_get(next(stream)))
             except StopIteration:
                 del streams[stream]
                 continue

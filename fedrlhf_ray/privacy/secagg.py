@@ -156,6 +156,7 @@ class MaskingClient:
     channel_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     self_seed: bytes = field(default_factory=lambda: os.urandom(32))
     neighbours: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (mask pk, channel pk)
+    threshold: int = 0  # shares needed to rebuild its secrets, as it split them
     held: dict[int, bytes] = field(default_factory=dict)  # shares other clients gave this one, sealed
 
     def public_keys(self) -> tuple[bytes, bytes]:
@@ -174,6 +175,7 @@ class MaskingClient:
     def make_shares(self, neighbours: Mapping[int, tuple[bytes, bytes]], threshold: int) -> dict[int, bytes]:
         """Sealed shares of b and of the mask private key, one ciphertext per neighbour."""
         self.neighbours = dict(neighbours)
+        self.threshold = threshold
         order = sorted(self.neighbours)
         private = self.mask_key.private_bytes(_RAW, _PRIVATE, serialization.NoEncryption())
         b_shares = split_secret(self.self_seed, threshold, len(order))

@@ -1,0 +1,131 @@
+"""What a client enforces on its own, whatever the driver asks in a round.
+
+A client actor gets its :class:`ClientPolicy` when it is created, from the experiment config
+(the federation's setup, which its clients agreed to); no argument of a round can change it.
+Every instruction weaker than the policy is refused — one line, raised in the client actor, so
+the round fails and nothing of the client's update leaves:
+
+- under secure aggregation, an unmasked update is never sent; a share threshold below the
+  policy's rule (more than half of the client's neighbours, and ``secagg_threshold`` of them),
+  and a round whose ``active`` set disagrees with the shares the client holds (a driver that
+  says no neighbour is active would get an update masked by its self-mask alone, which the
+  b-shares then remove) are refused;
+- under DP where the clients clip (distributed noise, or a secure sum), the round must carry
+  DP instructions with a finite positive clip; in distributed mode each client's noise must be
+  at least its share of σ·C for the largest cohort the config allows, σ·C/√K (the driver cannot
+  talk it down to σ = 0, or to a smaller σ, by its instruction or by overstating the cohort).
+
+What it does not yet stop (see ``docs/privacy.md``, threat model): a driver that reports
+different survivor sets to different clients, or substitutes public keys; signed key
+advertisements and a consistency round are the protocol's defence against those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.local_trainer import RoundInstructions
+from fedrlhf_ray.privacy.secagg import share_threshold
+from fedrlhf_ray.schema import ExperimentConfig
+
+# Slack for the float arithmetic of the driver's σ·C/√m against the floor σ·C/√K.
+_RELATIVE_SLACK = 1e-9
+
+
+class ClientRefused(UserError):
+    """A client refused a round's instruction that would weaken its privacy."""
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """See the module docstring. ``noise_ratio``: the least noise per unit of clip a client adds
+    (σ_Δ/√K; 0 when the clients add none); ``count_ratio`` the same for adaptive clipping's
+    not-clipped bit (σ_b/√K)."""
+
+    secure_aggregation: bool = False
+    threshold_fraction: float = 0.5
+    clients_clip: bool = False
+    noise_ratio: float = 0.0
+    count_ratio: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> ClientPolicy:
+        p, dp = cfg.privacy, cfg.privacy.dp
+        if not dp.enabled:
+            return cls(p.secure_aggregation, float(p.secagg_threshold))
+        pool = 1 if cfg.federation.baseline == "centralized" else cfg.clients.num_clients
+        from fedrlhf_ray.privacy.dp import round_step  # dp_accounting: only when DP is on
+
+        _, update_noise, count_stddev = round_step(
+            float(dp.noise_multiplier), pool, cfg.clients_per_round_count(pool), bool(dp.adaptive_clipping),
+            None if dp.clipped_count_stddev is None else float(dp.clipped_count_stddev),
+        )
+        distributed = dp.mode == "distributed"
+        return cls(
+            secure_aggregation=p.secure_aggregation,
+            threshold_fraction=float(p.secagg_threshold),
+            clients_clip=distributed or p.secure_aggregation,
+            noise_ratio=update_noise / math.sqrt(pool) if distributed else 0.0,
+            count_ratio=(count_stddev or 0.0) / math.sqrt(pool) if distributed else 0.0,
+        )
+
+    def check_plain(self, client_id: int, round_index: int, instructions: RoundInstructions) -> None:
+        """Before a plain (unmasked) update is trained and sent."""
+        if self.secure_aggregation:
+            raise ClientRefused(
+                f"client {client_id} refused round {round_index}: it takes part under secure aggregation "
+                "and never sends an unmasked update"
+            )
+        self.check_dp(client_id, round_index, instructions)
+
+    def check_dp(self, client_id: int, round_index: int, instructions: RoundInstructions) -> None:
+        """The round's DP instructions against the policy."""
+        if not self.clients_clip:
+            return
+        dp = instructions.dp
+        refused = f"client {client_id} refused round {round_index}"
+        if dp is None:
+            raise ClientRefused(f"{refused}: its privacy settings need it to clip (and noise) its update, "
+                                "and the round asked for no DP")
+        if not (math.isfinite(dp.clip) and dp.clip > 0):
+            raise ClientRefused(f"{refused}: clip norm {dp.clip!r} is not a positive finite number")
+        floor = self.noise_ratio * dp.clip
+        if not math.isfinite(dp.noise_stddev) or dp.noise_stddev < floor * (1 - _RELATIVE_SLACK):
+            raise ClientRefused(
+                f"{refused}: noise std {dp.noise_stddev:g} for clip {dp.clip:g} is below its floor {floor:g} "
+                "(privacy.dp.noise_multiplier over the largest cohort)"
+            )
+        count_floor = self.count_ratio * (1 - _RELATIVE_SLACK)
+        if self.count_ratio > 0 and (
+            not dp.count or not math.isfinite(dp.count_stddev) or dp.count_stddev < count_floor
+        ):
+            raise ClientRefused(
+                f"{refused}: the adaptive-clipping count's noise is below its floor {self.count_ratio:g}"
+            )
+
+    def check_threshold(self, client_id: int, round_index: int, threshold: int, degree: int) -> None:
+        """Before a client shares its secrets among ``degree`` neighbours, ``threshold`` of them
+        needed to rebuild each."""
+        least = share_threshold(degree, self.threshold_fraction)
+        if degree < 2 or threshold < least or threshold > degree:
+            raise ClientRefused(
+                f"client {client_id} refused round {round_index}: share threshold {threshold} of {degree} "
+                f"neighbours (it needs {least} to {degree}, with at least 2 neighbours)"
+            )
+
+    def check_active(
+        self, client_id: int, round_index: int, neighbours: set[int], active: set[int], senders: set[int],
+        threshold: int,
+    ) -> None:
+        """Before a masked update leaves: the neighbours the driver calls active are exactly those
+        whose shares this client holds, and at least ``threshold`` of them (else its masks could
+        be removed, or its secrets rebuilt by fewer than the threshold)."""
+        claimed = neighbours & active
+        if claimed != senders or len(claimed) < threshold:
+            raise ClientRefused(
+                f"client {client_id} refused round {round_index}: the round's active neighbours "
+                f"({len(claimed)}) are not the {len(senders)} whose shares it holds, or fewer than its "
+                f"threshold {threshold}"
+            )

@@ -1,0 +1,146 @@
+"""A driver that deviates in what it sends the real client hosts: each client enforces the
+privacy settings it was created with and refuses, in one line, before anything of its update
+leaves (issue 18's malicious-driver harness for the instructions, thresholds and active sets)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from fedrlhf_ray.client import ClientHost
+from fedrlhf_ray.config import validate_config
+from fedrlhf_ray.driver import FederatedDriver
+from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.experiment import run_experiment
+from fedrlhf_ray.local_trainer import ClientDP, RoundInstructions
+from fedrlhf_ray.privacy.client_policy import ClientPolicy, ClientRefused
+from fedrlhf_ray.privacy.dp import round_step
+from fedrlhf_ray.torch_trainer import MLPTrainerFactory, mlp_trainer_factory
+
+K, SEED = 6, 2
+SIGMA, CLIP = 1.2, 0.5
+
+
+def config(**privacy):
+    return validate_config({
+        "seed": SEED, "clients": {"num_clients": K}, "federation": {"rounds": 2, "sparse_rows": False},
+        "ray": {"num_workers": 1}, "tracking": {"enabled": False}, "privacy": privacy,
+    })
+
+
+DISTRIBUTED = {"dp": {"enabled": True, "mode": "distributed", "noise_multiplier": SIGMA, "clip_norm": CLIP}}
+
+
+@pytest.fixture
+def host(tmp_path):
+    def make(cfg) -> ClientHost:
+        return ClientHost(MLPTrainerFactory(K, 0, 1, seed=SEED), str(tmp_path / "store"), (), None,
+                          ClientPolicy.from_config(cfg))
+
+    return make
+
+
+def honest_dp(m: int = K) -> RoundInstructions:
+    _, update_noise, _ = round_step(SIGMA, K, K, False, None)
+    return RoundInstructions(dp=ClientDP(clip=CLIP, noise_stddev=update_noise * CLIP / math.sqrt(m)))
+
+
+def nothing_stored(tmp_path) -> bool:
+    return not list((tmp_path / "store").rglob("round-*.npz"))
+
+
+@pytest.mark.parametrize("lie", [
+    RoundInstructions(),  # no DP at all
+    RoundInstructions(dp=ClientDP(clip=CLIP, noise_stddev=0.0)),  # σ = 0
+    RoundInstructions(dp=ClientDP(clip=CLIP, noise_stddev=0.5 * SIGMA * CLIP / math.sqrt(K))),  # half σ
+    RoundInstructions(dp=ClientDP(clip=100 * CLIP, noise_stddev=SIGMA * CLIP / math.sqrt(K))),  # C × 100, same noise
+    RoundInstructions(dp=ClientDP(clip=float("inf"), noise_stddev=1.0)),
+    RoundInstructions(dp=ClientDP(clip=CLIP, noise_stddev=float("nan"))),
+])
+def test_distributed_dp_clients_refuse_weaker_noise_than_their_own_settings(host, tmp_path, lie):
+    client = host(config(**DISTRIBUTED))
+    weights = client.initial_weights()
+    with pytest.raises(ClientRefused) as info:
+        client.train_client(1, 0, weights, lie, keep_from=0)
+    assert "client 0 refused round 1" in str(info.value) and "\n" not in str(info.value)
+    assert nothing_stored(tmp_path)
+
+
+def test_the_honest_share_passes_for_every_cohort_up_to_k(host):
+    client = host(config(**DISTRIBUTED))
+    weights = client.initial_weights()
+    for m in (3, K):  # Poisson sampling: fewer clients each add more
+        update = client.train_client(m, 0, weights, honest_dp(m), keep_from=0)
+        assert update.client_id == 0
+
+
+def test_adaptive_clipping_clients_refuse_a_noiseless_count(host):
+    cfg = config(dp={**DISTRIBUTED["dp"], "adaptive_clipping": True, "clipped_count_stddev": 3.0})
+    client = host(cfg)
+    _, update_noise, count = round_step(SIGMA, K, K, True, 3.0)
+    dp = ClientDP(clip=CLIP, noise_stddev=update_noise * CLIP / math.sqrt(K), count=True, count_stddev=count / math.sqrt(K))
+    client.train_client(1, 0, client.initial_weights(), RoundInstructions(dp=dp), keep_from=0)
+    with pytest.raises(ClientRefused, match="count's noise"):
+        client.train_client(2, 0, client.initial_weights(), RoundInstructions(dp=dataclasses.replace(dp, count_stddev=0.0)), 0)
+
+
+def _secagg_round(client: ClientHost, ids: list[int], threshold: int):
+    keys = client.secagg_keys(1, ids)
+    neighbours = {c: {j: keys[j] for j in ids if j != c} for c in ids}
+    return keys, neighbours, client.secagg_shares(1, ids, neighbours, threshold)
+
+
+def test_secure_aggregation_clients_never_send_an_unmasked_update(host, tmp_path):
+    client = host(config(secure_aggregation=True))
+    with pytest.raises(ClientRefused, match="never sends an unmasked update"):
+        client.train_client(1, 0, client.initial_weights(), RoundInstructions(), keep_from=0)
+    assert nothing_stored(tmp_path)
+
+
+@pytest.mark.parametrize("threshold", [1, 2, 3, 6])
+def test_a_share_threshold_below_the_rule_or_above_the_neighbours_is_refused(host, threshold):
+    client = host(config(secure_aggregation=True))
+    ids = list(range(K))  # 5 neighbours each: the rule asks for 3 to 5
+    with pytest.raises(ClientRefused, match="share threshold"):
+        if threshold == 3:  # the least allowed passes: a lower one (below) is what fails
+            _secagg_round(client, ids, threshold)
+            raise ClientRefused("share threshold accepted as it should be")
+        _secagg_round(client, ids, threshold)
+
+
+def test_an_active_set_that_disagrees_with_the_held_shares_is_refused(host, tmp_path):
+    client = host(config(secure_aggregation=True))
+    ids = list(range(K))
+    _, _, sealed = _secagg_round(client, ids, 3)
+    held = {c: {s: blobs[c] for s, blobs in sealed.items() if c in blobs} for c in ids}
+    weights = client.initial_weights()
+    for active in ([], [0], ids[:3]):  # no pair masks; or fewer than the shares it holds
+        with pytest.raises(ClientRefused, match="active neighbours"):
+            client.train_masked(1, [0], weights, RoundInstructions(), 0, held, active, 24)
+    assert nothing_stored(tmp_path)
+    sent = client.train_masked(1, [0], weights, RoundInstructions(), 0, held, ids, 24)  # the honest round
+    assert [u.client_id for u in sent] == [0]
+
+
+class SigmaZeroDriver(FederatedDriver):
+    """A deviating driver: it tells the clients to add no noise, and would report ε as usual."""
+
+    def instructions(self, plan):
+        told = super().instructions(plan)
+        return dataclasses.replace(told, dp=dataclasses.replace(told.dp, noise_stddev=0.0))
+
+
+def test_a_run_whose_driver_lies_about_sigma_fails_in_one_line_with_nothing_left(ray_session, tmp_path):
+    cfg = config(**DISTRIBUTED)
+    with pytest.raises(UserError) as info:
+        run_experiment(cfg, run_dir=tmp_path / "run", trainer_factory=mlp_trainer_factory(K, seed=SEED),
+                       driver_cls=SigmaZeroDriver, in_process_driver=True)
+    message = str(info.value)
+    assert "refused round 1" in message and "below its floor" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()
+    # The honest driver of the same config runs.
+    result = run_experiment(cfg, run_dir=tmp_path / "honest", trainer_factory=mlp_trainer_factory(K, seed=SEED))
+    assert result.status == "completed" and np.isfinite(result.summary["privacy"]["epsilon"])
