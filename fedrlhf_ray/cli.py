@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import sys
 import time
@@ -341,57 +340,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedrlhf_ray import tracking
-    from fedrlhf_ray.experiment import check_data, install_sigterm_handler, new_run_dir
-    from fedrlhf_ray.ray_runtime import ensure_ray
-    from fedrlhf_ray.sweeps.runner import run_sweep, summarize_sweep
-    from fedrlhf_ray.sweeps.schema import BEST_CONFIG, SWEEP_FILE, load_sweep
+    from fedrlhf_ray.sweeps.lifecycle import tune_sweep
+    from fedrlhf_ray.sweeps.schema import BEST_CONFIG
 
-    if args.resume:
-        sweep_dir = Path(args.resume).resolve()
-        if not (sweep_dir / SWEEP_FILE).is_file():
-            raise UserError(f"--resume {sweep_dir}: no {SWEEP_FILE} there (not a sweep directory)")
-        if args.overrides:
-            raise UserError("--set: a resumed sweep keeps its settings")
-        sweep = load_sweep(sweep_dir / SWEEP_FILE)
-    elif args.sweep:
-        sweep = load_sweep(args.sweep, args.overrides)
-        sweep_dir = None
-    else:
-        raise UserError("tune: give a sweep file, or --resume SWEEP_DIR")
-    cfg = sweep.base_config
-    check_data(cfg)  # data problems surface here, before anything is created
-    uri = None
-    if cfg.tracking.enabled:
-        previous = tracking.load_tracker(sweep_dir) if sweep_dir else None
-        uri = tracking.usable_tracking_uri(cfg, args.tracking_uri or (previous.tracking_uri if previous else None))
-    fresh = sweep_dir is None
-    if fresh:
-        sweep_dir = new_run_dir(args.out, sweep.settings.name).path
-        (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
-    assert sweep_dir is not None
     console = Console()
-    console.print(
-        f"[bold]sweep {sweep.settings.name}[/bold] · {', '.join(sweep.settings.search_space)} · "
-        f"{sweep.settings.metric} ({sweep.settings.mode}) · sweep dir {sweep_dir}"
-    )
-    start = time.perf_counter()
+
+    def announce(sweep, sweep_dir: Path) -> None:
+        s = sweep.settings
+        console.print(
+            f"[bold]sweep {s.name}[/bold] · {', '.join(s.search_space)} · {s.metric} ({s.mode}) · sweep dir {sweep_dir}"
+        )
+
     # Tune's own Ctrl-C handler ends fit() as if the sweep were done: let it interrupt instead,
     # like SIGTERM, so that the sweep is marked KILLED and can be resumed.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # see run_sweep
-    try:
-        joined = ensure_ray(cfg, args.address) == "joined"
-        install_sigterm_handler()
-        uri = tracking.cluster_tracking_uri(uri, joined)
-        results, parent = run_sweep(sweep, sweep_dir, uri, resume=not fresh)
-        summary = summarize_sweep(sweep, sweep_dir, results, parent)
-    except BaseException as err:
-        if fresh and not any(p.is_dir() for p in sweep_dir.iterdir()):
-            shutil.rmtree(sweep_dir, ignore_errors=True)  # no trial started: leave nothing behind
-        elif not isinstance(err, UserError):  # a UserError ran to the end or never started
-            print(f"fedrlhf: sweep stopped; resume with: fedrlhf tune --resume {sweep_dir}", file=sys.stderr)
-        raise
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # see sweeps.runner.run_sweep
+    outcome = tune_sweep(
+        args.sweep, args.overrides, resume=args.resume, address=args.address, tracking_uri=args.tracking_uri,
+        out=args.out, on_start=announce,
+    )
+    sweep, sweep_dir, summary, uri = outcome.sweep, outcome.sweep_dir, outcome.summary, outcome.tracking_uri
     s = sweep.settings
     table = Table(title=f"{len(summary['trials'])} trials, ranked by {s.metric} ({s.mode}) at their last round")
     for col in ("trial", *s.search_space, "rounds", s.metric):
@@ -412,7 +380,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     console.print(
         f"best: trial {summary['trial_id']} · {s.metric} = {summary['value']:.4f} · "
         f"{', '.join(f'{k}={v}' for k, v in summary['search_values'].items())} · "
-        f"{time.perf_counter() - start:.0f}s"
+        f"{outcome.seconds:.0f}s"
     )
     print(f"best config: {sweep_dir / BEST_CONFIG}")
     if uri is not None:
