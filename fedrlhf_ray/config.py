@@ -93,13 +93,21 @@ def _default_dump(model: type[BaseModel], name: str) -> Any:
     return default.model_dump(mode="json", by_alias=True) if isinstance(default, BaseModel) else default
 
 
+def _only_defaults(given: Any, default: Any) -> bool:
+    """Whether ``given`` sets nothing but ``default``'s values (a section may leave keys out)."""
+    if isinstance(given, dict) and isinstance(default, dict):
+        return all(k in default and _only_defaults(v, default[k]) for k, v in given.items())
+    return bool(given == default)
+
+
 def without_other_envs_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` without the other envs' sections where they hold their defaults.
 
     Configs written before each env carried only its own fields (every run directory's
     ``config.yaml`` of that time, and files copied from it) hold every env's section at its
-    defaults; those still load. A section of another env set to anything else stays and is
-    refused by the schema, naming it."""
+    defaults, and a config whose ``env.name`` is switched by ``--set`` keeps its former env's
+    section: those still load when the section sets nothing but defaults. A section of another
+    env set to anything else stays and is refused by the schema, naming it."""
     env = raw.get("env")
     if not isinstance(env, dict):
         return raw
@@ -113,11 +121,12 @@ def without_other_envs_defaults(raw: dict[str, Any]) -> dict[str, Any]:
         if key in own.model_fields:
             continue
         others = [m for m in ENV_SECTIONS.values() if key in m.model_fields]
-        if others and all(value == _default_dump(m, key) for m in others):
+        if others and all(_only_defaults(value, _default_dump(m, key)) for m in others):
             del kept[key]
     out["env"] = kept
     for section, (owner, model) in ENV_ONLY_SECTIONS.items():
-        if name != owner and out.get(section) == model().model_dump(mode="json", by_alias=True):
+        defaults = model().model_dump(mode="json", by_alias=True)
+        if name != owner and section in out and _only_defaults(out[section], defaults):
             del out[section]
     return out
 

@@ -136,7 +136,7 @@ INPROCESS_CASES = [
     (["config", "check", "{quickstart}", "--set", "shaping.lambda=[0.1,0.2]"],
      "shaping.lambda lists 2 values but clients.num_clients is 5"),
     (["config", "check", "{quickstart}", "--set", "env.name=atari"],
-     "env.name: got 'atari' — Input should be 'synthetic', 'movielens' or 'imdb'"),
+     "env.name: got 'atari' — must be one of synthetic, movielens, imdb"),
     (["config", "frobnicate", "{quickstart}"], "invalid choice: 'frobnicate'"),
     ([], "required"),
     (["config", "show"], "required"),
