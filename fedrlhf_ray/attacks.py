@@ -91,6 +91,12 @@ class Attack:
 
 def check_config(cfg: ExperimentConfig) -> None:
     """An attack needs clients to attack from (raises ValueError naming the field)."""
+    a, k = cfg.attack, cfg.clients.num_clients
+    if a.kind != "none" and round(a.fraction * k) == 0:
+        raise ValueError(
+            f"attack.fraction: got {a.fraction:g} — round({a.fraction:g} × {k} clients) makes no client malicious; "
+            f"use at least {0.5 / k:.3g} (or attack.kind: none)"
+        )
     if cfg.attack.kind != "none" and cfg.federation.baseline == "centralized":
         raise ValueError(
             f"attack.kind: got {cfg.attack.kind!r} — the centralized baseline pools every client into one, "

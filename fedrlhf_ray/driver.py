@@ -240,6 +240,8 @@ class FederatedDriver:
             metrics.update(eval_metrics)
             client_rows += eval_rows
         metrics.update(self.strategy.round_metrics())
+        # Updates the non-finite filter dropped were received, not aggregated.
+        metrics["fed/clients_aggregated"] -= metrics.get("fed/rejected", 0.0)
         metrics["fed/actor_restarts"] = float(self.pool.actor_restarts - restarts)
         metrics["fed/retried_clients"] = float(self.pool.retried_clients - retried)
         metrics["fed/round_seconds"] = time.perf_counter() - start

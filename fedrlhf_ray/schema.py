@@ -50,7 +50,16 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _boolean(value: Any) -> Any:
+    # Lax pydantic reads "yes", "off", 1 and 0 as booleans; a quoted "yes" in a config is a
+    # mistake (YAML's own yes/no/true/false arrive here as booleans already).
+    if not isinstance(value, bool):
+        raise PydanticCustomError("boolean", "must be true or false (unquoted), not a string or a number")
+    return value
+
+
 Int = Annotated[int, BeforeValidator(_whole_number)]
+Bool = Annotated[bool, BeforeValidator(_boolean)]
 Float = Annotated[float, BeforeValidator(_number)]
 
 
@@ -99,7 +108,7 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(
         None, min_length=1, description="Cache directory (default $FEDRLHF_CACHE or ~/.cache/fedrlhf)."
     )
-    download: bool = Field(False, description="Download the official archive if no copy is found.")
+    download: Bool = Field(False, description="Download the official archive if no copy is found.")
     min_ratings: Int = Field(20, ge=2, description="Users with fewer ratings are not eligible as clients.")
 
 
@@ -114,7 +123,7 @@ class ImdbConfig(_Section):
     cache_dir: str | None = Field(
         None, min_length=1, description="Cache directory (default $FEDRLHF_CACHE or ~/.cache/fedrlhf)."
     )
-    download: bool = Field(False, description="Download the official archive if no copy is found.")
+    download: Bool = Field(False, description="Download the official archive if no copy is found.")
     label_skew: Float = Field(
         0.0, ge=0.0, le=1.0,
         description="Heterogeneity: client k's share of positive reviews runs linearly from 0.5 − s/2 "
@@ -186,7 +195,7 @@ class LMConfig(_Section):
         0, ge=0, description="Seed of prepare: the public model is the same whatever the experiment's seed."
     )
     kl_coeff: Float = Field(0.05, ge=0.0, description="β of the KL(π ‖ π_ref) penalty in PPO's loss.")
-    adaptive_kl: bool = Field(
+    adaptive_kl: Bool = Field(
         False, description="Adapt β per client towards target_kl (Ziegler et al.); β is kept in the client's record."
     )
     target_kl: Float = Field(2.0, gt=0.0, description="Adaptive KL: target KL per generated sequence (nats).")
@@ -394,7 +403,7 @@ class FederationConfig(_Section):
     norm_bound: Float = Field(
         1.0, gt=0.0, description="L2 bound on each client's change of the model under norm_bound."
     )
-    sparse_rows: bool = Field(
+    sparse_rows: Bool = Field(
         True,
         description="Average item-embedding rows over the clients that changed them (false: over all, "
         "densely, as secure aggregation and DP must).",
@@ -450,26 +459,27 @@ class AttackConfig(_Section):
 class DPConfig(_Section):
     """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018), central or distributed noise."""
 
-    enabled: bool = Field(False, description="Clip every update and add Gaussian noise to their sum.")
+    enabled: Bool = Field(False, description="Clip every update and add Gaussian noise to their sum.")
     mode: Literal["central", "distributed"] = Field(
         "central",
         description="Who adds the noise: the driver (central), or each sampled client its share from its own "
         "secret (distributed: with secure aggregation the driver never sees an un-noised sum). Under secure "
         "aggregation the clients clip in both modes.",
     )
-    noise_multiplier: Float = Field(1.0, gt=0.0, description="σ: the noise on the sum has std σ·C.")
+    # Past ~1e4 the accountant's Rényi series lose their precision (ε comes out 0 or overflows).
+    noise_multiplier: Float = Field(1.0, gt=0.0, le=1000.0, description="σ: the noise on the sum has std σ·C.")
     clip_norm: Float = Field(1.0, gt=0.0, description="C: each client's model change is clipped to this L2 norm.")
     delta: Float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the reported (ε, δ) guarantee.")
     target_epsilon: Float | None = Field(
         None, gt=0.0, description="Stop the run before a round that would take ε past this (none: run every round)."
     )
-    adaptive_clipping: bool = Field(
+    adaptive_clipping: Bool = Field(
         False, description="Move C towards a quantile of the update norms (Andrew et al. 2021)."
     )
     target_quantile: Float = Field(0.5, gt=0.0, lt=1.0, description="Adaptive clipping: the quantile γ C tracks.")
     clip_learning_rate: Float = Field(0.2, gt=0.0, description="Adaptive clipping: η of C ← C·exp(−η(b̃ − γ)).")
     clipped_count_stddev: Float | None = Field(
-        None, gt=0.0,
+        None, gt=0.0, le=10000.0,
         description="Adaptive clipping: σ_b, the noise on the count of unclipped updates "
         "(default: expected clients per round / 20; must exceed noise_multiplier).",
     )
@@ -478,7 +488,7 @@ class DPConfig(_Section):
 class PrivacyConfig(_Section):
     """Privacy layers: secure aggregation of the updates, client-level DP of the aggregate."""
 
-    secure_aggregation: bool = Field(
+    secure_aggregation: Bool = Field(
         False,
         description="Pairwise-masked updates (Bonawitz et al. 2017, SecAgg+ neighbours): the driver only "
         "learns the sum; weighted FedAvg, dense rows.",
@@ -509,14 +519,14 @@ class EvaluationConfig(_Section):
 class TrackingConfig(_Section):
     """MLflow tracking: every run (and every Tune trial) is one MLflow run."""
 
-    enabled: bool = Field(True, description="Log the run to MLflow.")
+    enabled: Bool = Field(True, description="Log the run to MLflow.")
     tracking_uri: str | None = Field(
         None,
         description="MLflow tracking URI; `--tracking-uri` wins over it, it wins over $MLFLOW_TRACKING_URI "
         "(default: sqlite:///mlflow.db, artifacts in mlartifacts/ beside it).",
     )
     experiment: str = Field("fedrlhf", description="MLflow experiment name.")
-    per_client: bool = Field(True, description="Also log every client's series as `client/<id>/<metric>`.")
+    per_client: Bool = Field(True, description="Also log every client's series as `client/<id>/<metric>`.")
 
     @field_validator("experiment")
     @classmethod

@@ -97,7 +97,7 @@ def test_unknown_nested_key_names_path_and_lists_allowed_fields(raw, dotted, som
         # wrong type
         ({"federation": {"rounds": "zero"}}, "federation.rounds", "'zero'", "integer"),
         ({"ppo": {"lr": "fast"}}, "ppo.lr", "'fast'", "number"),
-        ({"tracking": {"enabled": "maybe"}}, "tracking.enabled", "'maybe'", "boolean"),
+        ({"tracking": {"enabled": "maybe"}}, "tracking.enabled", "'maybe'", "true or false"),
         ({"name": 3}, "name", "3", "string"),
         ({"env": 3}, "env", "3", "a mapping (a section)"),
         ({"federation": {"rounds": 2.5}}, "federation.rounds", "2.5", "integer"),

@@ -710,3 +710,19 @@ def test_like_threshold_within_the_rating_scales():
 def test_non_string_keys():
     assert config_error({1: 2}) == "1: got 1 — Keys should be strings"
     assert config_error({"federation": {None: 2}}) == "federation.None: got None — Keys should be strings"
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"tracking": {"enabled": "yes"}}, "tracking.enabled: got 'yes' — must be true or false (unquoted)"),
+        ({"privacy": {"dp": {"enabled": 1}}}, "privacy.dp.enabled: got 1 — must be true or false (unquoted)"),
+        ({"federation": {"sparse_rows": "off"}}, "federation.sparse_rows: got 'off' — must be true or false"),
+        ({"privacy": {"dp": {"enabled": True, "noise_multiplier": 1e300}}},
+         "privacy.dp.noise_multiplier: got 1e+300 — Input should be less than or equal to 1000"),
+        ({"attack": {"kind": "scale", "fraction": 0.05}},
+         "attack.fraction: got 0.05 — round(0.05 × 5 clients) makes no client malicious"),
+    ],
+)
+def test_quoted_booleans_huge_sigmas_and_attacks_without_attackers(raw, expected):
+    assert config_error(raw).startswith(expected)

@@ -92,6 +92,7 @@ def test_nan_attackers_never_reach_the_aggregate(ray_session, tmp_path):
     result = run(cfg, tmp_path / "nan")
     rows = [r for r in result.run_dir.metrics() if r["round"] >= 1]
     assert [r["fed/rejected"] for r in rows] == [float(len(bad))] * 4
+    assert [r["fed/clients_aggregated"] for r in rows] == [float(K - len(bad))] * 4  # received, not aggregated
     weights = result.run_dir.load_checkpoint(4)["global_weights"]
     assert all(np.isfinite(v).all() for v in weights.values())
 
