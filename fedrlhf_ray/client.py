@@ -77,6 +77,9 @@ class ClientHost:
             record = self.store.load(client_id, upto=as_of)
             if record is None:
                 return None
+            # A record that parses but is not one this host wrote counts as damaged.
+            if not isinstance(record, dict) or not isinstance(record.get("personal"), dict) or "trainer" not in record:
+                raise StateFileError(f"client {client_id}'s record lacks its fields")
             self.records[client_id] = record
         return self.records[client_id]
 

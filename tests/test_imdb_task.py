@@ -415,6 +415,25 @@ def test_a_missing_hugging_face_model_is_one_line(tmp_path):
         HFSentiment("no-such/model", str)
 
 
+@pytest.mark.parametrize("damage", ["random weights", "truncated weights", "config is a list"])
+def test_a_damaged_hugging_face_folder_is_one_line(tmp_path, damage):
+    import json
+
+    from fedrlhf_ray.tasks.text.lm import load_pretrained
+    from fedrlhf_ray.tasks.text.sentiment import load_classifier
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = [] if damage == "config is a list" else {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
+    (folder / "model.safetensors").write_bytes(weights if damage == "random weights" else weights[:7])
+    for load, field in ((load_pretrained, "lm.pretrained"), (load_classifier, "lm.sentiment.pretrained")):
+        with pytest.raises(UserError) as info:
+            load(str(folder))
+        assert str(info.value).startswith(f"{field}: '{folder}' is not a ") and "\n" not in str(info.value)
+
+
 # -- whole runs through the experiment lifecycle -------------------------------------------------
 
 

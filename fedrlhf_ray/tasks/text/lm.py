@@ -95,7 +95,7 @@ def load_pretrained(name: str, field: str = "lm.pretrained") -> LanguageModel:
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - missing, damaged (safetensors, JSON) or foreign: each raises its own
         raise UserError(
             f"{field}: {name!r} is not a causal language model in a local folder or the local Hugging Face cache "
             f"with safetensors weights ({type(err).__name__}); download it yourself (huggingface-cli download "

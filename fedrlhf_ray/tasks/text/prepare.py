@@ -245,6 +245,11 @@ def prepare(
 
     ``announce``: say on stderr that a preparation starts (a run that prepares first)."""
     folder = prepared_folder(cfg)
+    classifier = cfg.language_model().sentiment.pretrained
+    if classifier is not None:  # every client actor would load it: one line here instead
+        from fedrlhf_ray.tasks.text.sentiment import load_classifier
+
+        load_classifier(classifier)
     if (folder / REPORT).exists():
         cached = read_report(folder)
         # A damaged file is one line here, before a run starts actors that would each fail on it.

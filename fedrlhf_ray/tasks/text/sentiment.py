@@ -125,23 +125,28 @@ class BagOfTokens(nn.Module):
         return model
 
 
+def load_classifier(name: str, field: str = "lm.sentiment.pretrained") -> tuple[Any, Any]:
+    """A Hugging Face sequence classifier and its tokenizer, from a folder or the local cache
+    only; anything else (missing, damaged, not a classifier) is one line naming ``field``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(name, local_files_only=True, use_safetensors=True)
+    except Exception as err:  # noqa: BLE001 - missing, damaged (safetensors, JSON) or foreign: each raises its own
+        raise UserError(
+            f"{field}: {name!r} is not a sequence classifier in a local folder or the local Hugging Face "
+            f"cache with safetensors weights ({type(err).__name__}); download it yourself "
+            f"(huggingface-cli download {name}) or leave {field} unset to train one per client"
+        ) from None
+    return tokenizer, model
+
+
 class HFSentiment:
     """A Hugging Face sequence classifier over decoded text (the paper's sentiment scorer)."""
 
     def __init__(self, name: str, decode: Any, field: str = "lm.sentiment.pretrained") -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                name, local_files_only=True, use_safetensors=True
-            )
-        except (OSError, ValueError, KeyError) as err:
-            raise UserError(
-                f"{field}: {name!r} is not a sequence classifier in a local folder or the local Hugging Face "
-                f"cache with safetensors weights ({type(err).__name__}); download it yourself "
-                f"(huggingface-cli download {name}) or leave {field} unset to train one per client"
-            ) from None
+        self.tokenizer, self.model = load_classifier(name, field)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device).eval()
         self.decode = decode
