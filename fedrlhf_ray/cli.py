@@ -265,7 +265,7 @@ def _run(cfg: ExperimentConfig, view: RunView, resume_dir: Path | None, args: ar
     except BaseException as err:
         view.close()
         run_dir = view.run_dir or resume_dir
-        if run_dir is not None and RunDir(run_dir).checkpoint_rounds():
+        if run_dir is not None and RunDir(run_dir).checkpoint_rounds() and getattr(err, "resumable", True):
             hint = f"resume with: fedrlhf run --resume {run_dir}"
             if isinstance(err, UserError):
                 raise UserError(f"{err}; {hint}") from None

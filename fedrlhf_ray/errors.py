@@ -8,7 +8,11 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A user mistake; its message is one line that names the problem and what to do."""
+    """A user mistake; its message is one line that names the problem and what to do.
+    ``resumable``: whether resuming the run can help once the user has acted (a full disk: yes;
+    a client that refuses its driver's instructions: no, the same driver would be refused again)."""
+
+    resumable = True
 
 
 class ConfigError(UserError, ValueError):

@@ -37,6 +37,8 @@ _RELATIVE_SLACK = 1e-9
 class ClientRefused(UserError):
     """A client refused a round's instruction that would weaken its privacy."""
 
+    resumable = False
+
 
 @dataclass(frozen=True)
 class ClientPolicy:
