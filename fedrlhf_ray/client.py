@@ -25,7 +25,7 @@ import ray
 from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
-from fedrlhf_ray.privacy.client_policy import ClientPolicy
+from fedrlhf_ray.privacy.client_policy import ClientPolicy, ClientRefused, round_input_digest
 from fedrlhf_ray.privacy.secagg import MaskingClient
 from fedrlhf_ray.process_setup import install_process
 from fedrlhf_ray.state_codec import StateFileError
@@ -108,7 +108,20 @@ class ClientHost:
         keep_from: int,
     ) -> Outgoing:
         """One local round and its record written to the store (put on disk by the caller); the
-        store keeps the records a restore of round ``keep_from`` or later needs."""
+        store keeps the records a restore of round ``keep_from`` or later needs.
+
+        A round this client already trained is trained again only from the very same global
+        model and instructions (a retry or a resume, which repeats its update exactly): a driver
+        that asks for round r twice with another model would learn, from the difference of two
+        updates that carry the same DP noise, the update without its noise."""
+        received = round_input_digest(global_weights, instructions)
+        if self.store.latest(client_id, round_index) == round_index:
+            before = self.store.load(client_id, upto=round_index) or {}
+            if before.get("input") not in (None, received):  # None: a record of an older version
+                raise ClientRefused(
+                    f"client {client_id} refused round {round_index}: it already trained that round from "
+                    "another global model or other instructions"
+                )
         self._swap_in(client_id, global_weights, round_index - 1)
         prefixes = EVERYTHING if instructions.keep_local else self.personal_prefixes
         mu = instructions.proximal_mu
@@ -117,7 +130,7 @@ class ClientHost:
         anchor = {k: v for k, v in global_weights.items() if not k.startswith(prefixes)} if mu > 0 else None
         num_samples, metrics = self.trainer.train(round_index, anchor, mu)
         shared, personal = split_personal(self.trainer.get_weights(), prefixes)
-        record = {"trainer": self.trainer.save_client(), "personal": personal}
+        record = {"trainer": self.trainer.save_client(), "personal": personal, "input": received}
         start = time.perf_counter()
         size = self.store.save(client_id, round_index, record, keep_from=keep_from)
         self.records[client_id] = record

@@ -144,3 +144,19 @@ def test_a_run_whose_driver_lies_about_sigma_fails_in_one_line_with_nothing_left
     # The honest driver of the same config runs.
     result = run_experiment(cfg, run_dir=tmp_path / "honest", trainer_factory=mlp_trainer_factory(K, seed=SEED))
     assert result.status == "completed" and np.isfinite(result.summary["privacy"]["epsilon"])
+
+
+def test_a_round_is_trained_again_only_from_the_same_model_and_instructions(host):
+    """A retry or resume repeats a round exactly; a driver that replays round r with another
+    model (to difference two updates carrying the same noise) is refused."""
+    client = host(config(**DISTRIBUTED))
+    weights = client.initial_weights()
+    first = client.train_client(1, 0, weights, honest_dp(), keep_from=0)
+    again = client.train_client(1, 0, weights, honest_dp(), keep_from=0)  # an honest retry
+    assert all(np.array_equal(first.weights[k], again.weights[k]) for k in first.weights)
+    crafted = {k: v + 0.01 for k, v in weights.items()}
+    with pytest.raises(ClientRefused, match="already trained that round from another global model"):
+        client.train_client(1, 0, crafted, honest_dp(), keep_from=0)
+    with pytest.raises(ClientRefused, match="already trained that round"):
+        client.train_client(1, 0, weights, honest_dp(m=3), keep_from=0)
+    client.train_client(2, 0, crafted, honest_dp(), keep_from=0)  # the next round starts anew

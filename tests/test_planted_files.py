@@ -125,3 +125,62 @@ def test_the_reaper_kills_no_process_a_planted_file_names():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+class _Planted:
+    """Unpickling this runs code: it would write the file it names."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_planted_tuner_pickle_is_never_loaded(tmp_path):
+    import pickle
+
+    from fedrlhf_ray.sweeps.schema import SWEEP_FILE
+
+    from conftest import write_sweep
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    write_sweep(sweep_dir / SWEEP_FILE)
+    ran = tmp_path / "ran"
+    (sweep_dir / "tuner.pkl").write_bytes(pickle.dumps(_Planted(str(ran))))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    proc = subprocess.run([sys.executable, "-m", "fedrlhf_ray.cli", "tune", "--resume", str(sweep_dir)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and "carries no seal" in proc.stderr
+    assert not ran.exists()
+
+
+def test_the_seal_catches_a_changed_added_or_linked_file(tmp_path, monkeypatch, outside):
+    from fedrlhf_ray.sweeps.seal import SEAL, check_seal, key_file, seal
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "trial_0").mkdir(parents=True)
+    (sweep_dir / "tuner.pkl").write_bytes(b"tune's state")
+    (sweep_dir / "trial_0" / "params.pkl").write_bytes(b"a trial's")
+    seal(sweep_dir)
+    check_seal(sweep_dir)  # as the sweep left it
+    assert stat.S_IMODE(key_file().stat().st_mode) == 0o600
+    (sweep_dir / "tuner.pkl").write_bytes(b"tune's statf")
+    with pytest.raises(UserError, match="its seal does not match"):
+        check_seal(sweep_dir)
+    (sweep_dir / "tuner.pkl").write_bytes(b"tune's state")
+    (sweep_dir / "searcher-state.pkl").write_bytes(b"planted")
+    with pytest.raises(UserError, match="its seal does not match"):
+        check_seal(sweep_dir)
+    (sweep_dir / "searcher-state.pkl").unlink()
+    (sweep_dir / "trial_0" / "result.json").symlink_to(outside)
+    with pytest.raises(UserError, match="is a link"):
+        check_seal(sweep_dir)
+    (sweep_dir / "trial_0" / "result.json").unlink()
+    check_seal(sweep_dir)
+    (sweep_dir / SEAL).write_text("0" * 64)  # a forged seal needs the user's key
+    with pytest.raises(UserError, match="its seal does not match"):
+        check_seal(sweep_dir)

@@ -22,8 +22,12 @@ advertisements and a consistency round are the protocol's defence against those.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.local_trainer import RoundInstructions
@@ -32,6 +36,17 @@ from fedrlhf_ray.schema import ExperimentConfig
 
 # Slack for the float arithmetic of the driver's σ·C/√m against the floor σ·C/√K.
 _RELATIVE_SLACK = 1e-9
+
+
+def round_input_digest(global_weights: Mapping[str, np.ndarray], instructions: RoundInstructions) -> str:
+    """SHA-256 of what a round's training starts from: the global weights (names, dtypes, shapes,
+    bytes) and the instructions."""
+    digest = hashlib.sha256(repr(instructions).encode())
+    for name in sorted(global_weights):
+        value = np.ascontiguousarray(global_weights[name])
+        digest.update(f"\0{name}\0{value.dtype.str}\0{value.shape}\0".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 class ClientRefused(UserError):

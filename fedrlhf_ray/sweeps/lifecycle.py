@@ -5,7 +5,8 @@ It reads the sweep (or the sweep directory's copy on resume), runs the base expe
 preflight (its task's data, the tracking store) before anything is created, makes the sweep
 directory, starts or joins Ray, runs the trials through Tune (``runner.run_sweep``) and writes
 the sweep's results (``runner.summarize_sweep``). A sweep that fails before any trial started
-leaves no sweep directory; one interrupted later says how to resume it.
+leaves no sweep directory; one that stops later is sealed (``seal``: a resume checks that no
+file changed before Tune unpickles any) and says how to resume it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fedrlhf_ray.experiment import check_data, install_sigterm_handler, new_run_
 from fedrlhf_ray.ray_runtime import ensure_ray
 from fedrlhf_ray.sweeps.runner import run_sweep, summarize_sweep
 from fedrlhf_ray.sweeps.schema import SWEEP_FILE, Sweep, load_sweep
+from fedrlhf_ray.sweeps.seal import check_seal, seal
 
 
 @dataclass
@@ -54,6 +56,16 @@ def open_sweep(sweep_file: str | None, overrides: list[str], resume: str | None)
     raise UserError("tune: give a sweep file, or --resume SWEEP_DIR")
 
 
+def _stop_trials(ray_mode: str) -> None:
+    """End this process's Ray (its trial actors die with it) before the sweep is sealed: an
+    interrupted trial must not write into the sweep directory afterwards. A Ray this process
+    did not start or join (a test session's) is left alone."""
+    if ray_mode in ("started", "joined"):
+        import ray
+
+        ray.shutdown()
+
+
 def tune_sweep(
     sweep_file: str | None,
     overrides: list[str],
@@ -67,6 +79,8 @@ def tune_sweep(
     """Run (or resume) a sweep; see the module docstring. ``on_start`` sees the sweep and its
     directory once they exist, before the first trial."""
     sweep, sweep_dir = open_sweep(sweep_file, overrides, resume)
+    if sweep_dir is not None:
+        check_seal(sweep_dir)  # before Tune unpickles anything of it
     cfg = sweep.base_config
     check_data(cfg)  # data problems surface here, before anything is created
     uri = None
@@ -80,8 +94,10 @@ def tune_sweep(
     if on_start is not None:
         on_start(sweep, sweep_dir)
     start = time.perf_counter()
+    ray_mode = "existing"
     try:
-        joined = ensure_ray(cfg, address) == "joined"
+        ray_mode = ensure_ray(cfg, address)
+        joined = ray_mode == "joined"
         install_sigterm_handler()
         uri = tracking.cluster_tracking_uri(uri, joined)
         results, parent = run_sweep(sweep, sweep_dir, uri, resume=not fresh)
@@ -89,7 +105,12 @@ def tune_sweep(
     except BaseException as err:
         if fresh and not any(p.is_dir() for p in sweep_dir.iterdir()):
             shutil.rmtree(sweep_dir, ignore_errors=True)  # no trial started: leave nothing behind
-        elif not isinstance(err, UserError):  # a UserError ran to the end or never started
+            raise
+        _stop_trials(ray_mode)
+        seal(sweep_dir)
+        if not isinstance(err, UserError):  # a UserError ran to the end or never started
             print(f"fedrlhf: sweep stopped; resume with: fedrlhf tune --resume {sweep_dir}", file=sys.stderr)
         raise
+    _stop_trials(ray_mode)
+    seal(sweep_dir)
     return SweepOutcome(sweep, sweep_dir, summary, uri, time.perf_counter() - start)
