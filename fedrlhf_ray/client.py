@@ -116,8 +116,11 @@ class ClientHost:
         updates that carry the same DP noise, the update without its noise."""
         received = round_input_digest(global_weights, instructions)
         if self.store.latest(client_id, round_index) == round_index:
-            before = self.store.load(client_id, upto=round_index) or {}
-            if before.get("input") not in (None, received):  # None: a record of an older version
+            try:
+                before = self.store.load(client_id, upto=round_index) or {}
+            except StateFileError:
+                before = {}  # damaged: this round's save replaces it
+            if isinstance(before, dict) and before.get("input") not in (None, received):  # None: a record of an older version
                 raise ClientRefused(
                     f"client {client_id} refused round {round_index}: it already trained that round from "
                     "another global model or other instructions"
