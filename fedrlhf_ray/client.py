@@ -120,7 +120,8 @@ class ClientHost:
                 before = self.store.load(client_id, upto=round_index) or {}
             except StateFileError:
                 before = {}  # damaged: this round's save replaces it
-            if isinstance(before, dict) and before.get("input") not in (None, received):  # None: a record of an older version
+            # No digest: a record of an older version, written before records kept one.
+            if isinstance(before, dict) and before.get("input") not in (None, received):
                 raise ClientRefused(
                     f"client {client_id} refused round {round_index}: it already trained that round from "
                     "another global model or other instructions"
