@@ -635,3 +635,15 @@ def test_tune_sweeps_the_imdb_task(prepared, shared_data, tmp_path):
         # Every panel of the plot has a curve: the task's metrics, not the recommendation task's.
         rows = RunDir(run.data.tags["fedrlhf.run_dir"]).metrics()
         assert all(any(f"{p.key}/mean" in r for r in rows) for p in panels), [p.key for p in panels]
+
+
+def test_too_few_texts_for_one_context_window_is_one_line(shared_data, imdb, tmp_path):
+    from fedrlhf_ray.tasks.text.prepare import prepare
+
+    cfg = validate_config(tiny_config(shared_data, tmp_path / "cache", lm={"max_texts": 1, "context": 2048}))
+    with pytest.raises(UserError, match=r"^lm.max_texts: got 1 — those reviews make \d+ tokens, not one lm.context"):
+        prepare(cfg, data=imdb)
+    from fedrlhf_ray.tasks.text.prepare import prepared_folder
+
+    folder = prepared_folder(cfg)
+    assert not folder.exists() and not list(folder.parent.glob(".prepare-*"))  # nothing half-written

@@ -159,6 +159,11 @@ def _pretrain(
         n_head=lm.n_head, bos_token_id=eos, eos_token_id=eos,
     ))
     stream = _token_stream(tokenizer, corpus, eos)
+    if len(stream) <= lm.context:
+        raise UserError(
+            f"lm.max_texts: got {lm.max_texts} — those reviews make {len(stream)} tokens, not one lm.context window "
+            f"of {lm.context} to pre-train on; raise lm.max_texts (0: all) or lower lm.context"
+        )
     held = _token_stream(tokenizer, heldout, eos)
     rng = np.random.default_rng([lm.pretrain_seed, 1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=lm.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.95))
