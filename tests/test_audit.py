@@ -102,3 +102,16 @@ def test_under_secure_aggregation_the_server_learns_nothing_from_an_update(ray_s
         assert row["audit/update/p_value"] > 1e-4, row
         assert abs(row["audit/update/cosine"]) < 0.01, row  # scored by the client itself
     assert abs(metrics["audit/update/auc/mean"] - 0.5) < 0.1  # ~4 spreads of a 4-client mean
+
+
+def test_a_client_that_trained_on_every_item_is_one_line():
+    from fedrlhf_ray.config import validate_config
+    from fedrlhf_ray.errors import UserError
+    from fedrlhf_ray.tasks import task_for
+
+    cfg = validate_config({
+        "env": {"slate_size": 2, "positives_per_slate": 1, "synthetic": {"n_items": 20, "items_per_user": 18}},
+        "clients": {"num_clients": 2, "formation": "group", "users_per_client": 30},
+    })
+    with pytest.raises(UserError, match=r"^audit: client \d's users trained on every one of the 20 items"):
+        task_for("synthetic").audit_members(cfg, 20)

@@ -138,6 +138,14 @@ class RecTask:
             members = np.zeros(n_items, dtype=bool)
             for user in client.users:
                 members[np.asarray(user.train_items, dtype=np.int64) - 1] = True
+            if members.all() or not members.any():
+                from fedrlhf_ray.errors import UserError
+
+                what = "every one" if members.all() else "none"
+                raise UserError(
+                    f"audit: client {client.client_id}'s users trained on {what} of the {n_items} items, so "
+                    "membership cannot be told from non-membership; use a larger catalogue or fewer users per client"
+                )
             rated[client.client_id] = members
         return rated
 
