@@ -105,7 +105,7 @@ class ClientHost:
     # -- training ------------------------------------------------------------------------------
     def _train(
         self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions,
-        keep_from: int,
+        keep_from: int, received: str,
     ) -> Outgoing:
         """One local round and its record written to the store (put on disk by the caller); the
         store keeps the records a restore of round ``keep_from`` or later needs.
@@ -113,8 +113,8 @@ class ClientHost:
         A round this client already trained is trained again only from the very same global
         model and instructions (a retry or a resume, which repeats its update exactly): a driver
         that asks for round r twice with another model would learn, from the difference of two
-        updates that carry the same DP noise, the update without its noise."""
-        received = round_input_digest(global_weights, instructions)
+        updates that carry the same DP noise, the update without its noise. ``received``: the
+        :func:`round_input_digest` of the call, computed once for all of its clients."""
         if self.store.latest(client_id, round_index) == round_index:
             try:
                 before = self.store.load(client_id, upto=round_index) or {}
@@ -146,10 +146,10 @@ class ClientHost:
 
     def _train_plain(
         self, round_index: int, client_id: int, global_weights: Weights, instructions: RoundInstructions,
-        keep_from: int,
+        keep_from: int, received: str,
     ) -> ClientUpdate:
         self.policy.check_plain(client_id, round_index, instructions)
-        out = self._train(round_index, client_id, global_weights, instructions, keep_from)
+        out = self._train(round_index, client_id, global_weights, instructions, keep_from, received)
         sent = apply_transforms(out, plain_transforms(instructions, self.attack, self.store.noise_secret))
         assert sent is not None, "DP and attacks always send an update"
         update = sent.message()
@@ -162,7 +162,8 @@ class ClientHost:
     ) -> ClientUpdate:
         """One local round; returns only shared weights, the sample count and scalars, once the
         client's record is on disk."""
-        update = self._train_plain(round_index, client_id, global_weights, instructions, keep_from)
+        received = round_input_digest(global_weights, instructions)
+        update = self._train_plain(round_index, client_id, global_weights, instructions, keep_from, received)
         self.store.flush()
         return update
 
@@ -176,8 +177,11 @@ class ClientHost:
         (~1 ms) is what dominated the engine's overhead with light local training. Each update
         leaves only once its record is on disk: the driver may checkpoint before the rest end.
         """
+        received = round_input_digest(global_weights, instructions)
         for client_id in client_ids:
-            yield self.train_client(round_index, client_id, global_weights, instructions, keep_from)
+            update = self._train_plain(round_index, client_id, global_weights, instructions, keep_from, received)
+            self.store.flush()
+            yield update
 
     def train_batch(
         self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions,
@@ -185,7 +189,10 @@ class ClientHost:
     ) -> list[ClientUpdate]:
         """Like :meth:`train_clients` but in one reply (no straggler deadline to honour), with
         one flush of the store for all the records."""
-        updates = [self._train_plain(round_index, c, global_weights, instructions, keep_from) for c in client_ids]
+        received = round_input_digest(global_weights, instructions)
+        updates = [
+            self._train_plain(round_index, c, global_weights, instructions, keep_from, received) for c in client_ids
+        ]
         self.store.flush()
         return updates
 
@@ -211,13 +218,14 @@ class ClientHost:
         """Train each client, then send w·θ and w (w: its sample count, 1 under DP) as one masked
         vector. ``active``: the clients whose shares went out, the only ones masks are agreed with."""
         sent: list[MaskedUpdate] = []
+        received = round_input_digest(global_weights, instructions)
         for c in client_ids:
             masking = self.masking[c]
             self.policy.check_dp(c, round_index, instructions)
             self.policy.check_active(
                 c, round_index, set(masking.neighbours), set(active), set(held.get(c, {})), masking.threshold
             )
-            out = self._train(round_index, c, global_weights, instructions, keep_from)
+            out = self._train(round_index, c, global_weights, instructions, keep_from, received)
             masking.keep_shares(held.get(c, {}))
             transforms = masked_transforms(
                 instructions, self.attack, self.store.noise_secret, masking, active, fraction_bits

@@ -328,7 +328,10 @@ class DifferentialPrivacy(StrategyWrapper):
         self.steps.append(step)
         clip = self.clip_norm
         size = sum(int(np.asarray(v).size) for v in global_weights.values())
-        normals = secret_normals(self.secret, "dp-noise", plan.round_index, size + 1)
+        # One normal per coordinate and one for the count; none drawn when the clients added it all.
+        normals = (
+            secret_normals(self.secret, "dp-noise", plan.round_index, size + 1) if driver_share else np.zeros(size + 1)
+        )
         new = noised_mean_step(global_weights, delta_sum, driver_share * update_noise * clip, plan.expected, normals)
         self._metrics = {
             "privacy/clip_norm": clip,

@@ -87,20 +87,33 @@ def damaged(folder: Path, err: BaseException) -> UserError:
     )
 
 
-def load_pretrained(name: str, field: str = "lm.pretrained") -> LanguageModel:
-    """A Hugging Face causal LM and its tokenizer, from a folder or the local cache only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_local_hf(name: str, field: str, auto_model: Any, what: str, otherwise: str) -> tuple[Any, Any]:
+    """``(tokenizer, model)`` of Hugging Face model ``name`` (``auto_model``, e.g.
+    ``AutoModelForCausalLM``) from a folder or the local cache only, safetensors weights only.
+    Anything else — missing, damaged (safetensors, JSON), not ``what`` — is one line naming
+    ``field`` and saying what to do ``otherwise``."""
+    from transformers import AutoTokenizer
 
     quiet_transformers()
     try:
-        hf_tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = auto_model.from_pretrained(name, local_files_only=True, use_safetensors=True)
     except Exception as err:  # noqa: BLE001 - missing, damaged (safetensors, JSON) or foreign: each raises its own
         raise UserError(
-            f"{field}: {name!r} is not a causal language model in a local folder or the local Hugging Face cache "
-            f"with safetensors weights ({type(err).__name__}); download it yourself (huggingface-cli download "
-            f"{name}) or leave {field} unset for the platform's own small GPT-2"
+            f"{field}: {name!r} is not {what} in a local folder or the local Hugging Face cache with safetensors "
+            f"weights ({type(err).__name__}); download it yourself (huggingface-cli download {name}) or {otherwise}"
         ) from None
+    return tokenizer, model
+
+
+def load_pretrained(name: str, field: str = "lm.pretrained") -> LanguageModel:
+    """A Hugging Face causal LM and its tokenizer, from a folder or the local cache only."""
+    from transformers import AutoModelForCausalLM
+
+    hf_tokenizer, model = load_local_hf(
+        name, field, AutoModelForCausalLM, "a causal language model",
+        f"leave {field} unset for the platform's own small GPT-2",
+    )
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UserError(f"{field}: {name!r} has no fast (Rust) tokenizer; use a model with a tokenizer.json")

@@ -16,8 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrlhf_ray.errors import UserError
-
 # Large odd multiplier of the bigram hash (the 64-bit golden ratio), so neighbouring ids spread.
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
@@ -128,18 +126,14 @@ class BagOfTokens(nn.Module):
 def load_classifier(name: str, field: str = "lm.sentiment.pretrained") -> tuple[Any, Any]:
     """A Hugging Face sequence classifier and its tokenizer, from a folder or the local cache
     only; anything else (missing, damaged, not a classifier) is one line naming ``field``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(name, local_files_only=True, use_safetensors=True)
-    except Exception as err:  # noqa: BLE001 - missing, damaged (safetensors, JSON) or foreign: each raises its own
-        raise UserError(
-            f"{field}: {name!r} is not a sequence classifier in a local folder or the local Hugging Face "
-            f"cache with safetensors weights ({type(err).__name__}); download it yourself "
-            f"(huggingface-cli download {name}) or leave {field} unset to train one per client"
-        ) from None
-    return tokenizer, model
+    from fedrlhf_ray.tasks.text.lm import load_local_hf
+
+    return load_local_hf(
+        name, field, AutoModelForSequenceClassification, "a sequence classifier",
+        f"leave {field} unset to train one per client",
+    )
 
 
 class HFSentiment:
