@@ -216,11 +216,13 @@ class ClientHost:
         keep_from: int, held: dict[int, dict[int, bytes]], active: list[int], fraction_bits: int,
     ) -> list[MaskedUpdate]:
         """Train each client, then send w·θ and w (w: its sample count, 1 under DP) as one masked
-        vector. ``active``: the clients whose shares went out, the only ones masks are agreed with."""
+        vector. ``active``: the clients whose shares went out, the only ones masks are agreed with.
+        A client sends one masked input per round, ever (noted in its store before it leaves)."""
         sent: list[MaskedUpdate] = []
         received = round_input_digest(global_weights, instructions)
         for c in client_ids:
             masking = self.masking[c]
+            self.policy.check_once(c, round_index, self._last_sent(c, round_index))
             self.policy.check_dp(c, round_index, instructions)
             self.policy.check_active(
                 c, round_index, set(masking.neighbours), set(active), set(held.get(c, {})), masking.threshold
@@ -234,9 +236,18 @@ class ClientHost:
             if final is not None:  # else it could not be encoded: the client drops out of the sum
                 message = final.message()
                 assert isinstance(message, MaskedUpdate)
+                self.store.note_sent(c, round_index)
                 sent.append(message)
         self.store.flush()
         return sent
+
+    def _last_sent(self, client_id: int, round_index: int) -> int:
+        try:
+            return self.store.last_sent(client_id)
+        except StateFileError as err:
+            raise ClientRefused(
+                f"client {client_id} refused round {round_index}: its note of the rounds it sent is damaged ({err})"
+            ) from None
 
     def secagg_reveal(
         self, round_index: int, client_ids: list[int], survivors: list[int]

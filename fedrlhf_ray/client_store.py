@@ -6,6 +6,7 @@ actor serving that client writes or reads it, here; the driver never receives it
 
     <root>/client-000007/round-000003.npz    client 7's record after round 3, which it trained
     <root>/client-000007/noise.key           client 7's secret for its DP noise (if it adds any)
+    <root>/client-000007/sent-round          the last round client 7 sent a masked input for
 
 one file per round the client trained (NumPy arrays plus a JSON tree, see ``state_codec``:
 nothing is unpickled), committed atomically and on disk before the client's update is sent.
@@ -100,6 +101,29 @@ class ClientStore:
         if len(secret) != NOISE_KEY_BYTES:
             raise state_codec.StateFileError(f"{path}: damaged ({len(secret)} bytes, not {NOISE_KEY_BYTES})")
         return secret
+
+    def _sent_path(self, client_id: int) -> Path:
+        return self._folder(client_id) / "sent-round"
+
+    def last_sent(self, client_id: int) -> int:
+        """The last round this client sent a masked input for (0: none). Raises
+        :class:`state_codec.StateFileError` when the file is damaged."""
+        path = self._sent_path(client_id)
+        try:
+            text = path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as err:
+            raise state_codec.StateFileError(f"{path}: unreadable ({err})") from None
+        if not text.strip().isdigit():
+            raise state_codec.StateFileError(f"{path}: damaged (not a round number)")
+        return int(text)
+
+    def note_sent(self, client_id: int, round_index: int) -> None:
+        """On disk before the masked input leaves: the client never sends another for this
+        round or an earlier one."""
+        self._make_folder(client_id)
+        atomic_write(self._sent_path(client_id), f"{round_index}\n".encode(), private=True)
 
     @staticmethod
     def flush() -> None:

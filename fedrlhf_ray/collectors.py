@@ -19,6 +19,16 @@ import numpy as np
 from fedrlhf_ray.local_trainer import ClientUpdate, MaskedUpdate, RoundInstructions, Weights
 
 
+class RoundSpent(Exception):
+    """A round that failed after clients sent it masked inputs. It is never run again: a second
+    execution over another set of clients would give the driver the difference of two sums, one
+    client's update. ``contributors``: how many inputs the failed round's sum could have held."""
+
+    def __init__(self, reason: str, contributors: int) -> None:
+        super().__init__(reason)
+        self.contributors = contributors
+
+
 class Hosts(Protocol):
     """What a collector asks of the host pool (``host_pool.HostPool``)."""
 

@@ -36,7 +36,7 @@ import ray
 
 from fedrlhf_ray import privacy
 from fedrlhf_ray.attacks import Attack
-from fedrlhf_ray.collectors import Collected, Collector, PlainCollector
+from fedrlhf_ray.collectors import Collected, Collector, PlainCollector, RoundSpent
 from fedrlhf_ray.config import validate_config
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.host_pool import HostPool
@@ -57,6 +57,10 @@ HostTrainerFactory = Callable[[int, int], Callable[[], LocalTrainer]]
 
 class RoundFailed(RuntimeError):
     """Too few clients answered a round, even after retrying the lost ones."""
+
+
+# The last secure round whose masked inputs the driver asked for (see FederatedDriver.run_round).
+SECURE_ROUND = "secure_round.json"
 
 
 class TaskTrainerFactory:
@@ -133,10 +137,14 @@ class FederatedDriver:
         self.global_weights: Weights = self.pool.first("initial_weights")
         sparse = sparse_keys_of(self.global_weights) if fed.sparse_rows else []
         self.strategy = make_strategy(fed, sparse_keys=sparse, privacy=privacy.layers(cfg))
-        self.collector: Collector = privacy.secure_collector(cfg) or PlainCollector(
+        self.collector: Collector = privacy.secure_collector(cfg, self._note_secure_round) or PlainCollector(
             fed.straggler_timeout_s, fed.min_results
         )
         self.round = 0
+        # A resumed secure run: rounds up to this one may have had masked inputs sent before the
+        # crash, so they are spent, never run again (each counted as holding ``spent_fewest``).
+        self.spent_through = 0
+        self.spent_fewest = 0
 
     @property
     def hosts(self) -> list[Any]:
@@ -196,24 +204,54 @@ class FederatedDriver:
         plain = [u for u in collected.updates if isinstance(u, ClientUpdate)]
         return self.strategy.aggregate(plan, shared, [u.weights for u in plain], [u.num_samples for u in plain])
 
+    def _note_secure_round(self, round_index: int, fewest: int) -> None:
+        """On disk before a secure round's masked inputs are asked for (see :meth:`run_round`)."""
+        self.run_dir.write_json(SECURE_ROUND, {"round": round_index, "fewest": fewest})
+
+    def _noted_secure_round(self) -> tuple[int, int]:
+        """(round, fewest) of :data:`SECURE_ROUND`; (0, 0) when no secure round was noted."""
+        if not (self.run_dir.path / SECURE_ROUND).exists():
+            return 0, 0
+        noted = self.run_dir.read_json(SECURE_ROUND) or {}
+        r, fewest = noted.get("round"), noted.get("fewest")
+        if not (isinstance(r, int) and isinstance(fewest, int) and r >= 0 and fewest >= 1):
+            raise UserError(
+                f"--resume {self.run_dir}: {SECURE_ROUND} is damaged, so which rounds the clients sent masked "
+                "inputs for is unknown; start the run again"
+            )
+        return r, fewest
+
     def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Sample, configure, collect, aggregate and evaluate round ``self.round + 1``: its metrics
-        and client rows. The caller checkpoints (:meth:`checkpoint`) once the rows are written."""
+        and client rows. The caller checkpoints (:meth:`checkpoint`) once the rows are written.
+
+        Under secure aggregation a round runs at most once: one that fails after its masked
+        inputs were asked for is spent (the global model stays, DP accounts it, the run goes on
+        with the next round, new sample, masks and noise), and so is, on resume, a round noted
+        in :data:`SECURE_ROUND` that no checkpoint completed."""
         r = self.round + 1
         start = time.perf_counter()
         restarts, retried = self.pool.actor_restarts, self.pool.retried_clients
         plan = self.plan_round(r)
+        if r <= self.spent_through:
+            return self._spent_round(plan, RoundSpent(
+                f"round {r} was cut off after its masked inputs were asked for", self.spent_fewest
+            ))
         sampled = list(plan.sampled)
         instructions = self.instructions(plan)
         global_ref = ray.put(self.global_weights)
         shared, personal = split_personal(self.global_weights, self.prefixes)
-        collected = self.collect(r, sampled, global_ref, instructions, shared)
+        try:
+            collected = self.collect(r, sampled, global_ref, instructions, shared)
+        except RoundSpent as spent:
+            return self._spent_round(plan, spent)
         updates = collected.updates
         train_seconds = time.perf_counter() - start
         if len(updates) < min(self.cfg.federation.min_results, len(sampled)) and not collected.skipped:
-            raise RoundFailed(
-                f"round {r}: {len(updates)} of {len(sampled)} clients answered, fewer than federation.min_results"
-            )
+            reason = f"round {r}: {len(updates)} of {len(sampled)} clients answered, fewer than federation.min_results"
+            if collected.total is not None:  # a secure sum: the masked inputs have left
+                return self._spent_round(plan, RoundSpent(reason, len(updates)))
+            raise RoundFailed(reason)
         self.global_weights = merge(self.aggregate(plan, shared, collected), personal)
         self.round = r
 
@@ -246,6 +284,26 @@ class FederatedDriver:
         metrics["fed/retried_clients"] = float(self.pool.retried_clients - retried)
         metrics["fed/round_seconds"] = time.perf_counter() - start
         return metrics, client_rows
+
+    def _spent_round(self, plan: RoundPlan, spent: RoundSpent) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """A secure round that failed after its masked inputs were asked for: see :meth:`run_round`."""
+        r = plan.round_index
+        self.strategy.spent(plan, spent.contributors)
+        self.round = r
+        warn(f"{spent}; clients had sent masked inputs, so the round is not run again: "
+             f"the global model stays as it was and the run goes on with round {r + 1}")
+        metrics: dict[str, float] = {
+            "round": float(r),
+            "fed/round_failed": 1.0,
+            "fed/clients_sampled": float(len(plan.sampled)),
+            "fed/clients_aggregated": 0.0,
+        }
+        rows: list[dict[str, Any]] = []
+        if self.cfg.evaluation_due(r) or (r < self.cfg.federation.rounds and self.stop_reason(r + 1)):
+            eval_metrics, rows = self.evaluate(r)
+            metrics.update(eval_metrics)
+        metrics.update(self.strategy.round_metrics())
+        return metrics, rows
 
     def evaluate(self, round_index: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Every client's held-out metrics for the current global model, and their summary."""
@@ -296,14 +354,17 @@ class FederatedDriver:
             except (StateFileError, KeyError, TypeError, ValueError, AttributeError) as err:
                 warn(f"the checkpoint of round {r} is damaged ({err}); falling back to the one before")
                 continue
+            noted, fewest = self._noted_secure_round()
+            # Clients' records as of the last round they may have trained in: they go on from there.
             groups = self.pool.by_host(self.training_clients)
-            replies, failed = self.pool.call("restore", r, groups)
+            replies, failed = self.pool.call("restore", max(r, noted), groups)
             damaged = sorted(c for ids in replies.values() for c in ids)
             if damaged or failed:
                 warn(f"client records of round {r} are damaged (clients {damaged[:5]}); falling back to the one before")
                 continue
             self.round = r
             self.global_weights = weights
+            self.spent_through, self.spent_fewest = (noted, fewest) if noted > r else (0, 0)
             self.run_dir.truncate_metrics(r)
             return r
         what = f"{len(rounds)} checkpoint(s), none usable" if rounds else "no checkpoint"

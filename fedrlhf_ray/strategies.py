@@ -435,8 +435,9 @@ class Strategy(Protocol):
     clients take part (:meth:`plan_round`, from the round's generator: a :class:`RoundPlan`),
     what they are told (:meth:`configure_train`) and how their updates become the new global
     weights (:meth:`aggregate`, called every round, with no updates too: the global weights then
-    stay, unless a wrapper adds noise). The plan is passed to every step of its round. Wrappers
-    (DP, robust filters) implement it around an inner strategy."""
+    stay, unless a wrapper adds noise). A round that failed after clients sent masked inputs is
+    :meth:`spent` instead (the model stays; DP still accounts it). The plan is passed to every
+    step of its round. Wrappers (DP, robust filters) implement it around an inner strategy."""
 
     @property
     def name(self) -> str: ...  # read-only: the strategies define it as a class variable
@@ -456,6 +457,8 @@ class Strategy(Protocol):
         updates: Sequence[Mapping[str, np.ndarray]],
         num_samples: Sequence[float],
     ) -> Weights: ...
+
+    def spent(self, plan: RoundPlan, contributors: int) -> None: ...
 
     def round_metrics(self) -> dict[str, float]: ...
 
@@ -525,6 +528,9 @@ class _Aggregation:
             global_weights, updates, num_samples,
             method=self.method, sparse_keys=self.sparse_keys, **self._options(),
         )
+
+    def spent(self, plan: RoundPlan, contributors: int) -> None:
+        return None
 
     def round_metrics(self) -> dict[str, float]:
         """What the last :meth:`aggregate` measured (wrappers report theirs, e.g. ``fed/rejected``)."""
@@ -704,6 +710,9 @@ class StrategyWrapper:
     ) -> Weights:
         return self.inner.aggregate(plan, global_weights, updates, num_samples)
 
+    def spent(self, plan: RoundPlan, contributors: int) -> None:
+        self.inner.spent(plan, contributors)
+
     def round_metrics(self) -> dict[str, float]:
         return self.inner.round_metrics()
 
@@ -737,6 +746,10 @@ class RejectNonFinite(StrategyWrapper):
             [u for u, ok in zip(updates, keep, strict=True) if ok],
             [n for n, ok in zip(samples, keep, strict=True) if ok],
         )
+
+    def spent(self, plan: RoundPlan, contributors: int) -> None:
+        self.rejected = 0
+        self.inner.spent(plan, contributors)
 
     def round_metrics(self) -> dict[str, float]:
         return {**self.inner.round_metrics(), "fed/rejected": float(self.rejected)}

@@ -125,6 +125,32 @@ def test_an_active_set_that_disagrees_with_the_held_shares_is_refused(host, tmp_
     assert [u.client_id for u in sent] == [0]
 
 
+def test_a_client_sends_one_masked_input_per_round_ever(host, tmp_path):
+    """A driver that runs round 1 again (new keys, another client set) to difference the two
+    sums, or goes back to an earlier round, is refused; so is a damaged note of what was sent."""
+    client = host(config(secure_aggregation=True))
+    ids = list(range(K))
+    weights = client.initial_weights()
+
+    def masked_round(r, ids):
+        keys = client.secagg_keys(r, ids)
+        neighbours = {c: {j: keys[j] for j in ids if j != c} for c in ids}
+        sealed = client.secagg_shares(r, ids, neighbours, len(ids) // 2 + 1)
+        held = {c: {s: blobs[c] for s, blobs in sealed.items() if c in blobs} for c in ids}
+        return client.train_masked(r, [0], weights, RoundInstructions(), 0, held, ids, 24)
+
+    assert [u.client_id for u in masked_round(2, ids)] == [0]
+    for r, again in ((2, ids[:5]), (1, ids)):
+        with pytest.raises(ClientRefused, match=r"already sent a masked input for round 2, and a round runs once"):
+            masked_round(r, again)
+    assert [u.client_id for u in masked_round(3, ids)] == [0]
+    note = tmp_path / "store" / "client-000000" / "sent-round"
+    assert note.read_text() == "3\n" and note.stat().st_mode & 0o777 == 0o600
+    note.write_text("three")
+    with pytest.raises(ClientRefused, match="note of the rounds it sent is damaged"):
+        masked_round(4, ids)
+
+
 class SigmaZeroDriver(FederatedDriver):
     """A deviating driver: it tells the clients to add no noise, and would report ε as usual."""
 

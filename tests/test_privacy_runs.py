@@ -189,16 +189,67 @@ def test_a_host_lost_after_sharing_drops_its_clients_and_the_round_still_aggrega
     assert all(np.isfinite(v).all() for v in weights.values())
 
 
-def test_too_many_dropouts_fail_the_round_in_one_line(ray_session, tmp_path):
-    from fedrlhf_ray.driver import RoundFailed
+def test_a_secure_round_that_fails_after_its_masked_inputs_is_spent_never_run_again(
+    ray_session, tmp_path, monkeypatch
+):
+    """Two hosts: losing one in round 2 leaves too few shares to unmask. Running the round again
+    over the other clients would hand the driver a difference of two sums; instead the round is
+    spent (model unchanged) and round 3 starts anew, and no client sends two masked inputs for
+    one round."""
+    from collections import Counter
 
+    from fedrlhf_ray.driver import FederatedDriver
+    from fedrlhf_ray.local_trainer import MaskedUpdate
+
+    seen: list = []
+    original = FederatedDriver._received
+    monkeypatch.setattr(FederatedDriver, "_received", lambda self, obj: seen.append(obj) or original(self, obj))
     crash = {"round": 2, "client": 3, "times": 1, "marker": str(tmp_path / "attempts"), "how": "sigkill"}
     factory = mlp_trainer_factory(K, seed=SEED, lr_decay=0.8, crash=crash)
-    with pytest.raises(RoundFailed, match="too many dropouts for the threshold"):
-        run_experiment(dense(privacy=SECAGG), run_dir=tmp_path / "half", trainer_factory=factory)
+    models = {}
+    result = run_experiment(
+        dense(privacy=SECAGG), run_dir=tmp_path / "half", trainer_factory=factory, in_process_driver=True,
+        on_round=lambda p: models.setdefault(p.completed_rounds, p.run_dir.load_checkpoint(p.completed_rounds)),
+    )
+    assert result.status == "completed"
+    rows = {int(r["round"]): r for r in result.run_dir.metrics()}
+    assert rows[2]["fed/round_failed"] == 1 and rows[2]["fed/clients_aggregated"] == 0
+    assert all("fed/round_failed" not in rows[r] and rows[r]["fed/clients_aggregated"] == K for r in (1, 3, 4))
+    one, two, three = (models[r]["global_weights"] for r in (1, 2, 3))
+    assert all(np.array_equal(one[k], two[k]) for k in one)
+    assert any(not np.array_equal(two[k], three[k]) for k in two)
+    masked = [u for obj in seen for u in (obj if isinstance(obj, list) else [obj]) if isinstance(u, MaskedUpdate)]
+    per_client = Counter(u.client_id for u in masked)
+    assert max(per_client.values()) == 4 and len(masked) > 3 * K  # round 2 sent some, once each
 
 
 DISTRIBUTED = {**SECAGG, "dp": {**DP["dp"], "mode": "distributed"}}
+
+
+def test_a_resume_never_reruns_a_secure_round_whose_masked_inputs_were_asked_for(ray_session, tmp_path):
+    """The driver died in round 3 after asking for masked inputs (its note says so): the resume
+    spends round 3, charging ε for the fewest clients its sum could have held, and trains round 4."""
+    import json
+
+    from fedrlhf_ray.driver import SECURE_ROUND
+
+    half = run(dense(rounds=2, privacy=DISTRIBUTED), tmp_path / "run")
+    path = half.run_dir.path
+    assert json.loads((path / SECURE_ROUND).read_text())["round"] == 2
+    (path / SECURE_ROUND).write_text(json.dumps({"round": 3, "fewest": 4}))
+    two = half.run_dir.load_checkpoint(2)["global_weights"]
+    done = run(resume_config(path, ["federation.rounds=4"]), path, resume=True)
+    rows = {int(r["round"]): r for r in done.run_dir.metrics()}
+    assert rows[3]["fed/round_failed"] == 1 and "fed/round_failed" not in rows[4]
+    three, four = (done.run_dir.load_checkpoint(r)["global_weights"] for r in (3, 4))
+    assert all(np.array_equal(two[k], three[k]) for k in two)
+    assert any(not np.array_equal(three[k], four[k]) for k in two)
+    full, spent = round_event(1.0, 1.2, None), round_event(1.0, 1.2 * np.sqrt(4 / K), None)
+    assert done.summary["privacy"]["epsilon"] == pytest.approx(epsilon([full, full, spent, full], 1e-5))
+    # A note that does not parse is one line: which rounds were sent is unknown.
+    (path / SECURE_ROUND).write_text("{")
+    with pytest.raises(UserError, match="secure_round.json is damaged"):
+        run(resume_config(path, ["federation.rounds=5"]), path, resume=True)
 
 
 def test_distributed_dp_under_secure_aggregation_the_driver_only_sees_a_noised_sum(ray_session, tmp_path, monkeypatch):

@@ -13,8 +13,11 @@ if TYPE_CHECKING:
     from fedrlhf_ray.privacy.secure_round import SecureCollector
 
 
-def secure_collector(cfg: ExperimentConfig) -> SecureCollector | None:
-    """The secure-aggregation round an :class:`ExperimentConfig` asks for (None: plain updates)."""
+def secure_collector(
+    cfg: ExperimentConfig, before_sending: Callable[[int, int], None] | None = None
+) -> SecureCollector | None:
+    """The secure-aggregation round an :class:`ExperimentConfig` asks for (None: plain updates);
+    ``before_sending``: see :class:`SecureCollector`."""
     p = cfg.privacy
     if not p.secure_aggregation:
         return None
@@ -25,6 +28,7 @@ def secure_collector(cfg: ExperimentConfig) -> SecureCollector | None:
         threshold_fraction=float(p.secagg_threshold),
         neighbours=None if p.secagg_neighbours is None else int(p.secagg_neighbours),
         seed=int(cfg.seed),
+        before_sending=before_sending,
     )
 
 

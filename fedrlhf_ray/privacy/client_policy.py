@@ -9,7 +9,9 @@ the round fails and nothing of the client's update leaves:
   policy's rule (more than half of the client's neighbours, and ``secagg_threshold`` of them),
   and a round whose ``active`` set disagrees with the shares the client holds (a driver that
   says no neighbour is active would get an update masked by its self-mask alone, which the
-  b-shares then remove) are refused;
+  b-shares then remove) are refused; so is a second masked input for a round the client
+  already sent one for, or for an earlier round (the driver cannot run a round again over
+  another set of clients and difference the two sums);
 - under DP where the clients clip (distributed noise, or a secure sum), the round must carry
   DP instructions with a finite positive clip; in distributed mode each client's noise must be
   at least its share of σ·C for the largest cohort the config allows, σ·C/√K (the driver cannot
@@ -120,6 +122,17 @@ class ClientPolicy:
         ):
             raise ClientRefused(
                 f"{refused}: the adaptive-clipping count's noise is below its floor {self.count_ratio:g}"
+            )
+
+    @staticmethod
+    def check_once(client_id: int, round_index: int, last_sent: int) -> None:
+        """Before a masked input is trained for ``round_index``: the client sent none for this
+        round or a later one (``last_sent``). A round run twice over different clients would give
+        the driver the difference of two sums — one client's update, with the same noise."""
+        if round_index <= last_sent:
+            raise ClientRefused(
+                f"client {client_id} refused round {round_index}: it already sent a masked input for round "
+                f"{last_sent}, and a round runs once"
             )
 
     def check_threshold(self, client_id: int, round_index: int, threshold: int, degree: int) -> None:

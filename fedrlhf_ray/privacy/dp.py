@@ -307,6 +307,20 @@ class DifferentialPrivacy(StrategyWrapper):
         unclipped = float(np.asarray(weighted_sum[UNCLIPPED_KEY])[0]) if UNCLIPPED_KEY in weighted_sum else 0.0
         return self._release(plan, global_weights, delta_sum, unclipped, contributors)
 
+    def spent(self, plan: RoundPlan, contributors: int) -> None:
+        """A round that failed after the clients sent masked inputs is charged as released: in
+        distributed mode with the noise of ``contributors`` clients (the fewest a sum of it could
+        hold), in central mode with the full step (nothing was released, and counting it keeps ε
+        an upper bound whatever the driver saw)."""
+        self.inner.spent(plan, contributors)
+        rate, update_noise, count_stddev = step = self._step_of(plan)
+        sampled = len(plan.sampled)
+        if self.mode == "distributed" and 0 < contributors < sampled:
+            kept = math.sqrt(contributors / sampled)
+            step = (rate, update_noise * kept, None if count_stddev is None else count_stddev * kept)
+        self.steps.append(step)
+        self._metrics = {}
+
     def _release(
         self,
         plan: RoundPlan,

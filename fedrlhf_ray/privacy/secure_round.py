@@ -12,13 +12,13 @@ turns it into the new model (the dense weighted FedAvg, or DP's noised step).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fedrlhf_ray.collectors import Collected, Hosts
+from fedrlhf_ray.collectors import Collected, Hosts, RoundSpent
 from fedrlhf_ray.local_trainer import MaskedUpdate, RoundInstructions, Weights
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.privacy.secagg import (
@@ -42,6 +42,9 @@ class SecureCollector:
     threshold_fraction: float
     neighbours: int | None
     seed: int
+    # Called with (round, the fewest inputs a sum of it could hold) before any masked input of
+    # the round is asked for: the driver notes it durably, so it never runs the round again.
+    before_sending: Callable[[int, int], None] | None = None
 
     def degree(self, num_clients: int) -> int:
         wanted = secagg_plus_degree(num_clients) if self.neighbours is None else self.neighbours
@@ -91,6 +94,21 @@ class SecureCollector:
                 if receiver in held:
                     held[receiver][sender] = blob
 
+        if self.before_sending is not None:
+            # A sum needs each survivor's self-mask rebuilt from t other survivors' shares.
+            self.before_sending(r, min(len(active), threshold + 1))
+        try:
+            return self._masked_phase(hosts, r, sampled, train, shared, graph, keys, active, held, threshold)
+        except SecAggError as err:
+            raise RoundSpent(str(err), min(len(active), threshold + 1)) from None
+
+    def _masked_phase(
+        self, hosts: Hosts, r: int, sampled: list[int], train: tuple[Any, RoundInstructions, int],
+        shared: Mapping[str, np.ndarray], graph: dict[int, list[int]], keys: dict[int, tuple[bytes, bytes]],
+        active: list[int], held: dict[int, dict[int, bytes]], threshold: int,
+    ) -> tuple[Weights, float, list[MaskedUpdate], dict[str, float]]:
+        """Masked inputs out, shares revealed, the sum unmasked. Once it starts the round is spent:
+        a failure raises :class:`RoundSpent`, never a retry."""
         groups = hosts.by_host(active)
         train_args = {
             h: (*train, {c: held[c] for c in ids}, active, self.fraction_bits)
