@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.client_store import ClientStore
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
 from fedrlhf_ray.privacy.client_policy import ClientPolicy, ClientRefused, round_input_digest
+from fedrlhf_ray.privacy.pki import IdentityError, Registry, advertisement, load_or_make_identity, survivor_set, verify
 from fedrlhf_ray.privacy.secagg import MaskingClient
 from fedrlhf_ray.process_setup import install_process
 from fedrlhf_ray.state_codec import StateFileError
@@ -56,6 +59,9 @@ class ClientHost:
         self.attack = attack
         # This round's secure-aggregation secrets of each client: in memory only, gone after it.
         self.masking: dict[int, MaskingClient] = {}
+        # Long-term signing keys of this host's clients, and the federation's registry of keys.
+        self.identities: dict[int, Ed25519PrivateKey] = {}
+        self.registry = Registry(Path(store_root) / "pki")
         # In-memory copies of the stored records, filled lazily: {client: (trainer state, personal)}.
         self.records: dict[int, dict[str, Any]] = {}
 
@@ -196,20 +202,60 @@ class ClientHost:
         self.store.flush()
         return updates
 
+    # -- identities (fedrlhf_ray.privacy.pki) ------------------------------------------------------
+    def _identity(self, client_id: int) -> Ed25519PrivateKey:
+        if client_id not in self.identities:
+            try:
+                key = load_or_make_identity(self.store.private_path(client_id, "identity.key"))
+            except IdentityError as err:
+                raise ClientRefused(f"client {client_id} cannot sign for secure aggregation: {err}") from None
+            self.identities[client_id] = key
+        return self.identities[client_id]
+
+    def _registered(self, client_id: int, round_index: int, neighbour: int) -> Ed25519PublicKey:
+        try:
+            return self.registry.public_key(neighbour)
+        except IdentityError as err:
+            raise ClientRefused(f"client {client_id} refused round {round_index}: {err}") from None
+
+    def register(self, round_index: int, client_ids: list[int]) -> None:
+        """When the federation is set up: each client's signing key, its public half published in
+        the registry (a key registered already must be the client's own)."""
+        for c in client_ids:
+            try:
+                self.registry.publish(c, self._identity(c).public_key())
+            except IdentityError as err:
+                raise ClientRefused(f"client {c} cannot join secure aggregation: {err}") from None
+
     # -- secure aggregation (fedrlhf_ray.privacy.secagg) -----------------------------------------
-    def secagg_keys(self, round_index: int, client_ids: list[int]) -> dict[int, tuple[bytes, bytes]]:
-        """Fresh key pairs for this round's clients; only the public halves leave."""
+    def secagg_keys(self, round_index: int, client_ids: list[int]) -> dict[int, tuple[bytes, bytes, bytes]]:
+        """Fresh key pairs for this round's clients; only the public halves leave, signed."""
         self.masking = {c: MaskingClient(c, round_index) for c in client_ids}
-        return {c: m.public_keys() for c, m in self.masking.items()}
+        adverts = {}
+        for c, masking in self.masking.items():
+            mask_pk, channel_pk = masking.public_keys()
+            signature = self._identity(c).sign(advertisement(round_index, c, mask_pk, channel_pk))
+            adverts[c] = (mask_pk, channel_pk, signature)
+        return adverts
 
     def secagg_shares(
-        self, round_index: int, client_ids: list[int], neighbour_keys: dict[int, dict[int, tuple[bytes, bytes]]],
-        threshold: int,
+        self, round_index: int, client_ids: list[int],
+        neighbour_keys: dict[int, dict[int, tuple[bytes, bytes, bytes]]], threshold: int, members: list[int],
     ) -> dict[int, dict[int, bytes]]:
-        """Each client's sealed shares, by recipient (only the recipient can open them)."""
+        """Each client's sealed shares, by recipient (only the recipient can open them), once
+        it has checked the threshold, its neighbours and their signed keys."""
         for c in client_ids:
-            self.policy.check_threshold(c, round_index, threshold, len(neighbour_keys[c]))
-        return {c: self.masking[c].make_shares(neighbour_keys[c], threshold) for c in client_ids}
+            keys = neighbour_keys[c]
+            self.policy.check_threshold(c, round_index, threshold, len(keys))
+            self.policy.check_neighbours(c, round_index, set(keys), list(members))
+            for j, (mask_pk, channel_pk, signature) in keys.items():
+                signed = verify(self._registered(c, round_index, j), signature,
+                                advertisement(round_index, j, mask_pk, channel_pk))
+                self.policy.check_advertisement(c, round_index, j, signed)
+        return {
+            c: self.masking[c].make_shares({j: (m, ch) for j, (m, ch, _) in neighbour_keys[c].items()}, threshold)
+            for c in client_ids
+        }
 
     def train_masked(
         self, round_index: int, client_ids: list[int], global_weights: Weights, instructions: RoundInstructions,
@@ -229,6 +275,7 @@ class ClientHost:
             )
             out = self._train(round_index, c, global_weights, instructions, keep_from, received)
             masking.keep_shares(held.get(c, {}))
+            masking.active = frozenset(active)
             transforms = masked_transforms(
                 instructions, self.attack, self.store.noise_secret, masking, active, fraction_bits
             )
@@ -249,12 +296,36 @@ class ClientHost:
                 f"client {client_id} refused round {round_index}: its note of the rounds it sent is damaged ({err})"
             ) from None
 
+    def secagg_confirm(self, round_index: int, client_ids: list[int], survivors: list[int]) -> dict[int, bytes]:
+        """The consistency round: each client here signs the survivor set, once a round."""
+        alive = tuple(sorted({int(u) for u in survivors}))
+        signatures = {}
+        for c in client_ids:
+            masking = self.masking.get(c)
+            self.policy.check_survivors(c, round_index, alive, masking)
+            assert masking is not None
+            masking.confirmed = alive
+            signatures[c] = self._identity(c).sign(survivor_set(round_index, alive))
+        return signatures
+
     def secagg_reveal(
-        self, round_index: int, client_ids: list[int], survivors: list[int]
+        self, round_index: int, client_ids: list[int], survivors: list[int], signatures: dict[int, dict[int, bytes]]
     ) -> dict[int, dict[int, tuple[str, bytes]]]:
-        """For each surviving client here: the shares it holds of its neighbours' secrets."""
-        alive = set(survivors)
-        revealed = {c: self.masking[c].reveal(alive) for c in client_ids if c in alive}
+        """For each surviving client here: the shares it holds of its neighbours' secrets, once
+        enough of its neighbours signed the survivor set it confirmed."""
+        alive = tuple(sorted({int(u) for u in survivors}))
+        message = survivor_set(round_index, alive)
+        revealed = {}
+        for c in client_ids:
+            masking = self.masking.get(c)
+            signed = signatures.get(c, {})
+            near = set(alive) & set(masking.neighbours if masking else ())
+            signers = sum(
+                verify(self._registered(c, round_index, j), signed[j], message) for j in sorted(near & set(signed))
+            )
+            self.policy.check_reveal(c, round_index, alive, masking, signers)
+            assert masking is not None
+            revealed[c] = masking.reveal(set(alive))
         self.masking = {}
         return revealed
 

@@ -7,6 +7,8 @@ actor serving that client writes or reads it, here; the driver never receives it
     <root>/client-000007/round-000003.npz    client 7's record after round 3, which it trained
     <root>/client-000007/noise.key           client 7's secret for its DP noise (if it adds any)
     <root>/client-000007/sent-round          the last round client 7 sent a masked input for
+    <root>/client-000007/identity.key        client 7's signing key for secure aggregation
+    <root>/pki/client-000007.ed25519         its public half, the federation's registry (privacy.pki)
 
 one file per round the client trained (NumPy arrays plus a JSON tree, see ``state_codec``:
 nothing is unpickled), committed atomically and on disk before the client's update is sent.
@@ -101,6 +103,11 @@ class ClientStore:
         if len(secret) != NOISE_KEY_BYTES:
             raise state_codec.StateFileError(f"{path}: damaged ({len(secret)} bytes, not {NOISE_KEY_BYTES})")
         return secret
+
+    def private_path(self, client_id: int, name: str) -> Path:
+        """A file of the client's own beside its records (its folder made, 0700)."""
+        self._make_folder(client_id)
+        return self._folder(client_id) / name
 
     def _sent_path(self, client_id: int) -> Path:
         return self._folder(client_id) / "sent-round"

@@ -87,10 +87,16 @@ def test_adaptive_clipping_clients_refuse_a_noiseless_count(host):
         client.train_client(2, 0, client.initial_weights(), RoundInstructions(dp=dataclasses.replace(dp, count_stddev=0.0)), 0)
 
 
-def _secagg_round(client: ClientHost, ids: list[int], threshold: int):
-    keys = client.secagg_keys(1, ids)
+def _secagg_round(client: ClientHost, ids: list[int], threshold: int, r: int = 1):
+    """Keys and sealed shares of round ``r`` among ``ids`` (K = 6: everyone's neighbour)."""
+    client.register(0, ids)
+    keys = client.secagg_keys(r, ids)
     neighbours = {c: {j: keys[j] for j in ids if j != c} for c in ids}
-    return keys, neighbours, client.secagg_shares(1, ids, neighbours, threshold)
+    return keys, neighbours, client.secagg_shares(r, ids, neighbours, threshold, ids)
+
+
+def _held(sealed, ids):
+    return {c: {s: blobs[c] for s, blobs in sealed.items() if c in blobs} for c in ids}
 
 
 def test_secure_aggregation_clients_never_send_an_unmasked_update(host, tmp_path):
@@ -115,7 +121,7 @@ def test_an_active_set_that_disagrees_with_the_held_shares_is_refused(host, tmp_
     client = host(config(secure_aggregation=True))
     ids = list(range(K))
     _, _, sealed = _secagg_round(client, ids, 3)
-    held = {c: {s: blobs[c] for s, blobs in sealed.items() if c in blobs} for c in ids}
+    held = _held(sealed, ids)
     weights = client.initial_weights()
     for active in ([], [0], ids[:3]):  # no pair masks; or fewer than the shares it holds
         with pytest.raises(ClientRefused, match="active neighbours"):
@@ -133,11 +139,8 @@ def test_a_client_sends_one_masked_input_per_round_ever(host, tmp_path):
     weights = client.initial_weights()
 
     def masked_round(r, ids):
-        keys = client.secagg_keys(r, ids)
-        neighbours = {c: {j: keys[j] for j in ids if j != c} for c in ids}
-        sealed = client.secagg_shares(r, ids, neighbours, len(ids) // 2 + 1)
-        held = {c: {s: blobs[c] for s, blobs in sealed.items() if c in blobs} for c in ids}
-        return client.train_masked(r, [0], weights, RoundInstructions(), 0, held, ids, 24)
+        _, _, sealed = _secagg_round(client, ids, len(ids) // 2 + 1, r)
+        return client.train_masked(r, [0], weights, RoundInstructions(), 0, _held(sealed, ids), ids, 24)
 
     assert [u.client_id for u in masked_round(2, ids)] == [0]
     for r, again in ((2, ids[:5]), (1, ids)):
@@ -149,6 +152,113 @@ def test_a_client_sends_one_masked_input_per_round_ever(host, tmp_path):
     note.write_text("three")
     with pytest.raises(ClientRefused, match="note of the rounds it sent is damaged"):
         masked_round(4, ids)
+
+
+def _driver_keys():
+    """Key pairs a deviating driver makes for itself, and its own signing key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedrlhf_ray.privacy.secagg import MaskingClient
+
+    return MaskingClient(99, 1).public_keys(), Ed25519PrivateKey.generate()
+
+
+def test_keys_the_driver_substitutes_for_a_neighbours_are_refused_before_any_share_leaves(host):
+    from fedrlhf_ray.privacy.pki import advertisement
+
+    client = host(config(secure_aggregation=True))
+    ids = list(range(K))
+    client.register(0, ids)
+    keys = client.secagg_keys(1, ids)
+    (mask_pk, channel_pk), own = _driver_keys()
+    for forged in (
+        (mask_pk, channel_pk, keys[3][2]),  # client 3's signature over other keys
+        (mask_pk, channel_pk, own.sign(advertisement(1, 3, mask_pk, channel_pk))),  # signed by the driver
+        keys[4],  # client 4's genuine advertisement, relayed as client 3's
+        (*keys[3][:2], own.sign(advertisement(2, 3, *keys[3][:2]))[:10]),  # garbage
+    ):
+        neighbours = {c: {j: keys[j] for j in ids if j != c} for c in ids}
+        neighbours[0][3] = forged
+        with pytest.raises(ClientRefused, match="client 3's key advertisement is not signed by its registered identity"):
+            client.secagg_shares(1, ids, neighbours, 3, ids)
+    # The round's keys are bound to the round: last round's advertisement does not pass either.
+    later = client.secagg_keys(2, ids)
+    neighbours = {c: {j: (keys if j == 3 else later)[j] for j in ids if j != c} for c in ids}
+    with pytest.raises(ClientRefused, match="client 3's key advertisement"):
+        client.secagg_shares(2, ids, neighbours, 3, ids)
+
+
+def test_a_client_registers_one_identity_and_refuses_a_neighbour_without_one(host, tmp_path):
+    client = host(config(secure_aggregation=True))
+    ids = list(range(K))
+    client.register(0, ids[:5])  # client 5 never registered
+    keys = client.secagg_keys(1, ids)
+    neighbours = {c: {j: keys[j] for j in ids if j != c} for c in ids}
+    with pytest.raises(ClientRefused, match="client 5 has no registered key"):
+        client.secagg_shares(1, ids, neighbours, 3, ids)
+    registry = tmp_path / "store" / "pki"
+    (registry / "client-000001.ed25519").write_bytes(bytes(32))  # another key for client 1
+    with pytest.raises(ClientRefused, match="the registry holds another key for client 1"):
+        client.register(0, [1])
+    identity = tmp_path / "store" / "client-000000" / "identity.key"
+    assert identity.stat().st_mode & 0o777 == 0o600
+
+
+def test_neighbours_other_than_the_public_seed_gives_are_refused(host):
+    from fedrlhf_ray.privacy.secagg import round_graph
+
+    client = host(config(secure_aggregation=True, secagg_neighbours=2))
+    ids = list(range(K))
+    client.register(0, ids)
+    keys = client.secagg_keys(1, ids)
+    graph = round_graph(ids, 2, SEED, 1)
+    honest = {c: {j: keys[j] for j in graph[c]} for c in ids}
+    client.secagg_shares(1, ids, honest, 2, ids)
+    keys = client.secagg_keys(2, ids)
+    graph = round_graph(ids, 2, SEED, 2)
+    picked = {c: {j: keys[j] for j in graph[c]} for c in ids}
+    outsider = next(j for j in ids if j not in graph[0] and j != 0)
+    picked[0] = {graph[0][0]: keys[graph[0][0]], outsider: keys[outsider]}  # the driver picks 0's neighbours
+    with pytest.raises(ClientRefused, match="its neighbours are not the ones the round's public seed gives it"):
+        client.secagg_shares(2, ids, picked, 2, ids)
+
+
+def test_survivor_sets_that_differ_between_clients_get_no_share_revealed(host):
+    """The consistency round: the driver tells clients 0–2 that everyone survived and clients
+    3–4 that client 5 dropped, hoping for client 5's self-mask seed from the first and its mask
+    key from the second. Each client signs one set and reveals only when its threshold of
+    neighbours signed the same set, so the second group reveals nothing."""
+    from fedrlhf_ray.privacy.pki import survivor_set
+
+    client = host(config(secure_aggregation=True))
+    ids = list(range(K))
+    _, _, sealed = _secagg_round(client, ids, 3)
+    weights = client.initial_weights()
+    client.train_masked(1, ids, weights, RoundInstructions(), 0, _held(sealed, ids), ids, 24)
+    everyone, without_5 = ids, ids[:5]
+    told = {**client.secagg_confirm(1, [0, 1, 2, 5], everyone), **client.secagg_confirm(1, [3, 4], without_5)}
+    with pytest.raises(ClientRefused, match="already confirmed another survivor set"):
+        client.secagg_confirm(1, [0], without_5)
+    _, own = _driver_keys()
+    forged = {j: own.sign(survivor_set(1, without_5)) for j in (0, 1, 2)}  # not theirs
+    for c in (3, 4):
+        signatures = {c: {**{j: told[j] for j in (3, 4) if j != c}, **forged}}
+        with pytest.raises(ClientRefused, match="1 of its neighbours signed the survivor set it confirmed, it needs 3"):
+            client.secagg_reveal(1, [c], without_5, signatures)
+    with pytest.raises(ClientRefused, match="not the one it confirmed"):
+        client.secagg_reveal(1, [3], everyone, {3: {j: told[j] for j in (0, 1, 2, 5)}})
+
+
+def test_the_honest_consistency_round_reveals_and_refuses_a_client_that_sent_nothing(host):
+    client = host(config(secure_aggregation=True))
+    ids = list(range(K))
+    _, _, sealed = _secagg_round(client, ids, 3)
+    with pytest.raises(ClientRefused, match="sent no masked input this round"):
+        client.secagg_confirm(1, [0], ids)
+    client.train_masked(1, ids, client.initial_weights(), RoundInstructions(), 0, _held(sealed, ids), ids, 24)
+    signed = client.secagg_confirm(1, ids, ids)
+    revealed = client.secagg_reveal(1, ids, ids, {c: {j: signed[j] for j in ids if j != c} for c in ids})
+    assert sorted(revealed) == ids and all(kind == "b" for r in revealed.values() for kind, _ in r.values())
 
 
 class SigmaZeroDriver(FederatedDriver):

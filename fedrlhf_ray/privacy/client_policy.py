@@ -17,9 +17,13 @@ the round fails and nothing of the client's update leaves:
   at least its share of σ·C for the largest cohort the config allows, σ·C/√K (the driver cannot
   talk it down to σ = 0, or to a smaller σ, by its instruction or by overstating the cohort).
 
-What it does not yet stop (see ``docs/privacy.md``, threat model): a driver that reports
-different survivor sets to different clients, or substitutes public keys; signed key
-advertisements and a consistency round are the protocol's defence against those.
+- under secure aggregation, neighbours other than those the round's public seed gives, a key
+  advertisement not signed by the neighbour's registered identity (``privacy.pki``: a driver
+  substituting its own keys would open every share sealed for them), a survivor set it cannot
+  be in or that leaves it fewer than its threshold of neighbours, a second survivor set in one
+  round, and a reveal for a set other than the one it confirmed or that fewer than its
+  threshold of neighbours signed (a driver telling clients different survivor sets to collect
+  both secrets of one) are refused.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.local_trainer import RoundInstructions
-from fedrlhf_ray.privacy.secagg import share_threshold
+from fedrlhf_ray.privacy.secagg import MaskingClient, round_graph, share_threshold
 from fedrlhf_ray.schema import ExperimentConfig
 
 # Slack for the float arithmetic of the driver's σ·C/√m against the floor σ·C/√K.
@@ -68,12 +72,17 @@ class ClientPolicy:
     clients_clip: bool = False
     noise_ratio: float = 0.0
     count_ratio: float = 0.0
+    # The neighbour-graph rule and the run's public seed: the client derives its neighbours itself.
+    secagg_neighbours: int | None = None
+    graph_seed: int = 0
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> ClientPolicy:
         p, dp = cfg.privacy, cfg.privacy.dp
+        neighbours = None if p.secagg_neighbours is None else int(p.secagg_neighbours)
         if not dp.enabled:
-            return cls(p.secure_aggregation, float(p.secagg_threshold))
+            return cls(p.secure_aggregation, float(p.secagg_threshold), secagg_neighbours=neighbours,
+                       graph_seed=int(cfg.seed))
         pool = 1 if cfg.federation.baseline == "centralized" else cfg.clients.num_clients
         from fedrlhf_ray.privacy.dp import round_step  # dp_accounting: only when DP is on
 
@@ -88,6 +97,8 @@ class ClientPolicy:
             clients_clip=distributed or p.secure_aggregation,
             noise_ratio=update_noise / math.sqrt(pool) if distributed else 0.0,
             count_ratio=(count_stddev or 0.0) / math.sqrt(pool) if distributed else 0.0,
+            secagg_neighbours=neighbours,
+            graph_seed=int(cfg.seed),
         )
 
     def check_plain(self, client_id: int, round_index: int, instructions: RoundInstructions) -> None:
@@ -143,6 +154,60 @@ class ClientPolicy:
             raise ClientRefused(
                 f"client {client_id} refused round {round_index}: share threshold {threshold} of {degree} "
                 f"neighbours (it needs {least} to {degree}, with at least 2 neighbours)"
+            )
+
+    def check_neighbours(self, client_id: int, round_index: int, neighbours: set[int], members: list[int]) -> None:
+        """Before sharing: the neighbours the driver relays keys of are the ones the round's
+        public seed gives this client among ``members`` (the clients that advertised keys)."""
+        derived = round_graph(sorted(set(members)), self.secagg_neighbours, self.graph_seed, round_index)
+        if set(derived.get(client_id, ())) != neighbours or len(set(members)) != len(members):
+            raise ClientRefused(
+                f"client {client_id} refused round {round_index}: its neighbours are not the ones the round's "
+                "public seed gives it"
+            )
+
+    @staticmethod
+    def check_advertisement(client_id: int, round_index: int, neighbour: int, signed: bool) -> None:
+        """Before sharing: each neighbour's round keys are signed by its registered identity (a
+        driver that substitutes its own keys would open every share sealed for them)."""
+        if not signed:
+            raise ClientRefused(
+                f"client {client_id} refused round {round_index}: client {neighbour}'s key advertisement is not "
+                "signed by its registered identity"
+            )
+
+    @staticmethod
+    def check_survivors(
+        client_id: int, round_index: int, survivors: tuple[int, ...], masking: MaskingClient | None
+    ) -> None:
+        """Before signing the survivor set: the client sent a masked input this round and is a
+        survivor, the set names only clients it agreed masks with (or others), at least its
+        threshold of its neighbours, and it signs one set a round."""
+        refused = f"client {client_id} refused round {round_index}"
+        if masking is None or not masking.active:
+            raise ClientRefused(f"{refused}: it sent no masked input this round, so it confirms no survivors")
+        near = set(survivors) & set(masking.neighbours)
+        if client_id not in survivors or not near <= masking.active or len(near) < masking.threshold:
+            raise ClientRefused(
+                f"{refused}: the survivor set leaves it {len(near)} neighbours it agreed masks with, it needs "
+                f"{masking.threshold} (and itself among them)"
+            )
+        if masking.confirmed is not None and masking.confirmed != survivors:
+            raise ClientRefused(f"{refused}: it already confirmed another survivor set")
+
+    @staticmethod
+    def check_reveal(
+        client_id: int, round_index: int, survivors: tuple[int, ...], masking: MaskingClient | None, signers: int
+    ) -> None:
+        """Before revealing shares: the survivors are the set it confirmed, and ``signers`` of its
+        neighbours (at least its threshold) signed that same set."""
+        refused = f"client {client_id} refused round {round_index}"
+        if masking is None or masking.confirmed != survivors:
+            raise ClientRefused(f"{refused}: the survivor set to reveal for is not the one it confirmed")
+        if signers < masking.threshold:
+            raise ClientRefused(
+                f"{refused}: {signers} of its neighbours signed the survivor set it confirmed, it needs "
+                f"{masking.threshold}"
             )
 
     def check_active(

@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedrlhf_ray.seeding import derive_rng
+
 RING = np.uint64
 _RAW = serialization.Encoding.Raw
 _PUBLIC = serialization.PublicFormat.Raw
@@ -137,6 +139,16 @@ def secagg_plus_degree(num_clients: int) -> int:
     return min(num_clients - 1, 2 * math.ceil(1.5 * math.log2(max(num_clients, 2))))
 
 
+def round_graph(members: Sequence[int], neighbours: int | None, seed: int, round_index: int) -> dict[int, list[int]]:
+    """The round's neighbour graph over the clients that advertised keys: d from
+    ``neighbours`` (None: :func:`secagg_plus_degree`), the order from the run's public seed. The
+    driver draws it and every client derives it again, so the driver cannot pick a client's
+    neighbours."""
+    n = len(members)
+    degree = min(n - 1, secagg_plus_degree(n) if neighbours is None else neighbours)
+    return neighbour_graph(sorted(members), degree, derive_rng(seed, "secagg-graph", round_index))
+
+
 def share_threshold(degree: int, fraction: float) -> int:
     """Shares needed to rebuild a secret: ``fraction`` of a client's neighbours, more than half
     (so the survivors' b-shares and sk-shares of one client can never both reach it), at least 2."""
@@ -158,6 +170,8 @@ class MaskingClient:
     neighbours: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (mask pk, channel pk)
     threshold: int = 0  # shares needed to rebuild its secrets, as it split them
     held: dict[int, bytes] = field(default_factory=dict)  # shares other clients gave this one, sealed
+    active: frozenset[int] = frozenset()  # the clients its masked input agreed pair masks with
+    confirmed: tuple[int, ...] | None = None  # the survivor set it signed (once a round)
 
     def public_keys(self) -> tuple[bytes, bytes]:
         return (

@@ -1,11 +1,13 @@
 """A round under secure aggregation: the driver's side of ``privacy.secagg``'s protocol.
 
-The driver relays and sums; the clients' actors hold every secret. Four calls per host:
-``secagg_keys`` (public keys out), ``secagg_shares`` (sealed shares out, relayed to their
-recipients), ``train_masked`` (the masked vectors w·θ ‖ w) and ``secagg_reveal`` (the shares
-that remove the masks). A host lost in a phase is not retried — its secrets died with it — its
-clients drop out: before sharing they leave the round, after it the survivors' shares remove
-their masks. The result is the survivors' sum Σ w·θ and Σ w (w: a client's sample count, or
+The driver relays and sums; the clients' actors hold every secret. Five calls per host:
+``secagg_keys`` (public keys out, each advertisement signed with the client's registered
+identity, ``privacy.pki``), ``secagg_shares`` (sealed shares out, relayed to their recipients),
+``train_masked`` (the masked vectors w·θ ‖ w), ``secagg_confirm`` (each survivor signs the
+survivor set) and ``secagg_reveal`` (the shares that remove the masks, given only against
+enough neighbours' signatures of the same set). A host lost in a phase is not retried (its
+secrets died with it); its clients drop out: before sharing they leave the round, after it
+the survivors' shares remove their masks. The result is the survivors' sum Σ w·θ and Σ w (w: a client's sample count, or
 1 under DP), exact up to fixed-point rounding (≤ n·2^-(f+1) per coordinate); the strategy
 turns it into the new model (the dense weighted FedAvg, or DP's noised step).
 """
@@ -25,12 +27,10 @@ from fedrlhf_ray.privacy.secagg import (
     RING,
     SecAggError,
     dequantize,
-    neighbour_graph,
-    secagg_plus_degree,
+    round_graph,
     share_threshold,
     unmask_sum,
 )
-from fedrlhf_ray.seeding import derive_rng
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,6 @@ class SecureCollector:
     # Called with (round, the fewest inputs a sum of it could hold) before any masked input of
     # the round is asked for: the driver notes it durably, so it never runs the round again.
     before_sending: Callable[[int, int], None] | None = None
-
-    def degree(self, num_clients: int) -> int:
-        wanted = secagg_plus_degree(num_clients) if self.neighbours is None else self.neighbours
-        return min(num_clients - 1, wanted)
 
     def collect(
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
@@ -80,11 +76,13 @@ class SecureCollector:
         members = sorted(keys)
         if len(members) < 3:
             raise SecAggError(f"round {r}: {len(members)} clients answered; secure aggregation needs at least 3")
-        graph = neighbour_graph(members, self.degree(len(members)), derive_rng(self.seed, "secagg-graph", r))
+        graph = round_graph(members, self.neighbours, self.seed, r)
         threshold = share_threshold(min(len(v) for v in graph.values()), self.threshold_fraction)
 
         groups = hosts.by_host(members)
-        share_args = {h: ({c: {j: keys[j] for j in graph[c]} for c in ids}, threshold) for h, ids in groups.items()}
+        share_args = {
+            h: ({c: {j: keys[j] for j in graph[c]} for c in ids}, threshold, members) for h, ids in groups.items()
+        }
         replies = hosts.call_once("secagg_shares", r, groups, share_args)
         sealed = {c: s for reply in replies.values() for c, s in reply.items()}
         active = sorted(sealed)
@@ -127,8 +125,20 @@ class SecureCollector:
         masked_sum = np.zeros(len(updates[0].masked), dtype=RING)
         for u in updates:
             masked_sum = masked_sum + u.masked
+        # The consistency round: every survivor signs the survivor set, and reveals only once
+        # enough of its neighbours signed the same one (a driver telling clients different sets
+        # gets no share from them).
+        self._enough_neighbours(r, survivors, set(survivors), graph, threshold, "survived")
         groups = hosts.by_host(survivors)
-        replies = hosts.call_once("secagg_reveal", r, groups, {h: (survivors,) for h in groups})
+        replies = hosts.call_once("secagg_confirm", r, groups, {h: (survivors,) for h in groups})
+        signed = {c: sig for reply in replies.values() for c, sig in reply.items()}
+        self._enough_neighbours(r, survivors, set(signed), graph, threshold, "confirmed the survivors")
+        groups = hosts.by_host(sorted(signed))
+        reveal_args = {
+            h: (survivors, {c: {j: signed[j] for j in graph[c] if j in signed} for c in ids})
+            for h, ids in groups.items()
+        }
+        replies = hosts.call_once("secagg_reveal", r, groups, reveal_args)
         revealed = {c: shares for reply in replies.values() for c, shares in reply.items()}
         in_round = set(active)
         sub_graph = {c: [j for j in graph[c] if j in in_round] for c in active}
@@ -138,6 +148,20 @@ class SecureCollector:
         if weight <= 0:
             raise SecAggError(f"round {r}: the survivors' total sample count is {weight:g}")
         return unflatten(total[:-1], shared, dtype=np.dtype(np.float64)), weight, updates, metrics
+
+
+    @staticmethod
+    def _enough_neighbours(
+        r: int, survivors: list[int], present: set[int], graph: Mapping[int, list[int]], threshold: int, what: str
+    ) -> None:
+        """Every survivor has ``threshold`` neighbours in ``present``, as its clients will check
+        (else unmasking could not succeed, and the round is spent without asking them)."""
+        short = [u for u in survivors if sum(j in present for j in graph[u]) < threshold]
+        if short:
+            raise SecAggError(
+                f"round {r}: fewer than {threshold} of client {short[0]}'s neighbours {what} "
+                "(too many dropouts for the threshold)"
+            )
 
 
 def unflatten(flat: np.ndarray, template: Mapping[str, np.ndarray], dtype: np.dtype | None = None) -> Weights:
