@@ -1,14 +1,18 @@
 """What privacy costs a round: secure aggregation and DP against plain FedAvg.
 
 How to run:  RAY_AUTH_MODE=disabled python bench/privacy_overhead.py [--rounds 4] [--out bench/results]
-             [--mlp-clients 5 50 200] [--rlhf-clients 5 50]
+             [--mlp-clients 5 50 200] [--rlhf-clients 5 50] [--modes plain secagg-hbc secagg dp dp+secagg]
 Starts a local Ray (2 CPUs, no dashboard), prints a table and writes ``privacy_overhead.json``.
 
 Configurations, each a real run of the lifecycle (client actors, driver, client store):
 
 * ``plain``: FedAvg with dense rows (``federation.sparse_rows: false``, what secure aggregation
   computes, so the three move the same model);
-* ``secagg``: ``privacy.secure_aggregation: true`` (default SecAgg+ neighbour count);
+* ``secagg-hbc``: ``privacy.secure_aggregation: true`` against an honest-but-curious server
+  (``privacy.secagg_adversary: honest_but_curious``; default SecAgg+ neighbour count);
+* ``secagg``: the default, against a malicious server: key advertisements signed with the
+  clients' Ed25519 identities and checked against the registry, and the consistency round
+  (every survivor signs the survivor set; each checks its neighbours' signatures);
 * ``dp``: central DP-FedAvg (σ = 1, C = 1; clipping and noise on the driver);
 * ``dp+secagg``: distributed DP under secure aggregation (each client clips and adds its share
   of the noise from its own secret, then masks).
@@ -51,6 +55,7 @@ from fedrlhf_ray.torch_trainer import mlp_trainer_factory  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODES: dict[str, dict[str, Any]] = {
     "plain": {},
+    "secagg-hbc": {"privacy": {"secure_aggregation": True, "secagg_adversary": "honest_but_curious"}},
     "secagg": {"privacy": {"secure_aggregation": True}},
     "dp": {"privacy": {"dp": {"enabled": True, "noise_multiplier": 1.0, "clip_norm": 1.0}}},
     "dp+secagg": {"privacy": {"secure_aggregation": True,
@@ -121,8 +126,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--mlp-clients", type=int, nargs="*", default=[5, 50, 200])
     parser.add_argument("--rlhf-clients", type=int, nargs="*", default=[5, 50])
+    parser.add_argument("--modes", nargs="*", choices=list(MODES), default=list(MODES))
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
+    if "plain" not in args.modes:
+        parser.error("--modes must include plain (the other modes are reported against it)")
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (round 1 warms up, the last one evaluates)")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
@@ -131,7 +139,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="privacy_bench_") as tmp:
             for trainer, ks in (("mlp", args.mlp_clients), ("rlhf", args.rlhf_clients)):
                 for k in ks:
-                    for mode in MODES:
+                    for mode in args.modes:
                         rows.append(measure(trainer, k, args.rounds, mode, Path(tmp)))
     finally:
         ray.shutdown()

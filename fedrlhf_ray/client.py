@@ -234,7 +234,8 @@ class ClientHost:
         adverts = {}
         for c, masking in self.masking.items():
             mask_pk, channel_pk = masking.public_keys()
-            signature = self._identity(c).sign(advertisement(round_index, c, mask_pk, channel_pk))
+            signed = self.policy.signed
+            signature = self._identity(c).sign(advertisement(round_index, c, mask_pk, channel_pk)) if signed else b""
             adverts[c] = (mask_pk, channel_pk, signature)
         return adverts
 
@@ -248,7 +249,7 @@ class ClientHost:
             keys = neighbour_keys[c]
             self.policy.check_threshold(c, round_index, threshold, len(keys))
             self.policy.check_neighbours(c, round_index, set(keys), list(members))
-            for j, (mask_pk, channel_pk, signature) in keys.items():
+            for j, (mask_pk, channel_pk, signature) in keys.items() if self.policy.signed else ():
                 signed = verify(self._registered(c, round_index, j), signature,
                                 advertisement(round_index, j, mask_pk, channel_pk))
                 self.policy.check_advertisement(c, round_index, j, signed)
@@ -318,6 +319,11 @@ class ClientHost:
         revealed = {}
         for c in client_ids:
             masking = self.masking.get(c)
+            if not self.policy.signed:  # honest-but-curious: no consistency round to hold it to
+                self.policy.check_survivors(c, round_index, alive, masking)
+                assert masking is not None
+                revealed[c] = masking.reveal(set(alive))
+                continue
             signed = signatures.get(c, {})
             near = set(alive) & set(masking.neighbours if masking else ())
             signers = sum(

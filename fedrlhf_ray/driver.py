@@ -135,7 +135,8 @@ class FederatedDriver:
             policy=ClientPolicy.from_config(cfg),
         )
         self.global_weights: Weights = self.pool.first("initial_weights")
-        if cfg.privacy.secure_aggregation:  # the federation's setup: identities into the registry
+        if cfg.privacy.secure_aggregation and cfg.privacy.secagg_adversary == "malicious":
+            # The federation's setup: the clients' identities into the registry.
             self.pool.call("register", 0, self.pool.by_host(self.training_clients))
         sparse = sparse_keys_of(self.global_weights) if fed.sparse_rows else []
         self.strategy = make_strategy(fed, sparse_keys=sparse, privacy=privacy.layers(cfg))

@@ -493,6 +493,11 @@ class PrivacyConfig(_Section):
         description="Pairwise-masked updates (Bonawitz et al. 2017, SecAgg+ neighbours): the driver only "
         "learns the sum; weighted FedAvg, dense rows.",
     )
+    secagg_adversary: Literal["malicious", "honest_but_curious"] = Field(
+        "malicious",
+        description="Server secure aggregation withstands: malicious (signed keys from a registry of client "
+        "identities, a consistency round before shares are revealed) or honest_but_curious (neither; cheaper).",
+    )
     secagg_fraction_bits: Int = Field(
         24, ge=8, le=40, description="Fixed-point fraction bits of masked values (rounding ≤ 2^-(bits+1) each)."
     )

@@ -135,6 +135,11 @@ def test_secure_aggregation_ends_with_the_plain_dense_runs_model(ray_session, tm
     for k in plain:
         # Fixed-point rounding (2^-25 per weighted value) is all that differs, through 4 rounds of SGD.
         np.testing.assert_allclose(got[k], plain[k], rtol=0, atol=1e-5, err_msg=k)
+    # Against an honest-but-curious server (no signatures, no consistency round): the same sums.
+    hbc = run(dense(privacy={**SECAGG, "secagg_adversary": "honest_but_curious"}), tmp_path / "hbc")
+    assert not (hbc.run_dir.path / "clients" / "pki").exists() and (masked.run_dir.path / "clients" / "pki").is_dir()
+    same = hbc.run_dir.load_checkpoint(4)["global_weights"]
+    assert all(np.array_equal(same[k], got[k]) for k in got)
     rows = [r for r in masked.run_dir.metrics() if r["round"] >= 1]
     assert all(r["fed/dropouts"] == 0 and r["fed/clients_aggregated"] == K for r in rows)
 

@@ -28,6 +28,7 @@ def secure_collector(
         threshold_fraction=float(p.secagg_threshold),
         neighbours=None if p.secagg_neighbours is None else int(p.secagg_neighbours),
         seed=int(cfg.seed),
+        consistency_round=p.secagg_adversary == "malicious",
         before_sending=before_sending,
     )
 

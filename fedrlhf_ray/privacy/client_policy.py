@@ -75,14 +75,17 @@ class ClientPolicy:
     # The neighbour-graph rule and the run's public seed: the client derives its neighbours itself.
     secagg_neighbours: int | None = None
     graph_seed: int = 0
+    # Against a malicious server: signed key advertisements and the consistency round.
+    signed: bool = True
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> ClientPolicy:
         p, dp = cfg.privacy, cfg.privacy.dp
         neighbours = None if p.secagg_neighbours is None else int(p.secagg_neighbours)
+        signed = p.secagg_adversary == "malicious"
         if not dp.enabled:
             return cls(p.secure_aggregation, float(p.secagg_threshold), secagg_neighbours=neighbours,
-                       graph_seed=int(cfg.seed))
+                       graph_seed=int(cfg.seed), signed=signed)
         pool = 1 if cfg.federation.baseline == "centralized" else cfg.clients.num_clients
         from fedrlhf_ray.privacy.dp import round_step  # dp_accounting: only when DP is on
 
@@ -99,6 +102,7 @@ class ClientPolicy:
             count_ratio=(count_stddev or 0.0) / math.sqrt(pool) if distributed else 0.0,
             secagg_neighbours=neighbours,
             graph_seed=int(cfg.seed),
+            signed=signed,
         )
 
     def check_plain(self, client_id: int, round_index: int, instructions: RoundInstructions) -> None:
@@ -166,11 +170,10 @@ class ClientPolicy:
                 "public seed gives it"
             )
 
-    @staticmethod
-    def check_advertisement(client_id: int, round_index: int, neighbour: int, signed: bool) -> None:
+    def check_advertisement(self, client_id: int, round_index: int, neighbour: int, signed: bool) -> None:
         """Before sharing: each neighbour's round keys are signed by its registered identity (a
         driver that substitutes its own keys would open every share sealed for them)."""
-        if not signed:
+        if self.signed and not signed:
             raise ClientRefused(
                 f"client {client_id} refused round {round_index}: client {neighbour}'s key advertisement is not "
                 "signed by its registered identity"
@@ -195,16 +198,16 @@ class ClientPolicy:
         if masking.confirmed is not None and masking.confirmed != survivors:
             raise ClientRefused(f"{refused}: it already confirmed another survivor set")
 
-    @staticmethod
     def check_reveal(
-        client_id: int, round_index: int, survivors: tuple[int, ...], masking: MaskingClient | None, signers: int
+        self, client_id: int, round_index: int, survivors: tuple[int, ...], masking: MaskingClient | None,
+        signers: int,
     ) -> None:
         """Before revealing shares: the survivors are the set it confirmed, and ``signers`` of its
         neighbours (at least its threshold) signed that same set."""
         refused = f"client {client_id} refused round {round_index}"
         if masking is None or masking.confirmed != survivors:
             raise ClientRefused(f"{refused}: the survivor set to reveal for is not the one it confirmed")
-        if signers < masking.threshold:
+        if self.signed and signers < masking.threshold:
             raise ClientRefused(
                 f"{refused}: {signers} of its neighbours signed the survivor set it confirmed, it needs "
                 f"{masking.threshold}"

@@ -42,6 +42,8 @@ class SecureCollector:
     threshold_fraction: float
     neighbours: int | None
     seed: int
+    # Against a malicious server: the consistency round before any share is revealed.
+    consistency_round: bool = True
     # Called with (round, the fewest inputs a sum of it could hold) before any masked input of
     # the round is asked for: the driver notes it durably, so it never runs the round again.
     before_sending: Callable[[int, int], None] | None = None
@@ -129,10 +131,12 @@ class SecureCollector:
         # enough of its neighbours signed the same one (a driver telling clients different sets
         # gets no share from them).
         self._enough_neighbours(r, survivors, set(survivors), graph, threshold, "survived")
-        groups = hosts.by_host(survivors)
-        replies = hosts.call_once("secagg_confirm", r, groups, {h: (survivors,) for h in groups})
-        signed = {c: sig for reply in replies.values() for c, sig in reply.items()}
-        self._enough_neighbours(r, survivors, set(signed), graph, threshold, "confirmed the survivors")
+        signed = dict.fromkeys(survivors, b"")
+        if self.consistency_round:
+            groups = hosts.by_host(survivors)
+            replies = hosts.call_once("secagg_confirm", r, groups, {h: (survivors,) for h in groups})
+            signed = {c: sig for reply in replies.values() for c, sig in reply.items()}
+            self._enough_neighbours(r, survivors, set(signed), graph, threshold, "confirmed the survivors")
         groups = hosts.by_host(sorted(signed))
         reveal_args = {
             h: (survivors, {c: {j: signed[j] for j in graph[c] if j in signed} for c in ids})
