@@ -25,15 +25,21 @@ import ray
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedrlhf_ray.attacks import Attack
-from fedrlhf_ray.client_store import ClientStore
+from fedrlhf_ray.client_store import SENT_EVALUATION, SENT_TRAINING, ClientStore
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, MaskedUpdate, RoundInstructions, Weights
-from fedrlhf_ray.privacy.client_policy import ClientPolicy, ClientRefused, round_input_digest
+from fedrlhf_ray.metrics import metric_block
+from fedrlhf_ray.privacy.client_policy import ClientPolicy, ClientRefused, evaluation_digest, round_input_digest
 from fedrlhf_ray.privacy.pki import IdentityError, Registry, advertisement, load_or_make_identity, survivor_set, verify
-from fedrlhf_ray.privacy.secagg import MaskingClient
+from fedrlhf_ray.privacy.secagg import MaskingClient, SecAggError, quantize
 from fedrlhf_ray.process_setup import install_process
 from fedrlhf_ray.state_codec import StateFileError
 from fedrlhf_ray.strategies import split_personal
-from fedrlhf_ray.update_transforms import Outgoing, apply_transforms, masked_transforms, plain_transforms
+from fedrlhf_ray.update_transforms import (
+    Outgoing,
+    apply_transforms,
+    masked_transforms,
+    plain_transforms,
+)
 
 EVERYTHING = ("",)  # the prefix of every parameter name: nothing is shared
 
@@ -228,15 +234,18 @@ class ClientHost:
                 raise ClientRefused(f"client {c} cannot join secure aggregation: {err}") from None
 
     # -- secure aggregation (fedrlhf_ray.privacy.secagg) -----------------------------------------
-    def secagg_keys(self, round_index: int, client_ids: list[int]) -> dict[int, tuple[bytes, bytes, bytes]]:
-        """Fresh key pairs for this round's clients; only the public halves leave, signed."""
-        self.masking = {c: MaskingClient(c, round_index) for c in client_ids}
+    def secagg_keys(
+        self, round_index: int, client_ids: list[int], digest: str
+    ) -> dict[int, tuple[bytes, bytes, bytes]]:
+        """Fresh key pairs for this session's clients; only the public halves leave, signed with
+        the ``digest`` of what the session trains or evaluates. ``round_index``: the session
+        (a training round, or :func:`~fedrlhf_ray.privacy.secagg.evaluation_session`)."""
+        self.masking = {c: MaskingClient(c, round_index, digest=str(digest)) for c in client_ids}
         adverts = {}
         for c, masking in self.masking.items():
             mask_pk, channel_pk = masking.public_keys()
-            signed = self.policy.signed
-            signature = self._identity(c).sign(advertisement(round_index, c, mask_pk, channel_pk)) if signed else b""
-            adverts[c] = (mask_pk, channel_pk, signature)
+            message = advertisement(round_index, c, mask_pk, channel_pk, masking.digest)
+            adverts[c] = (mask_pk, channel_pk, self._identity(c).sign(message) if self.policy.signed else b"")
         return adverts
 
     def secagg_shares(
@@ -249,9 +258,10 @@ class ClientHost:
             keys = neighbour_keys[c]
             self.policy.check_threshold(c, round_index, threshold, len(keys))
             self.policy.check_neighbours(c, round_index, set(keys), list(members))
+            # A neighbour's advertisement verifies only if it named the same model as this one's.
             for j, (mask_pk, channel_pk, signature) in keys.items() if self.policy.signed else ():
                 signed = verify(self._registered(c, round_index, j), signature,
-                                advertisement(round_index, j, mask_pk, channel_pk))
+                                advertisement(round_index, j, mask_pk, channel_pk, self.masking[c].digest))
                 self.policy.check_advertisement(c, round_index, j, signed)
         return {
             c: self.masking[c].make_shares({j: (m, ch) for j, (m, ch, _) in neighbour_keys[c].items()}, threshold)
@@ -269,7 +279,8 @@ class ClientHost:
         received = round_input_digest(global_weights, instructions)
         for c in client_ids:
             masking = self.masking[c]
-            self.policy.check_once(c, round_index, self._last_sent(c, round_index))
+            self.policy.check_once(c, round_index, self._last_sent(c, round_index, SENT_TRAINING))
+            self.policy.check_digest(c, round_index, masking.digest, received)
             self.policy.check_dp(c, round_index, instructions)
             self.policy.check_active(
                 c, round_index, set(masking.neighbours), set(active), set(held.get(c, {})), masking.threshold
@@ -284,14 +295,47 @@ class ClientHost:
             if final is not None:  # else it could not be encoded: the client drops out of the sum
                 message = final.message()
                 assert isinstance(message, MaskedUpdate)
-                self.store.note_sent(c, round_index)
+                self.store.note_sent(c, round_index, SENT_TRAINING)
                 sent.append(message)
         self.store.flush()
         return sent
 
-    def _last_sent(self, client_id: int, round_index: int) -> int:
+    def evaluate_masked(
+        self, session: int, client_ids: list[int], global_weights: Weights, finetune_iterations: int,
+        round_index: int, held: dict[int, dict[int, bytes]], active: list[int], fraction_bits: int,
+    ) -> list[MaskedUpdate]:
+        """Each client's held-out metrics of round ``round_index``'s model as one masked vector,
+        values ‖ present flags (a non-finite value counts as absent), with the metric names in the
+        clear: the driver learns only the sums over the session's survivors. One evaluation per
+        round and client, of the model the session announced."""
+        sent: list[MaskedUpdate] = []
+        received = evaluation_digest(global_weights, finetune_iterations)
+        for c in client_ids:
+            masking = self.masking[c]
+            self.policy.check_once(
+                c, round_index, self._last_sent(c, round_index, SENT_EVALUATION), "masked evaluation"
+            )
+            self.policy.check_digest(c, round_index, masking.digest, received)
+            self.policy.check_active(
+                c, round_index, set(masking.neighbours), set(active), set(held.get(c, {})), masking.threshold
+            )
+            metrics = self.evaluate_client(round_index, c, global_weights, finetune_iterations)
+            names = tuple(sorted(metrics))
+            try:
+                vector = quantize(metric_block(metrics, names), fraction_bits)
+            except SecAggError:
+                continue  # a metric too large to encode: the client leaves the sum
+            masking.keep_shares(held.get(c, {}))
+            masking.active = frozenset(active)
+            masked = masking.mask(vector, set(active))
+            self.store.note_sent(c, round_index, SENT_EVALUATION)
+            sent.append(MaskedUpdate(c, masked, names=names, kind="evaluation"))
+        self.store.flush()
+        return sent
+
+    def _last_sent(self, client_id: int, round_index: int, kind: str) -> int:
         try:
-            return self.store.last_sent(client_id)
+            return self.store.last_sent(client_id, kind)
         except StateFileError as err:
             raise ClientRefused(
                 f"client {client_id} refused round {round_index}: its note of the rounds it sent is damaged ({err})"
@@ -339,6 +383,9 @@ class ClientHost:
     def evaluate_clients(
         self, round_index: int, client_ids: list[int], global_weights: Weights, finetune_iterations: int = 0
     ) -> list[dict[str, float]]:
+        """Each client's held-out metrics in the clear (refused under privacy modes)."""
+        for c in client_ids:
+            self.policy.check_plain_evaluation(c, round_index)
         return [self.evaluate_client(round_index, c, global_weights, finetune_iterations) for c in client_ids]
 
     def evaluate_client(

@@ -6,7 +6,8 @@ actor serving that client writes or reads it, here; the driver never receives it
 
     <root>/client-000007/round-000003.npz    client 7's record after round 3, which it trained
     <root>/client-000007/noise.key           client 7's secret for its DP noise (if it adds any)
-    <root>/client-000007/sent-round          the last round client 7 sent a masked input for
+    <root>/client-000007/sent-round          the last round client 7 sent a masked update for
+    <root>/client-000007/evaluated-round     the last round it sent a masked evaluation for
     <root>/client-000007/identity.key        client 7's signing key for secure aggregation
     <root>/pki/client-000007.ed25519         its public half, the federation's registry (privacy.pki)
 
@@ -35,6 +36,9 @@ from fedrlhf_ray.rundir import atomic_write
 
 _VERSION_RE = re.compile(r"^round-(\d{6})\.npz$")
 NOISE_KEY_BYTES = 32
+# The notes of the last round a client sent a masked update, and a masked evaluation, for.
+SENT_TRAINING = "sent-round"
+SENT_EVALUATION = "evaluated-round"
 
 
 class ClientStore:
@@ -109,28 +113,25 @@ class ClientStore:
         self._make_folder(client_id)
         return self._folder(client_id) / name
 
-    def _sent_path(self, client_id: int) -> Path:
-        return self._folder(client_id) / "sent-round"
-
-    def last_sent(self, client_id: int) -> int:
-        """The last round this client sent a masked input for (0: none). Raises
+    def last_sent(self, client_id: int, kind: str = SENT_TRAINING) -> int:
+        """The last round this client sent a masked input of ``kind`` for (−1: none). Raises
         :class:`state_codec.StateFileError` when the file is damaged."""
-        path = self._sent_path(client_id)
+        path = self._folder(client_id) / kind
         try:
             text = path.read_text(encoding="ascii")
         except FileNotFoundError:
-            return 0
+            return -1
         except (OSError, UnicodeDecodeError) as err:
             raise state_codec.StateFileError(f"{path}: unreadable ({err})") from None
         if not text.strip().isdigit():
             raise state_codec.StateFileError(f"{path}: damaged (not a round number)")
         return int(text)
 
-    def note_sent(self, client_id: int, round_index: int) -> None:
-        """On disk before the masked input leaves: the client never sends another for this
-        round or an earlier one."""
+    def note_sent(self, client_id: int, round_index: int, kind: str = SENT_TRAINING) -> None:
+        """On disk before the masked input leaves: the client never sends another of ``kind``
+        for this round or an earlier one."""
         self._make_folder(client_id)
-        atomic_write(self._sent_path(client_id), f"{round_index}\n".encode(), private=True)
+        atomic_write(self._folder(client_id) / kind, f"{round_index}\n".encode(), private=True)
 
     @staticmethod
     def flush() -> None:

@@ -67,10 +67,11 @@ class Collected:
 class Collector(Protocol):
     def collect(
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
-        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int,
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int, digest: str = "",
     ) -> Collected:
-        """Train the sampled clients from the global weights (``global_ref``) and collect the
-        round; the client stores keep the records a restore of round ``keep_from`` needs."""
+        """Train the sampled clients from the global weights (``global_ref``, whose
+        ``round_input_digest`` with the instructions is ``digest``) and collect the round; the
+        client stores keep the records a restore of round ``keep_from`` needs."""
         ...
 
 
@@ -89,7 +90,7 @@ class PlainCollector:
 
     def collect(
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
-        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int,
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int, digest: str = "",
     ) -> Collected:
         groups = hosts.by_host(sampled)
         updates: list[ClientUpdate]

@@ -42,7 +42,7 @@ from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.host_pool import HostPool
 from fedrlhf_ray.local_trainer import ClientUpdate, LocalTrainer, RoundInstructions, Weights
 from fedrlhf_ray.metrics import summarize
-from fedrlhf_ray.privacy.client_policy import ClientPolicy
+from fedrlhf_ray.privacy.client_policy import ClientPolicy, evaluation_digest, round_input_digest
 from fedrlhf_ray.privacy.secagg import SecAggError
 from fedrlhf_ray.rundir import CLIENT_STORE, WARNING_PREFIX, RunDir, warn
 from fedrlhf_ray.schema import ExperimentConfig
@@ -135,7 +135,7 @@ class FederatedDriver:
             policy=ClientPolicy.from_config(cfg),
         )
         self.global_weights: Weights = self.pool.first("initial_weights")
-        if cfg.privacy.secure_aggregation and cfg.privacy.secagg_adversary == "malicious":
+        if privacy.private_evaluation(cfg) and cfg.privacy.secagg_adversary == "malicious":
             # The federation's setup: the clients' identities into the registry.
             self.pool.call("register", 0, self.pool.by_host(self.training_clients))
         sparse = sparse_keys_of(self.global_weights) if fed.sparse_rows else []
@@ -143,6 +143,10 @@ class FederatedDriver:
         self.collector: Collector = privacy.secure_collector(cfg, self._note_secure_round) or PlainCollector(
             fed.straggler_timeout_s, fed.min_results
         )
+        # Under secure aggregation or DP, held-out metrics are summed securely too.
+        self.secure_evaluation = privacy.secure_collector(cfg, evaluation=True)
+        # What the driver noted of its secure sessions (see SECURE_ROUND).
+        self.journal: dict[str, int] = {"round": 0, "fewest": 1, "evaluated": -1}
         self.round = 0
         # A resumed secure run: rounds up to this one may have had masked inputs sent before the
         # crash, so they are spent, never run again (each counted as holding ``spent_fewest``).
@@ -190,9 +194,10 @@ class FederatedDriver:
         """The round's collection. The client stores keep the records a fall back to the oldest
         checkpoint the driver may still restore needs (``keep_from``)."""
         keep_from = self.run_dir.oldest_kept_checkpoint()
+        digest = round_input_digest(self.global_weights, instructions)
         try:
             return self.collector.collect(
-                self.pool, round_index, sampled, global_ref, instructions, shared, keep_from
+                self.pool, round_index, sampled, global_ref, instructions, shared, keep_from, digest
             )
         except SecAggError as err:
             raise RoundFailed(str(err)) from None
@@ -209,20 +214,30 @@ class FederatedDriver:
 
     def _note_secure_round(self, round_index: int, fewest: int) -> None:
         """On disk before a secure round's masked inputs are asked for (see :meth:`run_round`)."""
-        self.run_dir.write_json(SECURE_ROUND, {"round": round_index, "fewest": fewest})
+        self.journal.update(round=round_index, fewest=fewest)
+        self.run_dir.write_json(SECURE_ROUND, self.journal)
 
-    def _noted_secure_round(self) -> tuple[int, int]:
-        """(round, fewest) of :data:`SECURE_ROUND`; (0, 0) when no secure round was noted."""
+    def _note_secure_evaluation(self, round_index: int) -> None:
+        """On disk before a secure evaluation's masked inputs are asked for (see :meth:`evaluate`)."""
+        self.journal["evaluated"] = round_index
+        self.run_dir.write_json(SECURE_ROUND, self.journal)
+
+    def _noted_secure_round(self) -> dict[str, int]:
+        """:data:`SECURE_ROUND`'s notes; nothing sent yet when it is missing."""
         if not (self.run_dir.path / SECURE_ROUND).exists():
-            return 0, 0
+            return {"round": 0, "fewest": 1, "evaluated": -1}
         noted = self.run_dir.read_json(SECURE_ROUND) or {}
-        r, fewest = noted.get("round"), noted.get("fewest")
-        if not (isinstance(r, int) and isinstance(fewest, int) and r >= 0 and fewest >= 1):
+        values: dict[str, int] = {}
+        for key, least in (("round", 0), ("fewest", 1), ("evaluated", -1)):
+            value = noted.get(key, -1 if key == "evaluated" else None)
+            if isinstance(value, int) and value >= least:
+                values[key] = value
+        if len(values) < 3:
             raise UserError(
                 f"--resume {self.run_dir}: {SECURE_ROUND} is damaged, so which rounds the clients sent masked "
                 "inputs for is unknown; start the run again"
             )
-        return r, fewest
+        return values
 
     def run_round(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Sample, configure, collect, aggregate and evaluate round ``self.round + 1``: its metrics
@@ -309,10 +324,13 @@ class FederatedDriver:
         return metrics, rows
 
     def evaluate(self, round_index: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Every client's held-out metrics for the current global model, and their summary."""
+        """Every client's held-out metrics for the current global model, and their summary; under
+        secure aggregation or DP only their means, from a secure sum (:meth:`_evaluate_securely`)."""
         fed = self.cfg.federation
         finetune = fed.finetune_iterations if fed.personalization == "finetune" else 0
         global_ref = ray.put(self.global_weights)
+        if self.secure_evaluation is not None:
+            return self._evaluate_securely(round_index, global_ref, finetune), []
         groups = self.pool.by_host(self.eval_clients)
         replies, failed = self.pool.call("evaluate_clients", round_index, groups, global_ref, finetune)
         if failed:
@@ -328,6 +346,30 @@ class FederatedDriver:
             for c, m in zip(clients, per_client, strict=True)
         ]
         return summary, rows
+
+    def _evaluate_securely(self, round_index: int, global_ref: Any, finetune: int) -> dict[str, float]:
+        """``<metric>/mean`` over the clients and ``eval/clients``, summed securely: no client's
+        metrics reach the driver, and only over at least 3 clients. An evaluation runs at most
+        once a round; one that fails, or that a resume finds noted, is left out with a warning."""
+        assert self.secure_evaluation is not None
+        r = round_index
+        if len(self.eval_clients) < 3:
+            warn(f"round {r}: {len(self.eval_clients)} clients evaluate; a secure sum needs 3, so no metrics")
+            return {}
+        if r <= self.journal["evaluated"]:
+            warn(f"round {r}: its secure evaluation was cut off after its masked inputs were asked for; "
+                 "it is not run again, so the round has no held-out metrics")
+            return {}
+        digest = evaluation_digest(self.global_weights, finetune)
+        try:
+            means, count = self.secure_evaluation.evaluate(
+                self.pool, r, self.eval_clients, global_ref, finetune, digest,
+                lambda _session, _fewest: self._note_secure_evaluation(r),
+            )
+        except (SecAggError, RoundSpent) as err:
+            warn(f"round {r}: the secure evaluation failed ({err}); the round has no held-out metrics")
+            return {}
+        return {**{f"{k}/mean": v for k, v in means.items()}, "eval/clients": float(count)}
 
     def initial_evaluation(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Round-0 metrics of the untrained global model."""
@@ -357,7 +399,8 @@ class FederatedDriver:
             except (StateFileError, KeyError, TypeError, ValueError, AttributeError) as err:
                 warn(f"the checkpoint of round {r} is damaged ({err}); falling back to the one before")
                 continue
-            noted, fewest = self._noted_secure_round()
+            journal = self._noted_secure_round()
+            noted, fewest = journal["round"], journal["fewest"]
             # Clients' records as of the last round they may have trained in: they go on from there.
             groups = self.pool.by_host(self.training_clients)
             replies, failed = self.pool.call("restore", max(r, noted), groups)
@@ -368,6 +411,7 @@ class FederatedDriver:
             self.round = r
             self.global_weights = weights
             self.spent_through, self.spent_fewest = (noted, fewest) if noted > r else (0, 0)
+            self.journal = journal
             self.run_dir.truncate_metrics(r)
             return r
         what = f"{len(rounds)} checkpoint(s), none usable" if rounds else "no checkpoint"

@@ -33,9 +33,11 @@ class AuditingCollector:
 
     def collect(
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
-        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int,
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int, digest: str = "",
     ) -> Collected:
-        collected = self.inner.collect(hosts, round_index, sampled, global_ref, instructions, shared, keep_from)
+        collected = self.inner.collect(
+            hosts, round_index, sampled, global_ref, instructions, shared, keep_from, digest
+        )
         self.received = list(collected.updates)
         return collected
 

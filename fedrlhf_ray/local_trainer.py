@@ -74,11 +74,17 @@ class ClientUpdate:
 class MaskedUpdate:
     """What a client sends under secure aggregation: its weighted update and its weight as one
     vector of the ring Z_2^64, masked (uniformly random to anyone without the other clients'
-    masks), and scalar metrics. The driver can only use it in the masked sum."""
+    masks); its scalar metrics are masked in the same vector after the update (``names``), and only
+    the leakage audit's own score travels in the clear (``metrics``). The driver can only use it in
+    the masked sum."""
 
     client_id: int
     masked: np.ndarray  # uint64
     metrics: dict[str, float] = field(default_factory=dict)
+    # The names of the scalar metrics masked after the update (or, for an evaluation, alone):
+    # public, while their values are masked too.
+    names: tuple[str, ...] = ()
+    kind: str = "update"  # or "evaluation"
 
 
 class LocalTrainer(Protocol):

@@ -25,7 +25,7 @@ import numpy as np
 
 from fedrlhf_ray.attacks import Attack
 from fedrlhf_ray.local_trainer import ClientDP, ClientUpdate, MaskedUpdate, RoundInstructions, Weights
-from fedrlhf_ray.metrics import cosine_similarity
+from fedrlhf_ray.metrics import cosine_similarity, metric_block
 from fedrlhf_ray.privacy.client_dp import client_noise, privatize
 from fedrlhf_ray.privacy.secagg import MaskingClient, SecAggError, quantize
 
@@ -43,11 +43,12 @@ class Outgoing:
     metrics: dict[str, float] = field(default_factory=dict)
     sum_weight: float = 1.0
     masked: np.ndarray | None = None
+    masked_names: tuple[str, ...] = ()
 
     def message(self) -> ClientUpdate | MaskedUpdate:
         """What crosses to the driver: the masked vector once masked, else the update."""
         if self.masked is not None:
-            return MaskedUpdate(self.client_id, self.masked, self.metrics)
+            return MaskedUpdate(self.client_id, self.masked, self.metrics, self.masked_names)
         return ClientUpdate(self.client_id, self.weights, self.num_samples, self.metrics)
 
 
@@ -87,8 +88,10 @@ def _flat(weights: Weights) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Mask:
-    """w·θ ‖ w in Z_2^64 with the pair masks agreed with ``present`` (the clients whose shares went
-    out); a non-finite or huge update (an attacker) cannot be encoded: the client drops out."""
+    """w·θ ‖ w ‖ metric values ‖ present flags in Z_2^64 with the pair masks agreed with
+    ``present`` (the clients whose shares went out): the scalar metrics are summed like the
+    update (a non-finite one counts as absent). A non-finite or huge update (an attacker) cannot
+    be encoded: the client drops out."""
 
     masking: MaskingClient
     present: Collection[int]
@@ -96,11 +99,13 @@ class Mask:
 
     def __call__(self, out: Outgoing) -> Outgoing | None:
         w = out.sum_weight
+        names = tuple(sorted(out.metrics))
         try:
-            vector = quantize(np.concatenate([w * _flat(out.weights), [w]]), self.fraction_bits)
+            vector = quantize(np.concatenate([w * _flat(out.weights), [w], metric_block(out.metrics, names)]),
+                              self.fraction_bits)
         except SecAggError:
             return None
-        return replace(out, masked=self.masking.mask(vector, set(self.present)))
+        return replace(out, masked=self.masking.mask(vector, set(self.present)), metrics={}, masked_names=names)
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,9 @@ class ScoreSent:
 
     def __call__(self, out: Outgoing) -> Outgoing:
         assert out.masked is not None, "ScoreSent follows Mask"
-        sent = out.masked[:-1].view(np.int64).astype(np.float64)
-        cosine = cosine_similarity(sent, out.sum_weight * _flat(out.weights))
+        update = out.sum_weight * _flat(out.weights)
+        sent = out.masked[: update.size].view(np.int64).astype(np.float64)
+        cosine = cosine_similarity(sent, update)
         return replace(out, metrics={**out.metrics, "audit/update/cosine": cosine})
 
 

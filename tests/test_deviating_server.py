@@ -16,7 +16,7 @@ from fedrlhf_ray.driver import FederatedDriver
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.experiment import run_experiment
 from fedrlhf_ray.local_trainer import ClientDP, RoundInstructions
-from fedrlhf_ray.privacy.client_policy import ClientPolicy, ClientRefused
+from fedrlhf_ray.privacy.client_policy import ClientPolicy, ClientRefused, evaluation_digest, round_input_digest
 from fedrlhf_ray.privacy.dp import round_step
 from fedrlhf_ray.torch_trainer import MLPTrainerFactory, mlp_trainer_factory
 
@@ -87,10 +87,15 @@ def test_adaptive_clipping_clients_refuse_a_noiseless_count(host):
         client.train_client(2, 0, client.initial_weights(), RoundInstructions(dp=dataclasses.replace(dp, count_stddev=0.0)), 0)
 
 
-def _secagg_round(client: ClientHost, ids: list[int], threshold: int, r: int = 1):
-    """Keys and sealed shares of round ``r`` among ``ids`` (K = 6: everyone's neighbour)."""
+def _digest(client: ClientHost) -> str:
+    """What an honest driver announces for a round trained from the initial weights, no DP."""
+    return round_input_digest(client.initial_weights(), RoundInstructions())
+
+
+def _secagg_round(client: ClientHost, ids: list[int], threshold: int, r: int = 1, digest: str | None = None):
+    """Keys and sealed shares of session ``r`` among ``ids`` (K = 6: everyone's neighbour)."""
     client.register(0, ids)
-    keys = client.secagg_keys(r, ids)
+    keys = client.secagg_keys(r, ids, _digest(client) if digest is None else digest)
     neighbours = {c: {j: keys[j] for j in ids if j != c} for c in ids}
     return keys, neighbours, client.secagg_shares(r, ids, neighbours, threshold, ids)
 
@@ -139,7 +144,7 @@ def test_a_client_sends_one_masked_input_per_round_ever(host, tmp_path):
     weights = client.initial_weights()
 
     def masked_round(r, ids):
-        _, _, sealed = _secagg_round(client, ids, len(ids) // 2 + 1, r)
+        _, _, sealed = _secagg_round(client, ids, len(ids) // 2 + 1, r, round_input_digest(weights, RoundInstructions()))
         return client.train_masked(r, [0], weights, RoundInstructions(), 0, _held(sealed, ids), ids, 24)
 
     assert [u.client_id for u in masked_round(2, ids)] == [0]
@@ -169,20 +174,21 @@ def test_keys_the_driver_substitutes_for_a_neighbours_are_refused_before_any_sha
     client = host(config(secure_aggregation=True))
     ids = list(range(K))
     client.register(0, ids)
-    keys = client.secagg_keys(1, ids)
+    digest = _digest(client)
+    keys = client.secagg_keys(1, ids, digest)
     (mask_pk, channel_pk), own = _driver_keys()
     for forged in (
         (mask_pk, channel_pk, keys[3][2]),  # client 3's signature over other keys
-        (mask_pk, channel_pk, own.sign(advertisement(1, 3, mask_pk, channel_pk))),  # signed by the driver
+        (mask_pk, channel_pk, own.sign(advertisement(1, 3, mask_pk, channel_pk, digest))),  # signed by the driver
         keys[4],  # client 4's genuine advertisement, relayed as client 3's
-        (*keys[3][:2], own.sign(advertisement(2, 3, *keys[3][:2]))[:10]),  # garbage
+        (*keys[3][:2], own.sign(advertisement(2, 3, *keys[3][:2], digest))[:10]),  # garbage
     ):
         neighbours = {c: {j: keys[j] for j in ids if j != c} for c in ids}
         neighbours[0][3] = forged
         with pytest.raises(ClientRefused, match="client 3's key advertisement is not signed by its registered identity"):
             client.secagg_shares(1, ids, neighbours, 3, ids)
     # The round's keys are bound to the round: last round's advertisement does not pass either.
-    later = client.secagg_keys(2, ids)
+    later = client.secagg_keys(2, ids, digest)
     neighbours = {c: {j: (keys if j == 3 else later)[j] for j in ids if j != c} for c in ids}
     with pytest.raises(ClientRefused, match="client 3's key advertisement"):
         client.secagg_shares(2, ids, neighbours, 3, ids)
@@ -192,7 +198,7 @@ def test_a_client_registers_one_identity_and_refuses_a_neighbour_without_one(hos
     client = host(config(secure_aggregation=True))
     ids = list(range(K))
     client.register(0, ids[:5])  # client 5 never registered
-    keys = client.secagg_keys(1, ids)
+    keys = client.secagg_keys(1, ids, _digest(client))
     neighbours = {c: {j: keys[j] for j in ids if j != c} for c in ids}
     with pytest.raises(ClientRefused, match="client 5 has no registered key"):
         client.secagg_shares(1, ids, neighbours, 3, ids)
@@ -210,11 +216,11 @@ def test_neighbours_other_than_the_public_seed_gives_are_refused(host):
     client = host(config(secure_aggregation=True, secagg_neighbours=2))
     ids = list(range(K))
     client.register(0, ids)
-    keys = client.secagg_keys(1, ids)
+    keys = client.secagg_keys(1, ids, "")
     graph = round_graph(ids, 2, SEED, 1)
     honest = {c: {j: keys[j] for j in graph[c]} for c in ids}
     client.secagg_shares(1, ids, honest, 2, ids)
-    keys = client.secagg_keys(2, ids)
+    keys = client.secagg_keys(2, ids, "")
     graph = round_graph(ids, 2, SEED, 2)
     picked = {c: {j: keys[j] for j in graph[c]} for c in ids}
     outsider = next(j for j in ids if j not in graph[0] and j != 0)
@@ -259,6 +265,41 @@ def test_the_honest_consistency_round_reveals_and_refuses_a_client_that_sent_not
     signed = client.secagg_confirm(1, ids, ids)
     revealed = client.secagg_reveal(1, ids, ids, {c: {j: signed[j] for j in ids if j != c} for c in ids})
     assert sorted(revealed) == ids and all(kind == "b" for r in revealed.values() for kind, _ in r.values())
+
+
+def test_a_client_evaluates_only_inside_a_secure_sum_the_model_its_neighbours_announced(host):
+    """Under secure aggregation or DP: held-out metrics never leave in the clear; a masked
+    evaluation is of the model the session announced (a driver sending one client crafted
+    weights to probe its held-out items is refused), its neighbours announced the same one, and
+    a round is evaluated once."""
+    from fedrlhf_ray.privacy.secagg import evaluation_session
+
+    for settings in ({"secure_aggregation": True}, DISTRIBUTED):
+        with pytest.raises(ClientRefused, match="refused to evaluate round 1 in the clear"):
+            host(config(**settings)).evaluate_clients(1, [0], host(config()).initial_weights())
+    client = host(config(secure_aggregation=True))
+    ids = list(range(K))
+    weights = client.initial_weights()
+    crafted = {k: v + 0.5 for k, v in weights.items()}
+    digest, session = evaluation_digest(weights, 0), evaluation_session(1)
+
+    def evaluation(sent_weights, digest=digest, r=1):
+        _, _, sealed = _secagg_round(client, ids, 3, evaluation_session(r), digest)
+        return client.evaluate_masked(evaluation_session(r), [0], sent_weights, 0, r, _held(sealed, ids), ids, 24)
+
+    with pytest.raises(ClientRefused, match="not the ones the session announced"):
+        evaluation(crafted)
+    # Neighbours that announced another model: client 0 cannot verify their advertisements.
+    client.register(0, ids)
+    keys = client.secagg_keys(session, ids[1:], digest)
+    keys.update(client.secagg_keys(session, [0], evaluation_digest(crafted, 0)))
+    with pytest.raises(ClientRefused, match="key advertisement is not signed"):
+        client.secagg_shares(session, [0], {0: {j: keys[j] for j in ids[1:]}}, 3, ids)
+    (sent,) = evaluation(weights)
+    assert sent.names and len(sent.masked) == 2 * len(sent.names) and not sent.metrics
+    with pytest.raises(ClientRefused, match="already sent a masked evaluation for round 1"):
+        evaluation(weights)
+    evaluation(weights, r=2)
 
 
 class SigmaZeroDriver(FederatedDriver):

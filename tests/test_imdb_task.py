@@ -611,7 +611,7 @@ def test_tune_sweeps_the_imdb_task(prepared, shared_data, tmp_path):
     raw = tiny_config(shared_data, cfg.imdb().cache_dir, federation={"rounds": 1}, tracking={"enabled": True})
     raw["env"]["imdb"]["path"] = os.path.relpath(shared_data / "imdb", tmp_path)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw))
-    sweep = {"name": "imdb-tiny", "experiment": "base.yaml", "search_space": {"lm.kl_coeff": {"grid": [0.0, 0.1]}},
+    sweep = {"name": "imdb-tiny", "experiment": "base.yaml", "search_space": {"lm.kl_coeff": {"grid": [0.1]}},
              "max_concurrent": 1}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -619,13 +619,13 @@ def test_tune_sweeps_the_imdb_task(prepared, shared_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "sweeps").iterdir()
     trials = pd.read_csv(sweep_dir / "trials.csv")
-    assert len(trials) == 2 and (trials["error"].isna() | (trials["error"] == "")).all()
+    assert len(trials) == 1 and (trials["error"].isna() | (trials["error"] == "")).all()
     best = json.loads((sweep_dir / "best.json").read_text())
     assert best["metric"] == "eval/sentiment_independent/mean" and 0.0 <= best["value"] <= 1.0
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("imdb-tiny").experiment_id])
     runs = [r for r in runs if "fedrlhf.trial_id" in r.data.tags]
-    assert len(runs) == 2
+    assert len(runs) == 1
     panels = task_for("imdb").curve_panels
     for run in runs:
         assert run.info.status == "FINISHED"

@@ -129,7 +129,8 @@ def dense(rounds=4, **sections):
 
 
 def test_secure_aggregation_ends_with_the_plain_dense_runs_model(ray_session, tmp_path):
-    plain = run(dense(), tmp_path / "plain").run_dir.load_checkpoint(4)["global_weights"]
+    plain_run = run(dense(), tmp_path / "plain")
+    plain = plain_run.run_dir.load_checkpoint(4)["global_weights"]
     masked = run(dense(privacy=SECAGG), tmp_path / "secagg")
     got = masked.run_dir.load_checkpoint(4)["global_weights"]
     for k in plain:
@@ -142,6 +143,12 @@ def test_secure_aggregation_ends_with_the_plain_dense_runs_model(ray_session, tm
     assert all(np.array_equal(same[k], got[k]) for k in got)
     rows = [r for r in masked.run_dir.metrics() if r["round"] >= 1]
     assert all(r["fed/dropouts"] == 0 and r["fed/clients_aggregated"] == K for r in rows)
+    # Held-out metrics too are a secure sum: the same means as the plain run's, no client's row.
+    assert not [r for r in masked.run_dir.client_metrics() if r["kind"] == "eval"]
+    final, plain_final = masked.run_dir.metrics()[-1], plain_run.run_dir.metrics()[-1]
+    assert final["eval/clients"] == K and not any(k.endswith("/worst_decile") for k in final)
+    for key in ("eval/loss/mean", "eval/accuracy/mean"):
+        assert final[key] == pytest.approx(plain_final[key], abs=1e-4), key
 
 
 def test_the_driver_never_holds_an_unmasked_update(ray_session, tmp_path, monkeypatch):
@@ -151,7 +158,7 @@ def test_the_driver_never_holds_an_unmasked_update(ray_session, tmp_path, monkey
     seen: list = []
     original = FederatedDriver._received
     monkeypatch.setattr(FederatedDriver, "_received", lambda self, obj: seen.append(obj) or original(self, obj))
-    instrumented_run(dense(privacy=SECAGG), tmp_path / "secagg")
+    secure_run = instrumented_run(dense(privacy=SECAGG), tmp_path / "secagg")
     plain_updates: list[ClientUpdate] = []
     monkeypatch.setattr(
         FederatedDriver, "_received",
@@ -166,17 +173,27 @@ def test_the_driver_never_holds_an_unmasked_update(ray_session, tmp_path, monkey
 
     received = list(flat(seen))
     assert not any(isinstance(o, ClientUpdate) for o in received)
-    masked = [o for o in received if isinstance(o, MaskedUpdate)]
+    masked = [o for o in received if isinstance(o, MaskedUpdate) and o.kind == "update"]
     assert len(masked) == 4 * K and all(o.masked.dtype == np.uint64 for o in masked)
+    evaluations = [o for o in received if isinstance(o, MaskedUpdate) and o.kind == "evaluation"]
+    assert len(evaluations) == 5 * K  # rounds 0–4, and no client's metrics in the clear:
+    assert not any(isinstance(o, dict) and any(str(k).startswith("eval/") for k in o) for o in received)
     # Each masked vector against the same client's true update of the same round (the plain
     # dense run computes exactly those): no correlation, and nothing like its scale.
     true = {(i // K + 1, u.client_id): u for i, u in enumerate(plain_updates)}
     for i, m in enumerate(masked):
         u = true[(i // K + 1, m.client_id)]
         x = np.concatenate([u.weights[k].ravel() for k in sorted(u.weights)])
-        seen_values = m.masked[:-1].view(np.int64).astype(np.float64)
+        seen_values = m.masked[: x.size].view(np.int64).astype(np.float64)
         assert abs(np.corrcoef(seen_values, x)[0, 1]) < 0.1
         assert np.abs(seen_values).mean() > 1e15
+        # Its training metrics are masked too: only their names travel in the clear.
+        assert set(m.names) == set(u.metrics) and not m.metrics
+        assert m.masked.size == x.size + 1 + 2 * len(m.names)
+    # The round's logged means are the plain run's (the same updates, summed securely).
+    secure_round_2 = next(r for r in secure_run.run_dir.metrics() if r["round"] == 2)
+    plain_loss = np.mean([u.metrics["train/loss"] for u in plain_updates[K : 2 * K]])
+    assert secure_round_2["train/loss/mean"] == pytest.approx(plain_loss, abs=1e-5)
 
 
 def test_a_host_lost_after_sharing_drops_its_clients_and_the_round_still_aggregates(ray_session, tmp_path):
@@ -223,7 +240,8 @@ def test_a_secure_round_that_fails_after_its_masked_inputs_is_spent_never_run_ag
     one, two, three = (models[r]["global_weights"] for r in (1, 2, 3))
     assert all(np.array_equal(one[k], two[k]) for k in one)
     assert any(not np.array_equal(two[k], three[k]) for k in two)
-    masked = [u for obj in seen for u in (obj if isinstance(obj, list) else [obj]) if isinstance(u, MaskedUpdate)]
+    masked = [u for obj in seen for u in (obj if isinstance(obj, list) else [obj])
+              if isinstance(u, MaskedUpdate) and u.kind == "update"]
     per_client = Counter(u.client_id for u in masked)
     assert max(per_client.values()) == 4 and len(masked) > 3 * K  # round 2 sent some, once each
 

@@ -14,12 +14,13 @@ if TYPE_CHECKING:
 
 
 def secure_collector(
-    cfg: ExperimentConfig, before_sending: Callable[[int, int], None] | None = None
+    cfg: ExperimentConfig, before_sending: Callable[[int, int], None] | None = None, *, evaluation: bool = False
 ) -> SecureCollector | None:
     """The secure-aggregation round an :class:`ExperimentConfig` asks for (None: plain updates);
-    ``before_sending``: see :class:`SecureCollector`."""
+    ``before_sending``: see :class:`SecureCollector`. ``evaluation``: the secure sum of held-out
+    metrics instead, which secure aggregation and DP both ask for."""
     p = cfg.privacy
-    if not p.secure_aggregation:
+    if not (p.secure_aggregation or (evaluation and p.dp.enabled)):
         return None
     from fedrlhf_ray.privacy.secure_round import SecureCollector
 
@@ -31,6 +32,11 @@ def secure_collector(
         consistency_round=p.secagg_adversary == "malicious",
         before_sending=before_sending,
     )
+
+
+def private_evaluation(cfg: ExperimentConfig) -> bool:
+    """Whether held-out metrics leave the clients only inside a secure sum."""
+    return cfg.privacy.secure_aggregation or cfg.privacy.dp.enabled
 
 
 def layers(cfg: ExperimentConfig) -> Callable[[Strategy], Strategy] | None:

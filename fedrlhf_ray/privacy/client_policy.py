@@ -55,6 +55,11 @@ def round_input_digest(global_weights: Mapping[str, np.ndarray], instructions: R
     return digest.hexdigest()
 
 
+def evaluation_digest(global_weights: Mapping[str, np.ndarray], finetune_iterations: int) -> str:
+    """SHA-256 of what a secure evaluation evaluates: the model and the fine-tuning it asks for."""
+    return round_input_digest(global_weights, RoundInstructions(proximal_mu=float(finetune_iterations)))
+
+
 class ClientRefused(UserError):
     """A client refused a round's instruction that would weaken its privacy."""
 
@@ -77,6 +82,8 @@ class ClientPolicy:
     graph_seed: int = 0
     # Against a malicious server: signed key advertisements and the consistency round.
     signed: bool = True
+    # Secure aggregation or DP: held-out metrics leave only inside a secure sum.
+    private_evaluation: bool = False
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> ClientPolicy:
@@ -85,7 +92,7 @@ class ClientPolicy:
         signed = p.secagg_adversary == "malicious"
         if not dp.enabled:
             return cls(p.secure_aggregation, float(p.secagg_threshold), secagg_neighbours=neighbours,
-                       graph_seed=int(cfg.seed), signed=signed)
+                       graph_seed=int(cfg.seed), signed=signed, private_evaluation=p.secure_aggregation)
         pool = 1 if cfg.federation.baseline == "centralized" else cfg.clients.num_clients
         from fedrlhf_ray.privacy.dp import round_step  # dp_accounting: only when DP is on
 
@@ -103,6 +110,7 @@ class ClientPolicy:
             secagg_neighbours=neighbours,
             graph_seed=int(cfg.seed),
             signed=signed,
+            private_evaluation=True,
         )
 
     def check_plain(self, client_id: int, round_index: int, instructions: RoundInstructions) -> None:
@@ -140,14 +148,33 @@ class ClientPolicy:
             )
 
     @staticmethod
-    def check_once(client_id: int, round_index: int, last_sent: int) -> None:
-        """Before a masked input is trained for ``round_index``: the client sent none for this
-        round or a later one (``last_sent``). A round run twice over different clients would give
-        the driver the difference of two sums — one client's update, with the same noise."""
+    def check_once(client_id: int, round_index: int, last_sent: int, what: str = "masked input") -> None:
+        """Before a masked input (or evaluation) of ``round_index`` is made: the client sent none
+        for this round or a later one (``last_sent``). A round run twice over different clients
+        would give the driver the difference of two sums: one client's update (or metrics)."""
         if round_index <= last_sent:
             raise ClientRefused(
-                f"client {client_id} refused round {round_index}: it already sent a masked input for round "
+                f"client {client_id} refused round {round_index}: it already sent a {what} for round "
                 f"{last_sent}, and a round runs once"
+            )
+
+    def check_plain_evaluation(self, client_id: int, round_index: int) -> None:
+        """Before held-out metrics leave in the clear."""
+        if self.private_evaluation:
+            raise ClientRefused(
+                f"client {client_id} refused to evaluate round {round_index} in the clear: under its privacy "
+                "settings its metrics leave only inside a secure sum"
+            )
+
+    @staticmethod
+    def check_digest(client_id: int, round_index: int, announced: str, received: str) -> None:
+        """Before a masked input is made: the model (and instructions) it got are the ones its key
+        advertisement named, so every client of the session works on the same broadcast (a driver
+        cannot send one client crafted weights to probe its held-out data)."""
+        if announced != received:
+            raise ClientRefused(
+                f"client {client_id} refused round {round_index}: the weights it was sent are not the ones the "
+                "session announced"
             )
 
     def check_threshold(self, client_id: int, round_index: int, threshold: int, degree: int) -> None:

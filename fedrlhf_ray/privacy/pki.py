@@ -9,8 +9,9 @@ so it cannot pass its own key pairs off as a client's (Bonawitz et al., CCS 2017
 adversary"). On one machine the driver's process could write that folder; a deployment
 distributes the registry out of band (see ``docs/privacy.md``).
 
-Two messages are signed per round and client: its key advertisement (the round, its id and its
-two X25519 public keys) and the survivor set it confirms before any share is revealed.
+Two messages are signed per session and client: its key advertisement (the session, its id, its
+two X25519 public keys and the digest of the model the session trains or evaluates) and the
+survivor set it confirms before any share is revealed.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ class IdentityError(ValueError):
     """A client's identity or registry entry is missing, damaged or not its own."""
 
 
-def advertisement(round_index: int, client_id: int, mask_pk: bytes, channel_pk: bytes) -> bytes:
-    """What a client signs for its round keys."""
-    return b"fedrlhf-secagg-keys\0" + struct.pack("<qq", round_index, client_id) + mask_pk + channel_pk
+def advertisement(round_index: int, client_id: int, mask_pk: bytes, channel_pk: bytes, digest: str) -> bytes:
+    """What a client signs for its round keys: with the digest of the model (and instructions)
+    the driver says the session is about, so that neighbours agree on it before any share leaves."""
+    body = struct.pack("<qq", round_index, client_id) + mask_pk + channel_pk + digest.encode()
+    return b"fedrlhf-secagg-keys\0" + body
 
 
 def survivor_set(round_index: int, survivors: Iterable[int]) -> bytes:

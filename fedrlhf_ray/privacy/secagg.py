@@ -139,6 +139,15 @@ def secagg_plus_degree(num_clients: int) -> int:
     return min(num_clients - 1, 2 * math.ceil(1.5 * math.log2(max(num_clients, 2))))
 
 
+# Evaluating round r is a protocol session of its own, numbered apart from every training round.
+EVALUATION_SESSIONS = 1 << 40
+
+
+def evaluation_session(round_index: int) -> int:
+    """The session number of the secure evaluation of round ``round_index``'s model."""
+    return EVALUATION_SESSIONS + round_index
+
+
 def round_graph(members: Sequence[int], neighbours: int | None, seed: int, round_index: int) -> dict[int, list[int]]:
     """The round's neighbour graph over the clients that advertised keys: d from
     ``neighbours`` (None: :func:`secagg_plus_degree`), the order from the run's public seed. The
@@ -171,6 +180,7 @@ class MaskingClient:
     threshold: int = 0  # shares needed to rebuild its secrets, as it split them
     held: dict[int, bytes] = field(default_factory=dict)  # shares other clients gave this one, sealed
     active: frozenset[int] = frozenset()  # the clients its masked input agreed pair masks with
+    digest: str = ""  # what the session trains or evaluates, as its key advertisement named it
     confirmed: tuple[int, ...] | None = None  # the survivor set it signed (once a round)
 
     def public_keys(self) -> tuple[bytes, bytes]:

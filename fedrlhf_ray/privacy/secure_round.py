@@ -22,11 +22,13 @@ import numpy as np
 
 from fedrlhf_ray.collectors import Collected, Hosts, RoundSpent
 from fedrlhf_ray.local_trainer import MaskedUpdate, RoundInstructions, Weights
+from fedrlhf_ray.metrics import metric_means
 from fedrlhf_ray.privacy.client_dp import UNCLIPPED_KEY
 from fedrlhf_ray.privacy.secagg import (
     RING,
     SecAggError,
     dequantize,
+    evaluation_session,
     round_graph,
     share_threshold,
     unmask_sum,
@@ -50,30 +52,71 @@ class SecureCollector:
 
     def collect(
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
-        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int,
+        instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int, digest: str = "",
     ) -> Collected:
         """The survivors' Σ w·θ (by name as in ``shared``, plus DP's not-clipped bit when the
-        instructions ask for it) and Σ w, and their masked updates. No survivors: zeros and 0."""
+        instructions ask for it) and Σ w, and their masked updates. No survivors: zeros and 0.
+        ``digest``: the round's :func:`~fedrlhf_ray.privacy.client_policy.round_input_digest`."""
         counting = instructions.dp is not None and instructions.dp.count
         template = {**shared, UNCLIPPED_KEY: np.zeros(1)} if counting else dict(shared)
-        total, weight, updates, metrics = self._sum(
-            hosts, round_index, sampled, (global_ref, instructions, keep_from), template
-        )
-        return Collected(
-            updates, received_bytes=float(sum(u.masked.nbytes for u in updates)), metrics=metrics,
-            total=(total, weight), skipped=bool(metrics.get("secagg/skipped")),
-        )
-
-    def _sum(
-        self, hosts: Hosts, round_index: int, sampled: list[int], train: tuple[Any, RoundInstructions, int],
-        shared: Mapping[str, np.ndarray],
-    ) -> tuple[Weights, float, list[MaskedUpdate], dict[str, float]]:
-        r = round_index
+        zeros = {k: np.zeros(np.shape(v)) for k, v in template.items()}
         if len(sampled) < 3:
             # Only DP's Poisson sampling draws so few: no sum of them could hide an update, so
             # the round collects none (DP still releases its noise).
-            return {k: np.zeros(np.shape(v)) for k, v in shared.items()}, 0.0, [], {"secagg/skipped": 1.0}
-        replies = hosts.call_once("secagg_keys", r, hosts.by_host(sampled), {})
+            return Collected([], received_bytes=0.0, metrics={"secagg/skipped": 1.0}, total=(zeros, 0.0),
+                             skipped=True)
+        flat, updates, metrics = self._session(
+            hosts, round_index, sampled, digest, "train_masked", (global_ref, instructions, keep_from),
+            self.before_sending,
+        )
+        total, weight = zeros, 0.0
+        if updates:
+            size = sum(int(np.size(v)) for v in template.values())
+            weight = float(flat[size])
+            if weight <= 0:
+                raise RoundSpent(f"round {round_index}: the survivors' total sample count is {weight:g}", len(updates))
+            total = unflatten(flat[:size], template, dtype=np.dtype(np.float64))
+            names = updates[0].names
+            # The clients' scalar metrics, summed with their updates: means only, when all name
+            # the same metrics (else their values were summed out of line, and are left out).
+            if all(u.names == names for u in updates):
+                metrics.update({f"{k}/mean": v for k, v in metric_means(flat[size + 1 :], names).items()})
+        return Collected(
+            updates, received_bytes=float(sum(u.masked.nbytes for u in updates)), metrics=metrics,
+            total=(total, weight),
+        )
+
+    def evaluate(
+        self, hosts: Hosts, round_index: int, clients: list[int], global_ref: Any, finetune_iterations: int,
+        digest: str, before_sending: Callable[[int, int], None] | None = None,
+    ) -> tuple[dict[str, float], int]:
+        """Held-out metrics of round ``round_index``'s model summed securely over ``clients``:
+        each metric's mean over the clients that had it, and how many clients the sum holds. The
+        driver never sees one client's metrics. Raises :class:`RoundSpent` when the session
+        fails after its masked inputs were asked for, :class:`SecAggError` before."""
+        session = evaluation_session(round_index)
+        flat, updates, _ = self._session(
+            hosts, session, clients, digest, "evaluate_masked", (global_ref, finetune_iterations, round_index),
+            before_sending,
+        )
+        if not updates:
+            return {}, 0
+        names = updates[0].names
+        if any(u.names != names for u in updates):
+            # The values of different names were summed together: nothing of it is usable.
+            raise RoundSpent(f"round {round_index}: the clients' evaluations name different metrics", len(updates))
+        return metric_means(flat, names), len(updates)
+
+    def _session(
+        self, hosts: Hosts, session: int, clients: list[int], digest: str, masked_method: str,
+        masked_args: tuple[Any, ...], before_sending: Callable[[int, int], None] | None,
+    ) -> tuple[np.ndarray, list[MaskedUpdate], dict[str, float]]:
+        """One run of the protocol over ``clients``: the survivors' unmasked sum (dequantized),
+        their masked inputs and the session's metrics. ``masked_method`` (``train_masked`` or
+        ``evaluate_masked``) makes the masked inputs from ``masked_args``."""
+        r = session
+        groups = hosts.by_host(clients)
+        replies = hosts.call_once("secagg_keys", r, groups, {h: (digest,) for h in groups})
         keys = {c: k for reply in replies.values() for c, k in reply.items()}
         members = sorted(keys)
         if len(members) < 3:
@@ -94,36 +137,36 @@ class SecureCollector:
                 if receiver in held:
                     held[receiver][sender] = blob
 
-        if self.before_sending is not None:
-            # A sum needs each survivor's self-mask rebuilt from t other survivors' shares.
-            self.before_sending(r, min(len(active), threshold + 1))
+        # A sum needs each survivor's self-mask rebuilt from t other survivors' shares.
+        fewest = min(len(active), threshold + 1)
+        if before_sending is not None:
+            before_sending(r, fewest)
         try:
-            return self._masked_phase(hosts, r, sampled, train, shared, graph, keys, active, held, threshold)
+            return self._masked_phase(
+                hosts, r, clients, masked_method, masked_args, graph, keys, active, held, threshold
+            )
         except SecAggError as err:
-            raise RoundSpent(str(err), min(len(active), threshold + 1)) from None
+            raise RoundSpent(str(err), fewest) from None
 
     def _masked_phase(
-        self, hosts: Hosts, r: int, sampled: list[int], train: tuple[Any, RoundInstructions, int],
-        shared: Mapping[str, np.ndarray], graph: dict[int, list[int]], keys: dict[int, tuple[bytes, bytes]],
-        active: list[int], held: dict[int, dict[int, bytes]], threshold: int,
-    ) -> tuple[Weights, float, list[MaskedUpdate], dict[str, float]]:
-        """Masked inputs out, shares revealed, the sum unmasked. Once it starts the round is spent:
-        a failure raises :class:`RoundSpent`, never a retry."""
+        self, hosts: Hosts, r: int, clients: list[int], masked_method: str, masked_args: tuple[Any, ...],
+        graph: dict[int, list[int]], keys: dict[int, tuple[bytes, bytes, bytes]], active: list[int],
+        held: dict[int, dict[int, bytes]], threshold: int,
+    ) -> tuple[np.ndarray, list[MaskedUpdate], dict[str, float]]:
+        """Masked inputs out, shares revealed, the sum unmasked. Once it starts the session is
+        spent: a failure raises :class:`RoundSpent`, never a retry."""
         groups = hosts.by_host(active)
-        train_args = {
-            h: (*train, {c: held[c] for c in ids}, active, self.fraction_bits)
-            for h, ids in groups.items()
-        }
-        replies = hosts.call_once("train_masked", r, groups, train_args)
+        args = {h: (*masked_args, {c: held[c] for c in ids}, active, self.fraction_bits) for h, ids in groups.items()}
+        replies = hosts.call_once(masked_method, r, groups, args)
         updates = sorted((u for reply in replies.values() for u in reply), key=lambda u: u.client_id)
         survivors = [u.client_id for u in updates]
         metrics = {
-            "fed/dropouts": float(len(sampled) - len(survivors)),
+            "fed/dropouts": float(len(clients) - len(survivors)),
             "secagg/neighbours": float(min(len(v) for v in graph.values())),
             "secagg/threshold": float(threshold),
         }
         if not survivors:
-            return {k: np.zeros(np.shape(v)) for k, v in shared.items()}, 0.0, [], metrics
+            return np.zeros(0), [], metrics
         masked_sum = np.zeros(len(updates[0].masked), dtype=RING)
         for u in updates:
             masked_sum = masked_sum + u.masked
@@ -146,13 +189,9 @@ class SecureCollector:
         revealed = {c: shares for reply in replies.values() for c, shares in reply.items()}
         in_round = set(active)
         sub_graph = {c: [j for j in graph[c] if j in in_round] for c in active}
-        total = dequantize(unmask_sum(masked_sum, r, sub_graph, keys, set(survivors), revealed, threshold),
-                           self.fraction_bits)
-        weight = float(total[-1])
-        if weight <= 0:
-            raise SecAggError(f"round {r}: the survivors' total sample count is {weight:g}")
-        return unflatten(total[:-1], shared, dtype=np.dtype(np.float64)), weight, updates, metrics
-
+        public = {c: (k[0], k[1]) for c, k in keys.items()}
+        total = unmask_sum(masked_sum, r, sub_graph, public, set(survivors), revealed, threshold)
+        return dequantize(total, self.fraction_bits), updates, metrics
 
     @staticmethod
     def _enough_neighbours(
