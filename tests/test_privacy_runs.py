@@ -363,7 +363,9 @@ def test_secure_aggregation_with_fedprox_and_a_personal_head_resumes_exactly(ray
     assert any(not np.array_equal(a[k], before[k]) for k in a if not k.startswith("4."))
     shared = sum(v.size for k, v in a.items() if not k.startswith("4."))
     rows = [r for r in whole.run_dir.metrics() if r["round"] >= 1]
-    assert all(r["fed/update_bytes"] == K * 8 * (shared + 1) for r in rows)  # w·θ_shared ‖ w, 64-bit
+    # train/loss, train/seconds, store/record_bytes and store/save_ms: value and present flag each.
+    metrics = 2 * 4
+    assert all(r["fed/update_bytes"] == K * 8 * (shared + 1 + metrics) for r in rows)  # w·θ_shared ‖ w ‖ …, 64-bit
 
 
 def test_distributed_dp_composes_with_fedprox_a_personal_head_and_adaptive_clipping(ray_session, tmp_path):
@@ -373,8 +375,8 @@ def test_distributed_dp_composes_with_fedprox_a_personal_head_and_adaptive_clipp
     weights = result.run_dir.load_checkpoint(4)["global_weights"]
     shared = sum(v.size for k, v in weights.items() if not k.startswith("4."))
     rows = [r for r in result.run_dir.metrics() if r["round"] >= 1]
-    # The masked vector: the shared weights, the not-clipped bit, the weight.
-    assert all(r["fed/update_bytes"] == K * 8 * (shared + 2) for r in rows)
+    # The masked vector: the shared weights, the not-clipped bit, the weight, 4 metrics × 2.
+    assert all(r["fed/update_bytes"] == K * 8 * (shared + 2 + 8) for r in rows)
     assert len({r["privacy/clip_norm"] for r in rows}) == 4
     assert result.summary["privacy"]["mode"] == "distributed" and result.summary["privacy"]["epsilon"] > 0
 

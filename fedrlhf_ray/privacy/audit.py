@@ -94,9 +94,9 @@ def audit_round(
     for update in updates:
         row: dict[str, float] = {"client": float(update.client_id)}
         if isinstance(update, MaskedUpdate):
-            # The masked vector as the server would read it (without the weight at its end,
-            # and without a DP not-clipped bit if it carries one).
-            flat = dequantize(update.masked[:-1], 0)
+            # The masked vector as the server would read it: without the weight and the masked
+            # metrics after the update, and without a DP not-clipped bit if it carries one.
+            flat = dequantize(update.masked[: update.masked.size - 1 - 2 * len(update.names)], 0)
             with_bit = flat.size > sum(np.size(v) for v in shared.values())
             seen = unflatten(flat, {**shared, UNCLIPPED_KEY: np.zeros(1)} if with_bit else shared)
             seen.pop(UNCLIPPED_KEY, None)
