@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
 from fedrlhf_ray import state_codec
-from fedrlhf_ray.rundir import atomic_write
+from fedrlhf_ray.rundir import atomic_write, read_or_make_secret
 
 _VERSION_RE = re.compile(r"^round-(\d{6})\.npz$")
 NOISE_KEY_BYTES = 32
@@ -95,18 +94,14 @@ class ClientStore:
         system's entropy on first use and kept, so a retried or resumed round adds the same
         noise while nobody without this file (the driver included) can predict or remove it."""
         path = self._folder(client_id) / "noise.key"
-        try:
-            secret = path.read_bytes()
-        except FileNotFoundError:
+        if not path.exists():
             self._make_folder(client_id)
-            secret = secrets.token_bytes(NOISE_KEY_BYTES)
-            atomic_write(path, secret, private=True)
-            return secret
+        try:
+            return read_or_make_secret(path, NOISE_KEY_BYTES)
         except OSError as err:
             raise state_codec.StateFileError(f"{path}: unreadable ({err.strerror or err})") from None
-        if len(secret) != NOISE_KEY_BYTES:
-            raise state_codec.StateFileError(f"{path}: damaged ({len(secret)} bytes, not {NOISE_KEY_BYTES})")
-        return secret
+        except ValueError as err:
+            raise state_codec.StateFileError(f"{path}: damaged ({err})") from None
 
     def private_path(self, client_id: int, name: str) -> Path:
         """A file of the client's own beside its records (its folder made, 0700)."""

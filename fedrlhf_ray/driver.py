@@ -61,6 +61,7 @@ class RoundFailed(RuntimeError):
 
 # The last secure round whose masked inputs the driver asked for (see FederatedDriver.run_round).
 SECURE_ROUND = "secure_round.json"
+NOTHING_SENT = {"round": 0, "fewest": 1, "evaluated": -1}
 
 
 class TaskTrainerFactory:
@@ -145,13 +146,10 @@ class FederatedDriver:
         )
         # Under secure aggregation or DP, held-out metrics are summed securely too.
         self.secure_evaluation = privacy.secure_collector(cfg, evaluation=True)
-        # What the driver noted of its secure sessions (see SECURE_ROUND).
-        self.journal: dict[str, int] = {"round": 0, "fewest": 1, "evaluated": -1}
+        # What the driver noted of its secure sessions (see SECURE_ROUND). On resume, rounds up to
+        # its "round" that no checkpoint completed are spent, never run again.
+        self.journal: dict[str, int] = dict(NOTHING_SENT)
         self.round = 0
-        # A resumed secure run: rounds up to this one may have had masked inputs sent before the
-        # crash, so they are spent, never run again (each counted as holding ``spent_fewest``).
-        self.spent_through = 0
-        self.spent_fewest = 0
 
     @property
     def hosts(self) -> list[Any]:
@@ -225,7 +223,7 @@ class FederatedDriver:
     def _noted_secure_round(self) -> dict[str, int]:
         """:data:`SECURE_ROUND`'s notes; nothing sent yet when it is missing."""
         if not (self.run_dir.path / SECURE_ROUND).exists():
-            return {"round": 0, "fewest": 1, "evaluated": -1}
+            return dict(NOTHING_SENT)
         noted = self.run_dir.read_json(SECURE_ROUND) or {}
         values: dict[str, int] = {}
         for key, least in (("round", 0), ("fewest", 1), ("evaluated", -1)):
@@ -251,9 +249,9 @@ class FederatedDriver:
         start = time.perf_counter()
         restarts, retried = self.pool.actor_restarts, self.pool.retried_clients
         plan = self.plan_round(r)
-        if r <= self.spent_through:
+        if r <= self.journal["round"]:
             return self._spent_round(plan, RoundSpent(
-                f"round {r} was cut off after its masked inputs were asked for", self.spent_fewest
+                f"round {r} was cut off after its masked inputs were asked for", self.journal["fewest"]
             ))
         sampled = list(plan.sampled)
         instructions = self.instructions(plan)
@@ -388,6 +386,7 @@ class FederatedDriver:
         """Continue from the newest checkpoint that the client stores agree with; a damaged one
         falls back to the one before, with a warning. Returns the round restored."""
         rounds = self.run_dir.checkpoint_rounds()
+        journal = self._noted_secure_round()
         for r in rounds:
             try:
                 state = self.run_dir.load_checkpoint(r)
@@ -399,18 +398,15 @@ class FederatedDriver:
             except (StateFileError, KeyError, TypeError, ValueError, AttributeError) as err:
                 warn(f"the checkpoint of round {r} is damaged ({err}); falling back to the one before")
                 continue
-            journal = self._noted_secure_round()
-            noted, fewest = journal["round"], journal["fewest"]
             # Clients' records as of the last round they may have trained in: they go on from there.
             groups = self.pool.by_host(self.training_clients)
-            replies, failed = self.pool.call("restore", max(r, noted), groups)
+            replies, failed = self.pool.call("restore", max(r, journal["round"]), groups)
             damaged = sorted(c for ids in replies.values() for c in ids)
             if damaged or failed:
                 warn(f"client records of round {r} are damaged (clients {damaged[:5]}); falling back to the one before")
                 continue
             self.round = r
             self.global_weights = weights
-            self.spent_through, self.spent_fewest = (noted, fewest) if noted > r else (0, 0)
             self.journal = journal
             self.run_dir.truncate_metrics(r)
             return r

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import stat
 import sys
 from collections.abc import Iterable
@@ -91,6 +92,21 @@ def atomic_write(
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"could not write {path}: {err.strerror or err}") from None
+
+
+def read_or_make_secret(path: Path, size: int) -> bytes:
+    """The ``size``-byte secret kept at ``path``, drawn from the operating system's entropy and
+    written there (0600) when there is none. Raises :class:`OSError` when it cannot be read and
+    :class:`ValueError` when it is not ``size`` bytes."""
+    try:
+        secret = path.read_bytes()
+    except FileNotFoundError:
+        secret = secrets.token_bytes(size)
+        atomic_write(path, secret, private=True)
+        return secret
+    if len(secret) != size:
+        raise ValueError(f"{len(secret)} bytes, not {size}")
+    return secret
 
 
 def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedrlhf_ray.rundir import atomic_write
+from fedrlhf_ray.rundir import atomic_write, read_or_make_secret
 
 _RAW = serialization.Encoding.Raw
 KEY_BYTES = 32
@@ -93,16 +93,11 @@ class Registry:
 
 
 def load_or_make_identity(path: Path) -> Ed25519PrivateKey:
-    """The signing key kept at ``path`` (0600), made from OS entropy when there is none."""
+    """The signing key kept at ``path`` (0600), made from OS entropy when there is none (an
+    Ed25519 private key is 32 random bytes)."""
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        key = Ed25519PrivateKey.generate()
-        raw = key.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-        atomic_write(path, raw, private=True)
-        return key
+        return Ed25519PrivateKey.from_private_bytes(read_or_make_secret(path, KEY_BYTES))
     except OSError as err:
         raise IdentityError(f"{path}: unreadable ({err.strerror or err})") from None
-    if len(raw) != KEY_BYTES:
-        raise IdentityError(f"{path}: damaged ({len(raw)} bytes, not {KEY_BYTES})")
-    return Ed25519PrivateKey.from_private_bytes(raw)
+    except ValueError as err:
+        raise IdentityError(f"{path}: damaged ({err})") from None

@@ -14,11 +14,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import secrets
 from pathlib import Path
 
 from fedrlhf_ray.errors import UserError
-from fedrlhf_ray.rundir import atomic_write, find_link
+from fedrlhf_ray.rundir import atomic_write, find_link, read_or_make_secret
 
 SEAL = ".fedrlhf-seal"
 _KEY_BYTES = 32
@@ -32,18 +31,15 @@ def key_file() -> Path:
 
 def _key() -> bytes:
     path = key_file()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        key = path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = secrets.token_bytes(_KEY_BYTES)
-        atomic_write(path, key, private=True)
-        return key
+        return read_or_make_secret(path, _KEY_BYTES)
     except OSError as err:
         raise UserError(f"{path}: cannot read the sweep-sealing key ({err.strerror or err})") from None
-    if len(key) != _KEY_BYTES:
-        raise UserError(f"{path}: the sweep-sealing key is damaged; delete it (sealed sweeps then cannot resume)")
-    return key
+    except ValueError:
+        raise UserError(
+            f"{path}: the sweep-sealing key is damaged; delete it (sealed sweeps then cannot resume)"
+        ) from None
 
 
 def _digest(sweep_dir: Path, key: bytes) -> str:
