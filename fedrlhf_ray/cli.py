@@ -19,6 +19,7 @@ import yaml
 
 from fedrlhf_ray.config import load_config
 from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.privacy import DEVIATIONS
 from fedrlhf_ray.schema import ExperimentConfig
 
 if TYPE_CHECKING:
@@ -121,9 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--client", type=int, default=0, help="which client to train (default 0)")
     train.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
 
-    audit = sub.add_parser("audit", help="leakage audit: an honest-but-curious server attacks each client's update")
+    audit = sub.add_parser("audit", help="leakage audit: the server attacks each client's update")
     _add_config_args(audit)
     audit.add_argument("--rounds", type=_positive, default=1, help="rounds to run and audit (default 1)")
+    audit.add_argument(
+        "--deviate", choices=DEVIATIONS, metavar="ATTACK",
+        help=f"play a server that deviates from the protocol ({', '.join(DEVIATIONS)}); "
+        "default: the honest-but-curious server",
+    )
     audit.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     audit.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
     audit.add_argument("--tracking-uri", help="MLflow tracking URI (as for run)")
@@ -427,11 +433,11 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Run the first ``--rounds`` rounds with the auditing driver and print its attack table."""
+    """Run the first ``--rounds`` rounds with the auditing (or deviating) driver and print its table."""
     from rich.table import Table
 
     from fedrlhf_ray.experiment import run_experiment
-    from fedrlhf_ray.leakage_audit import AuditedDriver
+    from fedrlhf_ray.leakage_audit import audit_driver
 
     cfg = _config_from(args)
     task = _task(cfg.env.name)
@@ -445,9 +451,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UserError(f"audit: {problem}")
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": args.rounds})})
     dp = cfg.privacy.dp
-    mode = f"DP σ={dp.noise_multiplier:g} C={dp.clip_norm:g}" if dp.enabled else "no DP"
+    mode = f"DP ({dp.mode}) σ={dp.noise_multiplier:g} C={dp.clip_norm:g}" if dp.enabled else "no DP"
+    if cfg.privacy.secure_aggregation:
+        mode += f" · SecAgg ({cfg.privacy.secagg_adversary.replace('_', '-')})"
+    server = f"deviating server: {args.deviate}" if args.deviate else "leakage audit"
     view = RunView(
-        f"[bold]leakage audit[/bold] · env={cfg.env.name} · K={cfg.clients.num_clients} · "
+        f"[bold]{server}[/bold] · env={cfg.env.name} · K={cfg.clients.num_clients} · "
         f"strategy={cfg.federation.strategy} · {mode} · {args.rounds} round(s)",
         task,
     )
@@ -455,24 +464,40 @@ def cmd_audit(args: argparse.Namespace) -> int:
         result = run_experiment(
             cfg, out=args.out, tracking_uri=args.tracking_uri, address=args.address,
             on_start=view.on_start, on_round=view.on_round, handle_sigterm=True,
-            extra_tags={"fedrlhf.audit": "true"}, driver_cls=AuditedDriver,
+            extra_tags={"fedrlhf.audit": args.deviate or "true"}, driver_cls=audit_driver(args.deviate),
         )
     finally:
         view.close()
-    rows = [r for r in result.run_dir.client_metrics() if r.get("kind") == "audit" and r["round"] == result.rounds]
-    table = Table(title=f"what the server learns in round {result.rounds} (membership of rated items · reconstruction)")
-    columns = [("rated / items", "base_rate"), ("update AUC", "update/auc"), ("update P@n", "update/precision_at_n"),
-               ("update cosine", "update/cosine"), ("release AUC", "release/auc"),
-               ("release P@n", "release/precision_at_n"), ("release cosine", "release/cosine")]
+    m = result.run_dir.round_metrics(result.rounds)
+    kind = "deviation" if args.deviate else "audit"
+    rows = [r for r in result.run_dir.client_metrics() if r.get("kind") == kind and r["round"] == result.rounds]
+    if args.deviate:
+        table = Table(title=f"what the deviating server learns of each client's update in round {result.rounds} "
+                      "(membership of rated items)")
+        columns = [("rated / items", "deviation/base_rate"), ("AUC", "deviation/auc"),
+                   ("P@n", "deviation/precision_at_n"), ("p-value", "deviation/p_value")]
+    else:
+        table = Table(title=f"what the server learns in round {result.rounds} "
+                      "(membership of rated items · reconstruction)")
+        columns = [("rated / items", "base_rate"), ("update AUC", "update/auc"),
+                   ("update P@n", "update/precision_at_n"), ("update cosine", "update/cosine"),
+                   ("release AUC", "release/auc"), ("release P@n", "release/precision_at_n"),
+                   ("release cosine", "release/cosine")]
     table.add_column("client", justify="right")
     for title, _ in columns:
         table.add_column(title, justify="right")
     nan = float("nan")
     for r in sorted(rows, key=lambda r: r["client"]):
         table.add_row(str(r["client"]), *(f"{r.get(f'audit/{key}', nan):.3f}" for _, key in columns))
-    m = result.run_dir.round_metrics(result.rounds)
-    table.add_row("mean", *(f"{m.get(f'audit/{key}/mean', nan):.3f}" for _, key in columns), style="bold")
-    view.console.print(table)
+    if rows:
+        table.add_row("mean", *(f"{m.get(f'audit/{key}/mean', nan):.3f}" for _, key in columns), style="bold")
+        view.console.print(table)
+    if args.deviate:
+        refused = m.get("audit/deviation/refused", 0.0) > 0
+        learned = [f"the updates of {int(m.get('audit/deviation/clients', 0))} client(s) as above"]
+        if m.get("audit/deviation/evaluations", 0) > 0:
+            learned.append(f"per-client metrics of its crafted model from {int(m['audit/deviation/evaluations'])}")
+        view.console.print(f"{args.deviate}: " + ("refused by the clients" if refused else "; ".join(learned)))
     if "privacy/epsilon" in m:
         view.console.print(f"ε = {m['privacy/epsilon']:.3g} at δ = {dp.delta:g} after {result.rounds} round(s)")
     if result.tracker is not None:

@@ -376,7 +376,8 @@ class ClientHost:
             self.policy.check_reveal(c, round_index, alive, masking, signers)
             assert masking is not None
             revealed[c] = masking.reveal(set(alive))
-        self.masking = {}
+        for c in client_ids:  # a client reveals once a session: its secrets for it are gone
+            self.masking.pop(c, None)
         return revealed
 
     # -- evaluation ----------------------------------------------------------------------------

@@ -252,7 +252,7 @@ class FederatedDriver:
         if r <= self.journal["round"]:
             return self._spent_round(plan, RoundSpent(
                 f"round {r} was cut off after its masked inputs were asked for", self.journal["fewest"]
-            ))
+            ), start)
         sampled = list(plan.sampled)
         instructions = self.instructions(plan)
         global_ref = ray.put(self.global_weights)
@@ -260,13 +260,13 @@ class FederatedDriver:
         try:
             collected = self.collect(r, sampled, global_ref, instructions, shared)
         except RoundSpent as spent:
-            return self._spent_round(plan, spent)
+            return self._spent_round(plan, spent, start)
         updates = collected.updates
         train_seconds = time.perf_counter() - start
         if len(updates) < min(self.cfg.federation.min_results, len(sampled)) and not collected.skipped:
             reason = f"round {r}: {len(updates)} of {len(sampled)} clients answered, fewer than federation.min_results"
             if collected.total is not None:  # a secure sum: the masked inputs have left
-                return self._spent_round(plan, RoundSpent(reason, len(updates)))
+                return self._spent_round(plan, RoundSpent(reason, len(updates)), start)
             raise RoundFailed(reason)
         self.global_weights = merge(self.aggregate(plan, shared, collected), personal)
         self.round = r
@@ -301,12 +301,15 @@ class FederatedDriver:
         metrics["fed/round_seconds"] = time.perf_counter() - start
         return metrics, client_rows
 
-    def _spent_round(self, plan: RoundPlan, spent: RoundSpent) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """A secure round that failed after its masked inputs were asked for: see :meth:`run_round`."""
+    def _spent_round(
+        self, plan: RoundPlan, spent: RoundSpent, start: float
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """A secure round that failed after its masked inputs were asked for (see :meth:`run_round`);
+        ``start``: when the round began (``time.perf_counter``)."""
         r = plan.round_index
         self.strategy.spent(plan, spent.contributors)
         self.round = r
-        warn(f"{spent}; clients had sent masked inputs, so the round is not run again: "
+        warn(f"{spent}; the round is spent, never run again: "
              f"the global model stays as it was and the run goes on with round {r + 1}")
         metrics: dict[str, float] = {
             "round": float(r),
@@ -319,6 +322,7 @@ class FederatedDriver:
             eval_metrics, rows = self.evaluate(r)
             metrics.update(eval_metrics)
         metrics.update(self.strategy.round_metrics())
+        metrics["fed/round_seconds"] = time.perf_counter() - start
         return metrics, rows
 
     def evaluate(self, round_index: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -450,7 +454,7 @@ class DriverHost:
         return lines
 
     def start(
-        self, driver_cls: type[FederatedDriver], cfg: ExperimentConfig, run_dir: str,
+        self, driver_cls: Callable[..., FederatedDriver], cfg: ExperimentConfig, run_dir: str,
         trainer_factory: HostTrainerFactory | None, only_clients: Sequence[int] | None,
     ) -> None:
         self.driver = driver_cls(cfg, run_dir, trainer_factory=trainer_factory, only_clients=only_clients)

@@ -206,7 +206,7 @@ def run_experiment(
     on_round: RoundHook | None = None,
     handle_sigterm: bool = False,
     check_resources: bool = True,
-    driver_cls: type | None = None,
+    driver_cls: Callable[..., Any] | None = None,
     in_process_driver: bool = False,
 ) -> Result:
     """Run ``cfg`` (see the module docstring).
@@ -215,8 +215,8 @@ def run_experiment(
     otherwise a new one is made under ``out``. ``trainer_factory`` replaces the RLHF trainer
     (tests and benches); ``only_clients`` trains and evaluates just those clients (single-client
     training). ``check_resources`` is off inside a Tune trial, whose placement group holds its
-    actors' CPUs already. ``driver_cls`` replaces :class:`FederatedDriver` (the leakage audit's
-    driver).
+    actors' CPUs already. ``driver_cls`` builds the driver in place of :class:`FederatedDriver` (the leakage
+    audit's drivers: a subclass, or one with its arguments bound).
     """
     if trainer_factory is None:
         check_data(cfg)
@@ -472,7 +472,7 @@ class DriverClient:
 
     @classmethod
     def start(
-        cls, cfg: ExperimentConfig, driver_cls: type, rd: RunDir, trainer_factory: Any,
+        cls, cfg: ExperimentConfig, driver_cls: Callable[..., Any], rd: RunDir, trainer_factory: Any,
         only_clients: Sequence[int] | None, *, in_process: bool,
     ) -> DriverClient:
         from fedrlhf_ray.driver import DriverActor, DriverHost, driver_actor_options

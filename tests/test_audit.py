@@ -115,3 +115,25 @@ def test_a_client_that_trained_on_every_item_is_one_line():
     })
     with pytest.raises(UserError, match=r"^audit: client \d's users trained on every one of the 20 items"):
         task_for("synthetic").audit_members(cfg, 20)
+
+
+@pytest.mark.slow
+def test_the_deviating_server_reads_every_update_unless_the_clients_authenticate_keys(ray_session, shared_data, tmp_path):
+    """``fedrlhf audit --deviate key-substitution`` on real client actors: against secure
+    aggregation for an honest-but-curious server (no identities) it opens every sealed share and
+    reads each update as plain FedAvg would give it away; the malicious-secure default refuses."""
+    from fedrlhf_ray.leakage_audit import audit_driver
+
+    attack = audit_driver("key-substitution")
+    hbc = movielens_audit_cfg(shared_data, "privacy.secure_aggregation=true",
+                              "privacy.secagg_adversary=honest_but_curious")
+    result = run_experiment(hbc, run_dir=tmp_path / "hbc", driver_cls=attack)
+    metrics = result.run_dir.round_metrics(1)
+    rows = [r for r in result.run_dir.client_metrics() if r.get("kind") == "deviation"]
+    assert metrics["audit/deviation/refused"] == 0 and len(rows) == 4
+    assert metrics["audit/deviation/auc/mean"] >= 0.7 and metrics["fed/round_failed"] == 1
+    malicious = movielens_audit_cfg(shared_data, "privacy.secure_aggregation=true")
+    result = run_experiment(malicious, run_dir=tmp_path / "malicious", driver_cls=attack)
+    metrics = result.run_dir.round_metrics(1)
+    assert metrics["audit/deviation/refused"] == 1 and metrics["audit/deviation/clients"] == 0
+    assert not [r for r in result.run_dir.client_metrics() if r.get("kind") == "deviation"]

@@ -337,3 +337,92 @@ def test_a_round_is_trained_again_only_from_the_same_model_and_instructions(host
     with pytest.raises(ClientRefused, match="already trained that round"):
         client.train_client(1, 0, weights, honest_dp(m=3), keep_from=0)
     client.train_client(2, 0, crafted, honest_dp(), keep_from=0)  # the next round starts anew
+
+
+# -- the audit's deviating server (privacy.deviations), played against in-process client hosts --
+
+
+class InProcess:
+    """The host pool's calls on one client host in this process (a collector without Ray)."""
+
+    def __init__(self, host: ClientHost) -> None:
+        self.host = host
+
+    def by_host(self, ids):
+        return {0: list(ids)}
+
+    def call_once(self, method, r, groups, args):
+        return {h: getattr(self.host, method)(r, ids, *args.get(h, ())) for h, ids in groups.items()}
+
+    def call(self, method, r, groups, *rest):
+        return {h: getattr(self.host, method)(r, ids, *rest) for h, ids in groups.items()}, []
+
+
+SECURE_LIES = ("active-set", "low-threshold", "key-substitution", "replay")
+
+
+def _deviate(client: ClientHost, attack: str, cfg, instructions=None):
+    """One round of ``attack`` against ``client``'s K clients: what the deviating server learned."""
+    from fedrlhf_ray import privacy
+    from fedrlhf_ray.collectors import PlainCollector, RoundSpent
+    from fedrlhf_ray.privacy.deviations import ATTACKS
+
+    secure = privacy.secure_collector(cfg)
+    deviation = ATTACKS[attack](secure or PlainCollector(None, 1), secure)
+    ids = list(range(K))
+    if cfg.privacy.secure_aggregation and cfg.privacy.secagg_adversary == "malicious":
+        client.register(0, ids)
+    weights = client.initial_weights()
+    told = deviation.told(instructions or RoundInstructions())
+    with pytest.raises(RoundSpent):
+        deviation.collect(InProcess(client), 1, ids, weights, told, weights, 0, round_input_digest(weights, told))
+    return deviation.learned
+
+
+@pytest.mark.parametrize("adversary", ["malicious", "honest_but_curious"])
+@pytest.mark.parametrize("attack", SECURE_LIES)
+def test_the_audits_deviating_server_is_refused_by_every_secure_aggregation_client(host, tmp_path, attack, adversary):
+    """Each lie of ``fedrlhf audit --deviate`` against real client hosts: refused in one line
+    before the client's update can be read, in both modes, except the key substitution that the
+    honest-but-curious mode (no identities) does not claim to withstand."""
+    learned = _deviate(host(config(secure_aggregation=True, secagg_adversary=adversary)), attack,
+                       config(secure_aggregation=True, secagg_adversary=adversary))
+    if attack == "key-substitution" and adversary == "honest_but_curious":
+        assert not learned.refusal and sorted(learned.updates) == list(range(K))
+        return
+    assert learned.refusal.startswith("client ") and "\n" not in learned.refusal
+    assert not learned.updates
+
+
+@pytest.mark.parametrize("attack", SECURE_LIES)
+def test_without_the_clients_checks_each_lie_gives_the_server_every_update(host, tmp_path, monkeypatch, attack):
+    """The attacks are real: a client whose policy checks nothing (each ``check_*`` a no-op)
+    hands the deviating server every client's exact update."""
+    for name in [n for n in dir(ClientPolicy) if n.startswith("check_")]:
+        monkeypatch.setattr(ClientPolicy, name, lambda *args, **kwargs: None)
+    cfg = config(secure_aggregation=True, secagg_adversary="honest_but_curious")
+    learned = _deviate(host(cfg), attack, cfg)
+    assert not learned.refusal and sorted(learned.updates) == list(range(K))
+    honest = ClientHost(MLPTrainerFactory(K, 0, 1, seed=SEED), str(tmp_path / "other"), (), None,
+                        ClientPolicy.from_config(config()))
+    weights = honest.initial_weights()
+    for c, recovered in learned.updates.items():
+        true = honest.train_client(1, c, weights, RoundInstructions(), keep_from=0).weights
+        assert sorted(recovered) == sorted(true)
+        assert all(np.allclose(recovered[k], true[k], atol=1e-5) for k in true), (attack, c)
+
+
+def test_the_deviating_servers_sigma_zero_and_crafted_evaluation_are_refused_under_dp(host):
+    from fedrlhf_ray.privacy.deviations import CraftedEvaluation, craft
+
+    learned = _deviate(host(config(**DISTRIBUTED)), "sigma-zero", config(**DISTRIBUTED), honest_dp())
+    assert "below its floor" in learned.refusal and not learned.updates
+    for settings in ({"secure_aggregation": True}, DISTRIBUTED, {}):
+        client = host(config(**settings))
+        probe = CraftedEvaluation(None, None)  # type: ignore[arg-type]
+        probe.probe(InProcess(client), 1, list(range(K)), craft(client.initial_weights(), 0), 0)
+        if settings:
+            assert "refused to evaluate round 1 in the clear" in probe.learned.refusal
+            assert not probe.learned.evaluations
+        else:  # no privacy mode: per-client metrics of any model the driver sends
+            assert sorted(probe.learned.evaluations) == list(range(K))

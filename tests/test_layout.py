@@ -92,7 +92,8 @@ CLI_MAY_IMPORT = {
     "fedrlhf_ray.rundir": {"RunDir"},
     "fedrlhf_ray.sweeps.lifecycle": {"tune_sweep"},
     "fedrlhf_ray.sweeps.schema": {"BEST_CONFIG"},
-    "fedrlhf_ray.leakage_audit": {"AuditedDriver"},
+    "fedrlhf_ray.leakage_audit": {"audit_driver"},
+    "fedrlhf_ray.privacy": {"DEVIATIONS"},  # `fedrlhf audit --deviate`'s choices
     "fedrlhf_ray.tracking": {"DEFAULT_DB", "check_sqlite_path", "local_artifact_root"},  # `fedrlhf ui`
 }
 

@@ -236,6 +236,7 @@ def test_a_secure_round_that_fails_after_its_masked_inputs_is_spent_never_run_ag
     assert result.status == "completed"
     rows = {int(r["round"]): r for r in result.run_dir.metrics()}
     assert rows[2]["fed/round_failed"] == 1 and rows[2]["fed/clients_aggregated"] == 0
+    assert rows[2]["fed/round_seconds"] > 0  # the progress line prints it
     assert all("fed/round_failed" not in rows[r] and rows[r]["fed/clients_aggregated"] == K for r in (1, 3, 4))
     one, two, three = (models[r]["global_weights"] for r in (1, 2, 3))
     assert all(np.array_equal(one[k], two[k]) for k in one)

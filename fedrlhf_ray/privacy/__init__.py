@@ -12,6 +12,9 @@ from fedrlhf_ray.strategies import STRATEGIES, Strategy, sums
 if TYPE_CHECKING:
     from fedrlhf_ray.privacy.secure_round import SecureCollector
 
+# The deviating server's attacks of the leakage audit (``privacy.deviations.ATTACKS``).
+DEVIATIONS = ("active-set", "low-threshold", "key-substitution", "replay", "sigma-zero", "crafted-evaluation")
+
 
 def secure_collector(
     cfg: ExperimentConfig, before_sending: Callable[[int, int], None] | None = None, *, evaluation: bool = False

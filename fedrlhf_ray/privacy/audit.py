@@ -75,6 +75,18 @@ def change(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) ->
     return {k: np.asarray(after[k], np.float64) - np.asarray(before[k], np.float64) for k in after if k in before}
 
 
+def read_as_weights(update: ClientUpdate | MaskedUpdate, shared: Mapping[str, np.ndarray]) -> Weights:
+    """A client's update as the server can read it: its weights, or a masked vector read as
+    weights (without its weight, the masked metrics, and DP's not-clipped bit if it carries one)."""
+    if isinstance(update, ClientUpdate):
+        return dict(update.weights)
+    flat = dequantize(update.masked[: update.masked.size - 1 - 2 * len(update.names)], 0)
+    with_bit = flat.size > sum(np.size(v) for v in shared.values())
+    seen = unflatten(flat, {**shared, UNCLIPPED_KEY: np.zeros(1)} if with_bit else dict(shared))
+    seen.pop(UNCLIPPED_KEY, None)
+    return seen
+
+
 def audit_round(
     before: Mapping[str, np.ndarray],
     release: Mapping[str, np.ndarray],
@@ -93,17 +105,8 @@ def audit_round(
     shared = {k: before[k] for k in release}
     for update in updates:
         row: dict[str, float] = {"client": float(update.client_id)}
-        if isinstance(update, MaskedUpdate):
-            # The masked vector as the server would read it: without the weight and the masked
-            # metrics after the update, and without a DP not-clipped bit if it carries one.
-            flat = dequantize(update.masked[: update.masked.size - 1 - 2 * len(update.names)], 0)
-            with_bit = flat.size > sum(np.size(v) for v in shared.values())
-            seen = unflatten(flat, {**shared, UNCLIPPED_KEY: np.zeros(1)} if with_bit else shared)
-            seen.pop(UNCLIPPED_KEY, None)
-            true = None
-        else:
-            seen = update.weights
-            true = change(before, update.weights)
+        seen = read_as_weights(update, shared)
+        true = None if isinstance(update, MaskedUpdate) else change(before, update.weights)
         for view, weights in (("update", seen), ("release", release)):
             attack = membership_attack(row_changes(before[table], weights[table]), rated[update.client_id])
             row.update({f"audit/{view}/{k}": v for k, v in attack.items() if k in ("auc", "p_value", "precision_at_n")})

@@ -97,6 +97,15 @@ def _pair_info(kind: bytes, round_index: int, a: int, b: int) -> bytes:
     return kind + struct.pack("<qqq", round_index, lo, hi)
 
 
+def pair_mask(
+    private: X25519PrivateKey, peer_mask_pk: bytes, round_index: int, a: int, b: int, length: int
+) -> np.ndarray:
+    """PRG(s_ab), the mask clients a and b agree in a session (a holds ``private``, b published
+    ``peer_mask_pk``); a adds it when a < b and subtracts it otherwise, so the two cancel."""
+    seed = agree(private, peer_mask_pk, _pair_info(b"mask", round_index, a, b))
+    return prg(seed, length, b"pair")
+
+
 def split_secret(secret: bytes, threshold: int, count: int) -> list[bytes]:
     """Shamir shares (t of n) of a 32-byte secret: two 16-byte halves shared alike, one blob each."""
     halves = [Shamir.split(threshold, count, secret[i : i + 16]) for i in (0, 16)]
@@ -222,8 +231,7 @@ class MaskingClient:
         for j, (mask_pk, _) in self.neighbours.items():
             if active is not None and j not in active:
                 continue
-            seed = agree(self.mask_key, mask_pk, _pair_info(b"mask", self.round_index, self.client_id, j))
-            pair = prg(seed, len(vector), b"pair")
+            pair = pair_mask(self.mask_key, mask_pk, self.round_index, self.client_id, j, len(vector))
             y = y + pair if self.client_id < j else y - pair
         return y
 
@@ -290,8 +298,7 @@ def unmask_sum(
         for u in graph[d]:
             if u not in survivors:
                 continue
-            seed = agree(private, public_keys[u][0], _pair_info(b"mask", round_index, d, u))
-            pair = prg(seed, length, b"pair")
+            pair = pair_mask(private, public_keys[u][0], round_index, d, u, length)
             # Survivor u added +PRG for u < d and −PRG for u > d: take that back.
             total = total - pair if u < d else total + pair
     return total
