@@ -27,6 +27,7 @@ the secure-aggregation lies gain nothing more: they collect as the honest driver
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -161,13 +162,36 @@ def shares_of(revealed: Mapping[int, Mapping[int, tuple[str, bytes]]], client: i
     return [share for reveals in revealed.values() for c, (k, share) in reveals.items() if c == client and k == kind]
 
 
+@dataclass(frozen=True)
+class _Round:
+    """A round's collection as the driver asks for it (the arguments of ``Collector.collect``)."""
+
+    hosts: Hosts
+    r: int
+    sampled: list[int]
+    global_ref: Any
+    instructions: RoundInstructions
+    shared: Mapping[str, np.ndarray]
+    keep_from: int
+    digest: str
+
+    @property
+    def masked_args(self) -> tuple[Any, ...]:
+        return (self.global_ref, self.instructions, self.keep_from)
+
+    @property
+    def template(self) -> dict[str, np.ndarray]:
+        """What a client's input holds: the shared weights and, when DP counts them, its not-clipped bit."""
+        counting = self.instructions.dp is not None and self.instructions.dp.count
+        return {**self.shared, UNCLIPPED_KEY: np.zeros(1)} if counting else dict(self.shared)
+
+
 @dataclass
 class Deviation:
-    """A collector that deviates (``lie``) where the mode gives it something to lie about, and
-    collects honestly (through ``honest``) where it does not; see the module docstring."""
+    """A collector that deviates (:meth:`lie`) where secure aggregation gives it something to lie
+    about, and collects honestly (through ``honest``) where not; see the module docstring."""
 
     name: ClassVar[str]
-    needs_secure_aggregation: ClassVar[bool] = True
     honest: Collector
     secure: SecureCollector | None
     learned: Learned = field(default_factory=Learned)
@@ -180,13 +204,9 @@ class Deviation:
         self, hosts: Hosts, round_index: int, sampled: list[int], global_ref: Any,
         instructions: RoundInstructions, shared: Mapping[str, np.ndarray], keep_from: int, digest: str = "",
     ) -> Collected:
+        round_ = _Round(hosts, round_index, sampled, global_ref, instructions, shared, keep_from, digest)
         try:
-            if self.needs_secure_aggregation and self.secure is not None:
-                template = dict(shared)
-                if instructions.dp is not None and instructions.dp.count:
-                    template[UNCLIPPED_KEY] = np.zeros(1)
-                self.lie(hosts, round_index, sampled, (global_ref, instructions, keep_from), template, digest)
-            else:
+            if not (self.secure is not None and self.lie(round_)):
                 collected = self.honest.collect(
                     hosts, round_index, sampled, global_ref, instructions, shared, keep_from, digest
                 )
@@ -197,76 +217,78 @@ class Deviation:
             raise RoundSpent(f"round {round_index}: a client refused the deviating server", len(sampled)) from None
         raise RoundSpent(f"round {round_index}: the deviating server keeps what it learned", len(sampled))
 
-    def lie(
-        self, hosts: Hosts, r: int, sampled: list[int], masked_args: tuple[Any, ...],
-        template: Mapping[str, np.ndarray], digest: str,
-    ) -> None:
-        """The attack on a secure round; what it learns goes to :attr:`learned`."""
-        raise NotImplementedError
+    def lie(self, round_: _Round) -> bool:
+        """The attack on a secure round (what it learns goes to :attr:`learned`); False when
+        this deviation has no lie to tell there, and the round is collected honestly."""
+        return False
 
     def probe(self, hosts: Hosts, round_index: int, clients: list[int], crafted: Any, finetune: int) -> None:
         """After the round's evaluation: the attack on evaluation (none but the crafted one's)."""
 
-    def _decode(self, x: np.ndarray, template: Mapping[str, np.ndarray]) -> Weights:
-        assert self.secure is not None
-        return decode_input(x, template, self.secure.fraction_bits)
+
+# Per client: its masked input, its self-mask seed, and its mask key with the mask public keys
+# it was told (None and {} when it added no pair masks).
+Secrets = dict[int, tuple[np.ndarray, bytes, X25519PrivateKey | None, dict[int, bytes]]]
 
 
 @dataclass
-class ActiveSetLie(Deviation):
+class _SessionLie(Deviation):
+    """A lie told within one session of the protocol: :meth:`tell` runs it, then each client's
+    update comes out of its masked input with the secrets the lie got back."""
+
+    def lie(self, round_: _Round) -> bool:
+        assert self.secure is not None
+        session = _Session(round_.hosts, round_.r, self.secure)
+        session.advertise(round_.sampled, round_.digest)
+        for u, (masked, seed, key, pks) in self.tell(session, round_.masked_args).items():
+            x = strip_masks(masked, round_.r, u, seed, key, pks)
+            self.learned.updates[u] = decode_input(x, round_.template, self.secure.fraction_bits)
+        return True
+
+    @abstractmethod
+    def tell(self, session: _Session, masked_args: tuple[Any, ...]) -> Secrets: ...
+
+
+def _key(shares: list[bytes]) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(combine_secret(shares))
+
+
+@dataclass
+class ActiveSetLie(_SessionLie):
     name: ClassVar[str] = "active-set"
 
-    def lie(
-        self, hosts: Hosts, r: int, sampled: list[int], masked_args: tuple[Any, ...],
-        template: Mapping[str, np.ndarray], digest: str,
-    ) -> None:
-        assert self.secure is not None
-        session = _Session(hosts, r, self.secure)
-        session.advertise(sampled, digest)
+    def tell(self, session: _Session, masked_args: tuple[Any, ...]) -> Secrets:
         sealed = session.share(session.honest_keys(), session.threshold)
         sent = session.masked(sealed, [], masked_args)  # "none of your neighbours' shares went out"
         revealed = session.reveal({c: sorted(sent) for c in sent})
-        for u, update in sent.items():
-            seed = combine_secret(shares_of(revealed, u, "b")[: session.threshold])
-            self.learned.updates[u] = self._decode(strip_masks(update.masked, r, u, seed), template)
+        t = session.threshold
+        return {u: (y.masked, combine_secret(shares_of(revealed, u, "b")[:t]), None, {}) for u, y in sent.items()}
 
 
 @dataclass
-class LowThreshold(Deviation):
+class LowThreshold(_SessionLie):
     name: ClassVar[str] = "low-threshold"
 
-    def lie(
-        self, hosts: Hosts, r: int, sampled: list[int], masked_args: tuple[Any, ...],
-        template: Mapping[str, np.ndarray], digest: str,
-    ) -> None:
-        assert self.secure is not None
-        session = _Session(hosts, r, self.secure)
-        session.advertise(sampled, digest)
+    def tell(self, session: _Session, masked_args: tuple[Any, ...]) -> Secrets:
         sealed = session.share(session.honest_keys(), 1)
         sent = session.masked(sealed, sorted(sealed), masked_args)
         survivors = sorted(sent)
         # Each client is told that the next one dropped: it reveals that one's mask-key share.
         dropped = {c: survivors[(i + 1) % len(survivors)] for i, c in enumerate(survivors)}
         revealed = session.reveal({c: [u for u in survivors if u != dropped[c]] for c in survivors})
-        for u, update in sent.items():
-            seed = combine_secret(shares_of(revealed, u, "b")[:1])
-            key = X25519PrivateKey.from_private_bytes(combine_secret(shares_of(revealed, u, "sk")[:1]))
-            pks = {j: session.keys[j][0] for j in session.graph[u]}
-            self.learned.updates[u] = self._decode(strip_masks(update.masked, r, u, seed, key, pks), template)
+        return {
+            u: (y.masked, combine_secret(shares_of(revealed, u, "b")[:1]), _key(shares_of(revealed, u, "sk")[:1]),
+                {j: session.keys[j][0] for j in session.graph[u]})
+            for u, y in sent.items()
+        }
 
 
 @dataclass
-class KeySubstitution(Deviation):
+class KeySubstitution(_SessionLie):
     name: ClassVar[str] = "key-substitution"
 
-    def lie(
-        self, hosts: Hosts, r: int, sampled: list[int], masked_args: tuple[Any, ...],
-        template: Mapping[str, np.ndarray], digest: str,
-    ) -> None:
-        assert self.secure is not None
-        session = _Session(hosts, r, self.secure)
-        session.advertise(sampled, digest)
-        fakes = {j: MaskingClient(j, r) for j in session.keys}
+    def tell(self, session: _Session, masked_args: tuple[Any, ...]) -> Secrets:
+        fakes = {j: MaskingClient(j, session.r) for j in session.keys}
         # The driver's keys, with the neighbour's genuine signature (of its own keys) beside them.
         told = {
             c: {j: (*fakes[j].public_keys(), session.keys[j][2]) for j in session.graph[c]} for c in session.graph
@@ -278,41 +300,38 @@ class KeySubstitution(Deviation):
             fake.keep_shares({c: blobs[j] for c, blobs in sealed.items() if j in blobs})
         b = {j: fake.reveal(set(sealed)) for j, fake in fakes.items()}
         sk = {j: fake.reveal(set()) for j, fake in fakes.items()}
-        for u, update in sent.items():
-            seed = combine_secret(shares_of(b, u, "b")[: session.threshold])
-            key = X25519PrivateKey.from_private_bytes(combine_secret(shares_of(sk, u, "sk")[: session.threshold]))
-            pks = {j: told[u][j][0] for j in session.graph[u]}
-            self.learned.updates[u] = self._decode(strip_masks(update.masked, r, u, seed, key, pks), template)
+        t = session.threshold
+        return {
+            u: (y.masked, combine_secret(shares_of(b, u, "b")[:t]), _key(shares_of(sk, u, "sk")[:t]),
+                {j: told[u][j][0] for j in session.graph[u]})
+            for u, y in sent.items()
+        }
 
 
 @dataclass
 class Replay(Deviation):
     name: ClassVar[str] = "replay"
 
-    def lie(
-        self, hosts: Hosts, r: int, sampled: list[int], masked_args: tuple[Any, ...],
-        template: Mapping[str, np.ndarray], digest: str,
-    ) -> None:
-        assert self.secure is not None
-        global_ref, instructions, keep_from = masked_args
-        shared = {k: v for k, v in template.items() if k != UNCLIPPED_KEY}
+    def lie(self, round_: _Round) -> bool:
+        secure = self.secure
+        assert secure is not None
 
         def total(clients: list[int]) -> tuple[Weights, float]:
-            assert self.secure is not None
-            collected = self.secure.collect(hosts, r, clients, global_ref, instructions, shared, keep_from, digest)
+            collected = secure.collect(round_.hosts, round_.r, clients, round_.global_ref, round_.instructions,
+                                       round_.shared, round_.keep_from, round_.digest)
             assert collected.total is not None
             return collected.total
 
-        everyone, weight = total(sampled)
-        for u in sampled:
-            others, rest = total([c for c in sampled if c != u])
-            self.learned.updates[u] = {k: (everyone[k] - others[k]) / (weight - rest) for k in shared}
+        everyone, weight = total(round_.sampled)
+        for u in round_.sampled:
+            others, rest = total([c for c in round_.sampled if c != u])
+            self.learned.updates[u] = {k: (everyone[k] - others[k]) / (weight - rest) for k in round_.shared}
+        return True
 
 
 @dataclass
 class SigmaZero(Deviation):
     name: ClassVar[str] = "sigma-zero"
-    needs_secure_aggregation: ClassVar[bool] = False
 
     def told(self, instructions: RoundInstructions) -> RoundInstructions:
         if instructions.dp is None:
@@ -324,7 +343,6 @@ class SigmaZero(Deviation):
 @dataclass
 class CraftedEvaluation(Deviation):
     name: ClassVar[str] = "crafted-evaluation"
-    needs_secure_aggregation: ClassVar[bool] = False
 
     def probe(self, hosts: Hosts, round_index: int, clients: list[int], crafted: Any, finetune: int) -> None:
         groups = hosts.by_host(clients)
