@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 import time
@@ -121,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--client", type=int, default=0, help="which client to train (default 0)")
     train.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
+
+    report = sub.add_parser("report", help="summarise runs over their seeds: intervals, paired differences, curves")
+    report.add_argument("sources", nargs="+", type=Path, metavar="SOURCE",
+                        help="run directories, or folders holding them (e.g. sweep directories)")
+    report.add_argument("--out", type=Path, default=Path("report"), help="folder of the report (default report/)")
+    report.add_argument("--reference", metavar="GROUP",
+                        help="the group the others are compared with, run for run by seed (a group's name)")
 
     audit = sub.add_parser("audit", help="leakage audit: the server attacks each client's update")
     _add_config_args(audit)
@@ -506,6 +514,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Group the runs under the sources and write the report (``fedrlhf_ray.report``)."""
+    from fedrlhf_ray.report import find_runs, write_report
+
+    runs = find_runs(args.sources)
+    headline = _task(str(runs[0].config.get("env.name"))).headline_metric
+    command = shlex.join(["fedrlhf", "report", *map(str, args.sources), "--out", str(args.out),
+                          *(["--reference", args.reference] if args.reference else [])])
+    files = write_report(runs, args.out, args.reference, headline, command)
+    print((args.out / "report.md").read_text(), end="")
+    print(f"report: {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def _cause(err: BaseException) -> BaseException:
     """The error itself when it was raised inside a Ray actor (Ray's wrapper adds a traceback)."""
     ray_exceptions = sys.modules.get("ray.exceptions")
@@ -524,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         commands = {"config": cmd_config, "data": cmd_data_info, "prepare": cmd_prepare, "run": cmd_run,
-                    "tune": cmd_tune, "ui": cmd_ui, "train": cmd_train, "audit": cmd_audit}
+                    "tune": cmd_tune, "ui": cmd_ui, "train": cmd_train, "audit": cmd_audit,
+                    "report": cmd_report}
         return commands[args.command](args)
     except (UserError, DatasetError) as err:
         print(f"fedrlhf: error: {' '.join(str(_cause(err)).split())}", file=sys.stderr)

@@ -392,7 +392,7 @@ def test_the_quickstart_under_dp_still_beats_random(ray_session, tmp_path, monke
     # process) so that its learning check is deterministic.
     monkeypatch.setattr(dp, "new_secret", lambda: bytes(range(32)))
     sets = ["tracking.enabled=false", "privacy.dp.enabled=true", "privacy.dp.noise_multiplier=0.5",
-            "privacy.dp.clip_norm=0.2"]
+            "privacy.dp.clip_norm=0.2", "evaluation.every_n_rounds=100"]  # rounds 0 and 8 evaluate
     result = run_experiment(load_config(REPO_ROOT / "tune_configs" / "quickstart.yaml", sets), run_dir=tmp_path / "dp",
                             in_process_driver=True)
     final = result.final

@@ -1,0 +1,104 @@
+"""``fedrlhf report``: runs grouped by their config minus the seed, intervals over seeds, paired
+differences against a reference group, and the files it writes (``fedrlhf_ray.report``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedrlhf_ray.cli import main
+from fedrlhf_ray.config import validate_config
+from fedrlhf_ray.errors import UserError
+from fedrlhf_ray.report import Interval, find_runs, group_runs, paired_differences, summarise
+from fedrlhf_ray.rundir import RunDir
+
+HIT = "eval/liked_hit_rate/mean"
+# Final liked-hit by (baseline, seed): the federated runs are 0.1 better, plus a seed effect.
+FINAL = {("federated", s): 0.5 + 0.01 * s for s in range(3)} | {("local", s): 0.4 + 0.012 * s for s in range(3)}
+
+
+def fake_run(path, baseline: str, seed: int, state: str = "completed") -> RunDir:
+    """A run directory as ``fedrlhf run`` leaves it, with made-up metrics (the report only reads)."""
+    path.mkdir(parents=True)
+    rd = RunDir(path)
+    cfg = validate_config({"seed": seed, "federation": {"baseline": baseline, "rounds": 2},
+                           "tracking": {"enabled": seed % 2 == 0}})
+    rd.write_config(cfg.to_dict())
+    final = FINAL.get((baseline, seed), 0.0)
+    rows = [{"round": r, HIT: final * r / 2, "fed/round_seconds": 1.0} for r in range(3)]
+    rd.append_metrics(rows, [])
+    rd.write_status(state, rounds=2)
+    return rd
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for (baseline, seed) in FINAL:
+        fake_run(tmp_path / "sweep" / f"trial-{baseline}-{seed}" / "run", baseline, seed)
+    fake_run(tmp_path / "sweep" / "cut-short", "federated", 9, state="interrupted")
+    return tmp_path / "sweep"
+
+
+def test_runs_are_grouped_by_their_config_minus_seed_and_where_they_ran(runs):
+    groups = group_runs(find_runs([runs]))  # the interrupted run is not one of them
+    assert list(groups) == ["federation.baseline=federated", "federation.baseline=local"]
+    assert [[r.seed for r in g] for g in groups.values()] == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_each_group_has_its_mean_and_student_t_interval_over_seeds(runs):
+    rows = {(r["group"], r["metric"]): r for r in summarise(group_runs(find_runs([runs])))}
+    row = rows[("federation.baseline=federated", HIT)]
+    values = [FINAL[("federated", s)] for s in range(3)]
+    half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3)
+    assert row["n"] == 3 and row["mean"] == pytest.approx(np.mean(values))
+    assert (row["low"], row["high"]) == pytest.approx((np.mean(values) - half, np.mean(values) + half))
+    assert Interval.of([0.3]).text() == "0.300" and Interval.of([]).n == 0
+
+
+def test_paired_differences_pair_runs_by_seed(runs):
+    groups = group_runs(find_runs([runs]))
+    (row,) = [r for r in paired_differences(groups, "federation.baseline=local") if r["metric"] == HIT]
+    diffs = [FINAL[("federated", s)] - FINAL[("local", s)] for s in range(3)]
+    assert row["n"] == 3 and row["mean"] == pytest.approx(np.mean(diffs))
+    # Paired by seed the seed effect cancels: the interval is far narrower than the groups'.
+    assert row["high"] - row["low"] < 0.02 and row["low"] > 0.09
+
+
+def test_fedrlhf_report_writes_markdown_html_csv_and_json(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out), "--reference", "federation.baseline=local"]) == 0
+    printed = capsys.readouterr().out
+    assert "## Paired differences against federation.baseline=local" in printed
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "report.csv", "report.json", "curves.png"}
+    record = json.loads((out / "report.json").read_text())
+    assert record["provenance"]["command"].startswith("fedrlhf report ")
+    assert len(record["groups"]["federation.baseline=federated"]) == 3
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<table>" in page
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_sources_and_references_are_one_line(runs, tmp_path):
+    with pytest.raises(UserError, match="no finished run under"):
+        find_runs([tmp_path / "sweep" / "cut-short"])
+    with pytest.raises(UserError, match="is not a folder"):
+        find_runs([tmp_path / "nowhere"])
+    os.symlink("/etc", runs / "planted")
+    with pytest.raises(UserError, match="planted is a link; the report reads no file through a link"):
+        find_runs([runs])
+    (runs / "planted").unlink()
+    (runs / "trial-local-0" / "run" / "config.yaml").write_text("a: [")
+    with pytest.raises(UserError, match="is not readable YAML"):
+        find_runs([runs])
+
+
+def test_an_unknown_reference_group_names_the_groups(runs, tmp_path, capsys):
+    assert main(["report", str(runs), "--out", str(tmp_path / "r"), "--reference", "centralized"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--reference 'centralized' is not a group; the groups are: federation.baseline=federated;" in err
+    assert "\n" not in err and not (tmp_path / "r").exists()
