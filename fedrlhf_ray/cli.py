@@ -516,7 +516,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Group the runs under the sources and write the report (``fedrlhf_ray.report``)."""
-    from fedrlhf_ray.report import find_runs, write_report
+    from fedrlhf_ray.report import find_runs, log_to_sweeps, write_report
 
     runs = find_runs(args.sources)
     headline = _task(str(runs[0].config.get("env.name"))).headline_metric
@@ -525,6 +525,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     files = write_report(runs, args.out, args.reference, headline, command)
     print((args.out / "report.md").read_text(), end="")
     print(f"report: {', '.join(str(f) for f in files)}")
+    for run_id in log_to_sweeps(args.sources, files):
+        print(f"logged as artifacts (report/) of the sweep's MLflow run {run_id}")
     return 0
 
 

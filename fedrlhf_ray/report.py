@@ -13,6 +13,9 @@ paths, tracking, Ray), and writes into ``--out``:
 * ``report.html``: the same tables and the learning curves of the task's headline metric, the
   mean over seeds of each group with its interval as a band, in one self-contained page.
 
+A source that is a tracked sweep directory also gets the files as artifacts (``report/``) of
+the sweep's parent MLflow run.
+
 A group's name is what sets it apart: the settings whose values differ between the groups
 (``federation.baseline=local``), or ``all runs`` when there is one group. Files are read as
 text (YAML, JSON lines), never unpickled; a source holding a symbolic link is refused.
@@ -27,7 +30,6 @@ import io
 import json
 import math
 import platform
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,8 @@ from scipy import stats
 
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.rundir import CONFIG, METRICS, RunDir, atomic_write, find_link
+from fedrlhf_ray.sweeps.schema import SWEEP_FILE
+from fedrlhf_ray.tracking import git_commit, load_tracker
 
 # Settings that say where or how a run ran, not what it computed.
 NOT_THE_EXPERIMENT = ("seed", "name", "env.data.path", "env.imdb.path", "tracking.", "ray.")
@@ -224,13 +228,30 @@ def curves_png(groups: Mapping[str, list[Run]], metric: str) -> bytes:
 
 def provenance(command: str) -> dict[str, str]:
     """What made the report: the command, the machine and the code's commit (when in git)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
     return {"command": command, "machine": f"{platform.node()} ({platform.platform()}, {platform.machine()})",
-            "commit": commit}
+            "commit": (git_commit() or "unknown")[:12]}
+
+
+def log_to_sweeps(sources: Sequence[Path], files: Sequence[Path]) -> list[str]:
+    """The report's files as artifacts (``report/``) of each source sweep's parent MLflow run;
+    returns those runs' ids. A source without a tracked sweep is left as it is."""
+    ids = []
+    for source in sources:
+        if not (source / SWEEP_FILE).is_file():
+            continue
+        tracker = load_tracker(source)
+        if tracker is None:
+            continue
+        try:
+            for file in files:
+                tracker.log_artifacts(file.parent, [file.name], "report")
+        except Exception as err:  # noqa: BLE001 - MLflow's errors share no base class worth naming
+            raise UserError(
+                f"report: written, but not logged to the sweep's MLflow run {tracker.run_id} "
+                f"({type(err).__name__}); check that the store {source / 'mlflow_run.json'} names is reachable"
+            ) from None
+        ids.append(tracker.run_id)
+    return ids
 
 
 def _strict(node: Any) -> Any:

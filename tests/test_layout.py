@@ -94,7 +94,7 @@ CLI_MAY_IMPORT = {
     "fedrlhf_ray.sweeps.schema": {"BEST_CONFIG"},
     "fedrlhf_ray.leakage_audit": {"audit_driver"},
     "fedrlhf_ray.privacy": {"DEVIATIONS"},
-    "fedrlhf_ray.report": {"find_runs", "write_report"},  # `fedrlhf audit --deviate`'s choices
+    "fedrlhf_ray.report": {"find_runs", "log_to_sweeps", "write_report"},  # `fedrlhf audit --deviate`'s choices
     "fedrlhf_ray.tracking": {"DEFAULT_DB", "check_sqlite_path", "local_artifact_root"},  # `fedrlhf ui`
 }
 

@@ -102,3 +102,18 @@ def test_an_unknown_reference_group_names_the_groups(runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--reference 'centralized' is not a group; the groups are: federation.baseline=federated;" in err
     assert "\n" not in err and not (tmp_path / "r").exists()
+
+
+def test_a_tracked_sweeps_report_is_logged_to_its_parent_mlflow_run(runs, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("sweep", artifact_location=str(tmp_path / "art"))).info
+    client.set_terminated(parent.run_id)
+    (runs / "sweep.yaml").write_text("name: sweep\n")
+    (runs / "mlflow_run.json").write_text(json.dumps({"tracking_uri": uri, "run_id": parent.run_id}))
+    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
+    assert f"of the sweep's MLflow run {parent.run_id}" in capsys.readouterr().out
+    logged = {a.path for a in client.list_artifacts(parent.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/report.json"} <= logged
