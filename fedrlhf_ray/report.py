@@ -9,7 +9,8 @@ paths, tracking, Ray), and writes into ``--out``:
 * ``report.md``: per group and final metric, the mean over seeds with its 95 % interval
   (Student t with n − 1 degrees of freedom; none with one seed), and, against the reference
   group, the paired difference (other − reference, runs paired by seed) with its interval and
-  the number of pairs;
+  the number of pairs, and per client (where runs kept per-client rows) the share of
+  (seed, client) pairs the other group wins with a two-sided sign test;
 * ``report.html``: the same tables and the learning curves of the task's headline metric, the
   mean over seeds of each group with its interval as a band, in one self-contained page.
 
@@ -56,6 +57,7 @@ class Run:
     path: Path
     config: dict[str, Any]
     rows: list[dict[str, Any]]
+    clients: dict[int, dict[str, float]]  # each client's metrics of the last evaluated round (none if private)
 
     @property
     def seed(self) -> int:
@@ -130,7 +132,14 @@ def _read_run(path: Path) -> Run | None:
     if not isinstance(config, dict):
         raise UserError(f"report: {path / CONFIG} does not hold a config mapping; point the report at run directories")
     rows = [r for r in rd.metrics() if isinstance(r, dict) and isinstance(r.get("round"), (int, float))]
-    return Run(path, _flatten(config), sorted(rows, key=lambda r: r["round"]))
+    evals = [r for r in rd.client_metrics() if isinstance(r, dict) and r.get("kind") == "eval"
+             and isinstance(r.get("round"), (int, float)) and isinstance(r.get("client"), int)]
+    last = max((r["round"] for r in evals), default=None)
+    clients = {
+        int(r["client"]): {k: float(v) for k, v in r.items() if k.startswith("eval") and isinstance(v, (int, float))}
+        for r in evals if r["round"] == last
+    }
+    return Run(path, _flatten(config), sorted(rows, key=lambda r: r["round"]), clients)
 
 
 def find_runs(sources: Sequence[Path]) -> list[Run]:
@@ -183,17 +192,29 @@ def summarise(groups: Mapping[str, list[Run]]) -> list[dict[str, Any]]:
 
 
 def paired_differences(groups: Mapping[str, list[Run]], reference: str) -> list[dict[str, Any]]:
-    """Per other group and final metric: other − reference over the seeds both ran."""
-    base = {run.seed: run.final() for run in groups[reference]}
+    """Per other group and final metric: other − reference over the seeds both ran, and, where
+    the runs kept per-client rows, per client: the share of (seed, client) pairs the other group
+    wins and the two-sided sign test's p-value (ties left out)."""
+    base = {run.seed: run for run in groups[reference]}
     rows = []
     for name, members in groups.items():
         if name == reference:
             continue
-        pairs = [(run.final(), base[run.seed]) for run in members if run.seed in base]
-        for metric in sorted({k for other, ref in pairs for k in other if k in ref}):
-            iv = Interval.of([other[metric] - ref[metric] for other, ref in pairs if metric in other and metric in ref])
-            rows.append({"group": name, "reference": reference, "metric": metric, "n": iv.n, "mean": iv.mean,
-                         "low": iv.low, "high": iv.high})
+        pairs = [(run, base[run.seed]) for run in members if run.seed in base]
+        finals = [(other.final(), ref.final()) for other, ref in pairs]
+        for metric in sorted({k for other, ref in finals for k in other if k in ref}):
+            iv = Interval.of([o[metric] - r[metric] for o, r in finals if metric in o and metric in r])
+            row = {"group": name, "reference": reference, "metric": metric, "n": iv.n, "mean": iv.mean,
+                   "low": iv.low, "high": iv.high}
+            per_client = metric.removesuffix("/mean")
+            diffs = [o.clients[c][per_client] - r.clients[c][per_client] for o, r in pairs for c in o.clients
+                     if c in r.clients and per_client in o.clients[c] and per_client in r.clients[c]]
+            diffs = [d for d in diffs if math.isfinite(d) and d != 0.0]
+            if diffs:
+                wins = sum(d > 0 for d in diffs)
+                row.update(client_pairs=len(diffs), client_wins=wins / len(diffs),
+                           sign_p=float(stats.binomtest(wins, len(diffs), 0.5).pvalue))
+            rows.append(row)
     return rows
 
 
@@ -267,8 +288,16 @@ def _strict(node: Any) -> Any:
 
 def _table(rows: Sequence[dict[str, Any]], paired: bool) -> list[list[str]]:
     head = ["group", "metric", "n", "other − reference [95 % CI]" if paired else "mean [95 % CI]"]
-    body = [[r["group"], r["metric"], str(r["n"]), Interval(r["n"], r["mean"], r["low"], r["high"]).text()]
-            for r in rows]
+    if paired:
+        head += ["clients won (of seed × client pairs)", "sign test p"]
+    body = []
+    for r in rows:
+        cells = [r["group"], r["metric"], str(r["n"]), Interval(r["n"], r["mean"], r["low"], r["high"]).text()]
+        if paired:
+            won = "client_pairs" in r
+            cells += [f"{r['client_wins']:.0%} of {r['client_pairs']}" if won else "—",
+                      f"{r['sign_p']:.2g}" if won else "—"]
+        body.append(cells)
     return [head, *body]
 
 
@@ -300,7 +329,8 @@ def write_report(runs: Sequence[Run], out: Path, reference: str | None, headline
               "groups": {name: [str(run.path) for run in members] for name, members in groups.items()},
               "summary": summary, "paired": paired}
     csv_buffer = io.StringIO()
-    writer = csv.DictWriter(csv_buffer, ["kind", "group", "reference", "metric", "n", "mean", "low", "high"])
+    writer = csv.DictWriter(csv_buffer, ["kind", "group", "reference", "metric", "n", "mean", "low", "high",
+                                         "client_pairs", "client_wins", "sign_p"])
     writer.writeheader()
     for kind, rows in (("summary", summary), ("paired", paired)):
         for row in rows:

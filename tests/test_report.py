@@ -31,7 +31,8 @@ def fake_run(path, baseline: str, seed: int, state: str = "completed") -> RunDir
     rd.write_config(cfg.to_dict())
     final = FINAL.get((baseline, seed), 0.0)
     rows = [{"round": r, HIT: final * r / 2, "fed/round_seconds": 1.0} for r in range(3)]
-    rd.append_metrics(rows, [])
+    clients = [{"round": 2, "client": c, "kind": "eval", "eval/liked_hit_rate": final + 0.01 * c} for c in range(4)]
+    rd.append_metrics(rows, clients)
     rd.write_status(state, rounds=2)
     return rd
 
@@ -67,6 +68,9 @@ def test_paired_differences_pair_runs_by_seed(runs):
     assert row["n"] == 3 and row["mean"] == pytest.approx(np.mean(diffs))
     # Paired by seed the seed effect cancels: the interval is far narrower than the groups'.
     assert row["high"] - row["low"] < 0.02 and row["low"] > 0.09
+    # Per client: federated wins all 3 seeds × 4 clients; a sign test of 12 of 12.
+    assert (row["client_pairs"], row["client_wins"]) == (12, 1.0)
+    assert row["sign_p"] == pytest.approx(2 * 0.5**12)
 
 
 def test_fedrlhf_report_writes_markdown_html_csv_and_json(runs, tmp_path, capsys):
