@@ -31,6 +31,7 @@ import io
 import json
 import math
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from fedrlhf_ray.tracking import git_commit, load_tracker
 # Settings that say where or how a run ran, not what it computed.
 NOT_THE_EXPERIMENT = ("seed", "name", "env.data.path", "env.imdb.path", "tracking.", "ray.")
 LEVEL = 0.95
+TUNE_CHECKPOINT = re.compile(r"checkpoint_\d+")
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,11 @@ def find_runs(sources: Sequence[Path]) -> list[Run]:
         link = find_link(source)
         if link is not None:
             raise UserError(f"report: {link} is a link; the report reads no file through a link, so remove it")
-        candidates = [source] if (source / METRICS).is_file() else sorted(p.parent for p in source.rglob(METRICS))
+        candidates = [source] if (source / METRICS).is_file() else sorted(
+            p.parent for p in source.rglob(METRICS)
+            # Tune's checkpoints of a trial hold copies of its run directory.
+            if not any(TUNE_CHECKPOINT.fullmatch(part) for part in p.relative_to(source).parts)
+        )
         for path in candidates:
             if (path / CONFIG).is_file():
                 run = _read_run(path)
@@ -164,19 +170,21 @@ def find_runs(sources: Sequence[Path]) -> list[Run]:
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs by experiment, each group named by the settings that set it apart."""
-    by_experiment: dict[tuple[tuple[str, str], ...], list[Run]] = {}
-    for run in runs:
-        by_experiment.setdefault(run.experiment, []).append(run)
+    """Runs by experiment, each group named by the settings that set it apart, one run per seed
+    (a second run of an experiment and seed repeats the first, so it would count one seed twice)."""
+    by_experiment: dict[tuple[tuple[str, str], ...], dict[int, Run]] = {}
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        by_experiment.setdefault(run.experiment, {}).setdefault(run.seed, run)
     if len(by_experiment) == 1:
-        return {"all runs": sorted(runs, key=lambda r: r.seed)}
+        (seeds,) = by_experiment.values()
+        return {"all runs": [seeds[s] for s in sorted(seeds)]}
     settings = [dict(key) for key in by_experiment]
     differing = sorted({k for s in settings for k in s if len({t.get(k) for t in settings}) > 1})
     groups = {}
-    for key, members in by_experiment.items():
+    for key, seeds in by_experiment.items():
         values = dict(key)
         name = ", ".join(f"{k}={json.loads(values[k]) if k in values else '—'}" for k in differing)
-        groups[name] = sorted(members, key=lambda r: r.seed)
+        groups[name] = [seeds[s] for s in sorted(seeds)]
     return dict(sorted(groups.items()))
 
 
@@ -316,6 +324,7 @@ def _html_table(table: list[list[str]]) -> str:
 def write_report(runs: Sequence[Run], out: Path, reference: str | None, headline: str, command: str) -> list[Path]:
     """The report's files in ``out`` (see the module docstring); returns their paths."""
     groups = group_runs(runs)
+    repeats = len(runs) - sum(len(m) for m in groups.values())
     if reference is not None and reference not in groups:
         raise UserError(f"report: --reference {reference!r} is not a group; the groups are: {'; '.join(groups)}")
     summary = summarise(groups)
@@ -339,6 +348,8 @@ def write_report(runs: Sequence[Run], out: Path, reference: str | None, headline
              f"runs differ only in their seed; intervals are {LEVEL:.0%} Student t over the seeds (none with one).")
     groups_md = "\n".join(f"- **{name}**: {len(m)} run(s), seeds {', '.join(str(r.seed) for r in m)}"
                           for name, m in groups.items())
+    if repeats:
+        groups_md += f"\n\n{repeats} more run(s) repeat an experiment and seed already counted: left out."
     md = [f"# Report\n\n{intro}\n\n## Groups\n\n{groups_md}\n\n## Final metrics\n\n{_markdown(_table(summary, False))}"]
     if reference is not None:
         md.append(f"## Paired differences against {reference}\n\nRuns paired by seed.\n\n"

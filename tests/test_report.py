@@ -39,9 +39,16 @@ def fake_run(path, baseline: str, seed: int, state: str = "completed") -> RunDir
 
 @pytest.fixture
 def runs(tmp_path):
+    import shutil
+
     for (baseline, seed) in FINAL:
         fake_run(tmp_path / "sweep" / f"trial-{baseline}-{seed}" / "run", baseline, seed)
     fake_run(tmp_path / "sweep" / "cut-short", "federated", 9, state="interrupted")
+    # Tune's checkpoint of a trial holds a copy of its run directory; a run repeated with the
+    # same seed repeats its numbers: neither may count as another seed.
+    trial = tmp_path / "sweep" / "trial-local-1"
+    shutil.copytree(trial / "run", trial / "checkpoint_000002")
+    fake_run(tmp_path / "sweep" / "again", "federated", 0)
     return tmp_path / "sweep"
 
 
@@ -81,6 +88,7 @@ def test_fedrlhf_report_writes_markdown_html_csv_and_json(runs, tmp_path, capsys
     assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "report.csv", "report.json", "curves.png"}
     record = json.loads((out / "report.json").read_text())
     assert record["provenance"]["command"].startswith("fedrlhf report ")
+    assert "1 more run(s) repeat an experiment and seed already counted: left out." in printed
     assert len(record["groups"]["federation.baseline=federated"]) == 3
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "<table>" in page
