@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,25 @@ def finished_sweep(tmp_path_factory, mlflow_server):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep_dir,) = (root / "sweeps").iterdir()
     return {"dir": sweep_dir, "stdout": proc.stdout, "uri": mlflow_server}
+
+
+CHROMIUM = os.environ.get("FEDRLHF_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Playwright: browsers cannot be downloaded here, so it drives
+    Debian's ``/usr/bin/chromium`` (``.ci/run`` installs it)."""
+    if not shutil.which(CHROMIUM):
+        if os.environ.get("FEDRLHF_REQUIRE_DATA", "").strip() == "1":  # CI: never skip
+            pytest.fail(f"no Chromium at {CHROMIUM} (install Debian's chromium)")
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+        )
+        yield chromium
+        chromium.close()

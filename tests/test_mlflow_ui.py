@@ -1,40 +1,20 @@
 """The MLflow UI as a user sees it, in headless Chromium: a finished sweep on a tracking server,
 and a local run served by ``fedrlhf ui``.
 
-Needs Debian's ``chromium`` (``.ci/run`` installs it) and Playwright for Python; browsers
-cannot be downloaded here, so Playwright drives ``/usr/bin/chromium``.
+Needs Debian's ``chromium`` (``.ci/run`` installs it) and Playwright for Python (the
+``browser`` fixture of ``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO_ROOT, TINY_OVERRIDES, fedrlhf_cli, free_port, wait_for_mlflow
-
-CHROMIUM = os.environ.get("FEDRLHF_CHROMIUM", "/usr/bin/chromium")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not shutil.which(CHROMIUM):
-        if os.environ.get("FEDRLHF_REQUIRE_DATA", "").strip() == "1":  # CI: never skip
-            pytest.fail(f"no Chromium at {CHROMIUM} (install Debian's chromium)")
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
-        )
-        yield chromium
-        chromium.close()
 
 
 @pytest.mark.slow

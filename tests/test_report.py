@@ -129,3 +129,16 @@ def test_a_tracked_sweeps_report_is_logged_to_its_parent_mlflow_run(runs, tmp_pa
     assert f"of the sweep's MLflow run {parent.run_id}" in capsys.readouterr().out
     logged = {a.path for a in client.list_artifacts(parent.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/report.json"} <= logged
+
+
+@pytest.mark.browser
+def test_the_report_page_shows_its_tables_and_curves_in_a_browser(runs, tmp_path, browser):
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out), "--reference", "federation.baseline=local"]) == 0
+    page = browser.new_page()
+    page.goto((out / "report.html").as_uri())
+    assert page.locator("table").count() == 2
+    assert page.get_by_text("Paired differences against federation.baseline=local").count() == 1
+    image = page.locator("img")
+    assert image.evaluate("img => img.complete && img.naturalWidth > 300")  # the curves, inline
+    page.close()
