@@ -211,7 +211,10 @@ def paired_differences(groups: Mapping[str, list[Run]], reference: str) -> list[
         pairs = [(run, base[run.seed]) for run in members if run.seed in base]
         finals = [(other.final(), ref.final()) for other, ref in pairs]
         for metric in sorted({k for other, ref in finals for k in other if k in ref}):
-            iv = Interval.of([o[metric] - r[metric] for o, r in finals if metric in o and metric in r])
+            differences = [o[metric] - r[metric] for o, r in finals if metric in o and metric in r]
+            if not any(differences):
+                continue  # the same in both (the data's own numbers, such as held-out counts)
+            iv = Interval.of(differences)
             row = {"group": name, "reference": reference, "metric": metric, "n": iv.n, "mean": iv.mean,
                    "low": iv.low, "high": iv.high}
             per_client = metric.removesuffix("/mean")
