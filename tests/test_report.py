@@ -142,3 +142,21 @@ def test_the_report_page_shows_its_tables_and_curves_in_a_browser(runs, tmp_path
     image = page.locator("img")
     assert image.evaluate("img => img.complete && img.naturalWidth > 300")  # the curves, inline
     page.close()
+
+
+@pytest.mark.slow
+def test_fedrlhf_report_over_a_real_sweep_directory(finished_sweep, tmp_path, capsys):
+    """The session's tiny sweep (4 trials of the quickstart, tracked): its trials' run directories
+    are the runs, Tune's checkpoint copies are not, and the report lands in the sweep's MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "report"
+    assert main(["report", str(finished_sweep["dir"]), "--out", str(out)]) == 0
+    record = json.loads((out / "report.json").read_text())
+    paths = [p for members in record["groups"].values() for p in members]
+    assert paths and all(p.endswith("/run") for p in paths) and len(set(paths)) == len(paths)
+    assert all(row["metric"] != "eval/liked_hit_rate/mean" or row["n"] == 1 for row in record["summary"])
+    parent = json.loads((finished_sweep["dir"] / "mlflow_run.json").read_text())["run_id"]
+    assert f"of the sweep's MLflow run {parent}" in capsys.readouterr().out
+    logged = {a.path for a in MlflowClient(finished_sweep["uri"]).list_artifacts(parent, "report")}
+    assert "report/report.html" in logged
