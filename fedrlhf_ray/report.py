@@ -11,8 +11,10 @@ paths, tracking, Ray), and writes into ``--out``:
   group, the paired difference (other − reference, runs paired by seed) with its interval and
   the number of pairs, and per client (where runs kept per-client rows) the share of
   (seed, client) pairs the other group wins with a two-sided sign test;
-* ``report.html``: the same tables and the learning curves of the task's headline metric, the
-  mean over seeds of each group with its interval as a band, in one self-contained page.
+* ``report.html``: the same tables, the learning curves of the task's headline metric (the
+  mean over seeds of each group with its interval as a band) and, where runs kept per-client
+  rows, that metric's distribution over each group's clients, in one self-contained page
+  (the figures also as ``curves.png`` and ``clients.png``).
 
 A source that is a tracked sweep directory also gets the files as artifacts (``report/``) of
 the sweep's parent MLflow run.
@@ -229,14 +231,30 @@ def paired_differences(groups: Mapping[str, list[Run]], reference: str) -> list[
     return rows
 
 
-def curves_png(groups: Mapping[str, list[Run]], metric: str) -> bytes:
-    """``metric`` against the round: each group's mean over seeds, its interval as a band."""
+def _figure() -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    return plt.subplots(figsize=(7, 4), dpi=110)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def curves_png(groups: Mapping[str, list[Run]], metric: str) -> bytes:
+    """``metric`` against the round: each group's mean over seeds, its interval as a band."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _figure()
     for name, members in groups.items():
         rounds = sorted({int(r["round"]) for run in members for r in run.rows if metric in r})
         ivs = [Interval.of([next((float(r[metric]) for r in run.rows if int(r["round"]) == t and metric in r),
@@ -244,18 +262,30 @@ def curves_png(groups: Mapping[str, list[Run]], metric: str) -> bytes:
         mean = [iv.mean for iv in ivs]
         line = ax.plot(rounds, mean, marker="o", label=f"{name} (n={max((iv.n for iv in ivs), default=0)})")[0]
         ax.fill_between(rounds, [iv.low for iv in ivs], [iv.high for iv in ivs], color=line.get_color(), alpha=0.2)
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
+
+
+def clients_png(groups: Mapping[str, list[Run]], metric: str) -> bytes | None:
+    """Per group, the distribution of ``metric`` over its clients after the last evaluated round
+    (every seed's clients together), as box plots; None when no run kept per-client rows."""
+    per_client = metric.removesuffix("/mean")
+    values = {name: [c[per_client] for run in members for c in run.clients.values()
+                     if math.isfinite(c.get(per_client, math.nan))] for name, members in groups.items()}
+    values = {name: v for name, v in values.items() if v}
+    if not values:
+        return None
+    fig, ax = _figure()
+    ax.boxplot(list(values.values()), showmeans=True)
+    ax.set_xticks(range(1, len(values) + 1), [f"{name}\n({len(v)} client rows)" for name, v in values.items()],
+                  fontsize=7)
+    ax.set_ylabel(f"{per_client} per client")
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
 
 
 def provenance(command: str) -> dict[str, str]:
@@ -359,6 +389,9 @@ def write_report(runs: Sequence[Run], out: Path, reference: str | None, headline
                   f"{_markdown(_table(paired, True))}")
     md.append("## Learning curves\n\n![learning curves](curves.png)")
     png = curves_png(groups, headline)
+    clients = clients_png(groups, headline)
+    if clients is not None:
+        md.append("## Per client\n\n![per client](clients.png)")
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>fedrlhf report</title><style>"
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
@@ -367,13 +400,17 @@ def write_report(runs: Sequence[Run], out: Path, reference: str | None, headline
         + (f"<h2>Paired differences against {html.escape(reference)}</h2>{_html_table(_table(paired, True))}"
            if reference is not None else "")
         + f"<h2>Learning curves: {html.escape(headline)}</h2>"
-        f"<img alt='learning curves' src='data:image/png;base64,{base64.b64encode(png).decode()}'></body></html>"
+        f"<img alt='learning curves' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        + (f"<h2>Per client: {html.escape(headline.removesuffix('/mean'))}</h2><img alt='per client' "
+           f"src='data:image/png;base64,{base64.b64encode(clients).decode()}'>" if clients is not None else "")
+        + "</body></html>"
     )
     files = {
         "report.json": json.dumps(_strict(record), indent=2).encode(),
         "report.csv": csv_buffer.getvalue().encode(),
         "report.md": ("\n\n".join(md) + "\n").encode(),
         "curves.png": png,
+        **({"clients.png": clients} if clients is not None else {}),
         "report.html": page.encode(),
     }
     for name, data in files.items():

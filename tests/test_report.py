@@ -85,7 +85,8 @@ def test_fedrlhf_report_writes_markdown_html_csv_and_json(runs, tmp_path, capsys
     assert main(["report", str(runs), "--out", str(out), "--reference", "federation.baseline=local"]) == 0
     printed = capsys.readouterr().out
     assert "## Paired differences against federation.baseline=local" in printed
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "report.csv", "report.json", "curves.png"}
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "report.csv", "report.json", "curves.png",
+                                               "clients.png"}
     record = json.loads((out / "report.json").read_text())
     assert record["provenance"]["command"].startswith("fedrlhf report ")
     assert "1 more run(s) repeat an experiment and seed already counted: left out." in printed
@@ -139,8 +140,9 @@ def test_the_report_page_shows_its_tables_and_curves_in_a_browser(runs, tmp_path
     page.goto((out / "report.html").as_uri())
     assert page.locator("table").count() == 2
     assert page.get_by_text("Paired differences against federation.baseline=local").count() == 1
-    image = page.locator("img")
-    assert image.evaluate("img => img.complete && img.naturalWidth > 300")  # the curves, inline
+    images = page.locator("img")
+    assert images.count() == 2  # the curves and the per-client distributions, inline
+    assert images.evaluate_all("imgs => imgs.every(img => img.complete && img.naturalWidth > 300)")
     page.close()
 
 
