@@ -46,7 +46,7 @@ from scipy import stats
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.rundir import CONFIG, METRICS, RunDir, atomic_write, find_link
 from fedrlhf_ray.sweeps.schema import SWEEP_FILE
-from fedrlhf_ray.tracking import git_commit, load_tracker
+from fedrlhf_ray.tracking import flatten, git_commit, load_tracker
 
 # Settings that say where or how a run ran, not what it computed.
 NOT_THE_EXPERIMENT = ("seed", "name", "env.data.path", "env.imdb.path", "tracking.", "ray.")
@@ -112,17 +112,6 @@ class Interval:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _read_run(path: Path) -> Run | None:
     """The run in ``path`` if it finished (None if it did not); a damaged file is a UserError."""
     rd = RunDir(path)
@@ -143,7 +132,7 @@ def _read_run(path: Path) -> Run | None:
         int(r["client"]): {k: float(v) for k, v in r.items() if k.startswith("eval") and isinstance(v, (int, float))}
         for r in evals if r["round"] == last
     }
-    return Run(path, _flatten(config), sorted(rows, key=lambda r: r["round"]), clients)
+    return Run(path, flatten(config), sorted(rows, key=lambda r: r["round"]), clients)
 
 
 def find_runs(sources: Sequence[Path]) -> list[Run]:
