@@ -22,7 +22,7 @@ from tests.conftest import REPO_ROOT, write_sweep
 
 def test_shipped_sweeps_validate():
     for name in ("lambda_sweep.yaml", "movielens_lambda_sweep.yaml", "privacy_sweep.yaml", "robustness_sweep.yaml",
-                 "paper/on_par.yaml", "paper/personalization.yaml", "paper/lambda.yaml"):
+                 "paper/on_par.yaml", "paper/personalization.yaml", "paper/lambda.yaml", "paper/clients.yaml"):
         sweep = load_sweep(REPO_ROOT / "tune_configs" / name)
         assert sweep.settings.search_space and sweep.base_config.federation.rounds >= 2
 
