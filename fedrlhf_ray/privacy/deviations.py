@@ -21,8 +21,9 @@ Each is a :class:`~fedrlhf_ray.collectors.Collector` over the host pool. What it
 :class:`Learned`: each client's update as the server recovered it (or as it arrived, when the
 attack needed no lie or did not apply), per-client metrics of the crafted model, or the line of
 the first client that refused. A round a client refused, or one the server told a lie of the
-protocol in, is spent (:class:`RoundSpent`): nothing of it enters the model. Without secure aggregation the updates arrive in the clear, so
-the secure-aggregation lies gain nothing more: they collect as the honest driver does.
+protocol in, is spent (:class:`RoundSpent`): nothing of it enters the model. Without secure
+aggregation the updates arrive in the clear, so the secure-aggregation lies gain nothing more:
+they collect as the honest driver does.
 """
 
 from __future__ import annotations
