@@ -112,6 +112,11 @@ class Interval:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
+def _is_round(value: Any) -> bool:
+    """A round number as fedrlhf writes it (a hand-edited row may hold anything)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _read_run(path: Path) -> Run | None:
     """The run in ``path`` if it finished (None if it did not); a damaged file is a UserError."""
     rd = RunDir(path)
@@ -124,9 +129,13 @@ def _read_run(path: Path) -> Run | None:
                         "point the report at run directories fedrlhf wrote") from None
     if not isinstance(config, dict):
         raise UserError(f"report: {path / CONFIG} does not hold a config mapping; point the report at run directories")
-    rows = [r for r in rd.metrics() if isinstance(r, dict) and isinstance(r.get("round"), (int, float))]
+    seed = config.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"report: {path / CONFIG} has seed {seed!r}, not an integer; point the report at run "
+                        "directories fedrlhf wrote")
+    rows = [r for r in rd.metrics() if isinstance(r, dict) and _is_round(r.get("round"))]
     evals = [r for r in rd.client_metrics() if isinstance(r, dict) and r.get("kind") == "eval"
-             and isinstance(r.get("round"), (int, float)) and isinstance(r.get("client"), int)]
+             and _is_round(r.get("round")) and isinstance(r.get("client"), int)]
     last = max((r["round"] for r in evals), default=None)
     clients = {
         int(r["client"]): {k: float(v) for k, v in r.items() if k.startswith("eval") and isinstance(v, (int, float))}

@@ -105,6 +105,10 @@ def test_bad_sources_and_references_are_one_line(runs, tmp_path):
     with pytest.raises(UserError, match="planted is a link; the report reads no file through a link"):
         find_runs([runs])
     (runs / "planted").unlink()
+    config = runs / "trial-local-0" / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 0", "seed: abc"))
+    with pytest.raises(UserError, match="has seed 'abc', not an integer"):
+        find_runs([runs])
     (runs / "trial-local-0" / "run" / "config.yaml").write_text("a: [")
     with pytest.raises(UserError, match="is not readable YAML"):
         find_runs([runs])
