@@ -123,12 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--client", type=int, default=0, help="which client to train (default 0)")
     train.add_argument("--out", default="runs", help="parent folder of the run directory (default runs/)")
 
-    report = sub.add_parser("report", help="summarise runs over their seeds: intervals, paired differences, curves")
-    report.add_argument("sources", nargs="+", type=Path, metavar="SOURCE",
-                        help="run directories, or folders holding them (e.g. sweep directories)")
-    report.add_argument("--out", type=Path, default=Path("report"), help="folder of the report (default report/)")
+    report = sub.add_parser("report", help="summarise runs over their seeds: intervals, paired differences, figures")
+    report.add_argument("sources", nargs="*", metavar="SOURCE",
+                        help="run directories, folders holding them (sweep directories), report folders, or "
+                             "mlflow:EXPERIMENT")
+    report.add_argument("--out", type=Path, help="folder of the report (default report/)")
     report.add_argument("--reference", metavar="GROUP",
                         help="the group the others are compared with, run for run by seed (a group's name)")
+    report.add_argument("--tracking-uri", help="MLflow store of mlflow:EXPERIMENT sources "
+                                               "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    report.add_argument("--from", dest="from_results", type=Path, metavar="RESULTS",
+                        help="make every report in RESULTS (folders holding runs.json) again from its summaries")
+    report.add_argument("--docs", action="store_true",
+                        help="with --from: also rewrite the marked tables of README.md and docs/ beside RESULTS")
 
     audit = sub.add_parser("audit", help="leakage audit: the server attacks each client's update")
     _add_config_args(audit)
@@ -515,17 +522,29 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Group the runs under the sources and write the report (``fedrlhf_ray.report``)."""
-    from fedrlhf_ray.report import find_runs, log_to_sweeps, write_report
+    """A report of runs, or every report of a results folder again (``fedrlhf_ray.report``)."""
+    from fedrlhf_ray.report import regenerate, report_runs
 
-    runs = find_runs(args.sources)
-    headline = _task(str(runs[0].config.get("env.name"))).headline_metric
-    command = shlex.join(["fedrlhf", "report", *map(str, args.sources), "--out", str(args.out),
-                          *(["--reference", args.reference] if args.reference else [])])
-    files = write_report(runs, args.out, args.reference, headline, command)
-    print((args.out / "report.md").read_text(), end="")
-    print(f"report: {', '.join(str(f) for f in files)}")
-    for run_id in log_to_sweeps(args.sources, files):
+    if args.from_results is not None:
+        if args.sources or args.out or args.reference:
+            raise UserError("report: --from makes reports again from their summaries; give it without SOURCE, "
+                            "--out or --reference")
+        made = regenerate(args.from_results, args.docs,
+                          shlex.join(["fedrlhf", "report", "--from", str(args.from_results)]))
+    else:
+        if not args.sources:
+            raise UserError("report: give the runs to report (SOURCE…), or --from RESULTS to make reports again")
+        if args.docs:
+            raise UserError("report: --docs rewrites the docs from committed summaries; use it with --from RESULTS")
+        out = args.out or Path("report")
+        command = shlex.join(["fedrlhf", "report", *args.sources, "--out", str(out),
+                              *(["--reference", args.reference] if args.reference else [])])
+        made = report_runs(args.sources, out, args.reference, args.tracking_uri, command)
+        print((out / "report.md").read_text(), end="")
+    print(f"report: {', '.join(str(f) for f in made.files)}")
+    for doc in made.documents:
+        print(f"rewrote the tables of {doc}")
+    for run_id in made.mlflow_runs:
         print(f"logged as artifacts (report/) of the sweep's MLflow run {run_id}")
     return 0
 

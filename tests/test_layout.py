@@ -93,8 +93,8 @@ CLI_MAY_IMPORT = {
     "fedrlhf_ray.sweeps.lifecycle": {"tune_sweep"},
     "fedrlhf_ray.sweeps.schema": {"BEST_CONFIG"},
     "fedrlhf_ray.leakage_audit": {"audit_driver"},
-    "fedrlhf_ray.privacy": {"DEVIATIONS"},
-    "fedrlhf_ray.report": {"find_runs", "log_to_sweeps", "write_report"},  # `fedrlhf audit --deviate`'s choices
+    "fedrlhf_ray.privacy": {"DEVIATIONS"},  # `fedrlhf audit --deviate`'s choices
+    "fedrlhf_ray.report": {"regenerate", "report_runs"},
     "fedrlhf_ray.tracking": {"DEFAULT_DB", "check_sqlite_path", "local_artifact_root"},  # `fedrlhf ui`
 }
 

@@ -68,6 +68,10 @@ class Task(Protocol):
     name_or_path_fields: tuple[str, ...]
     curve_panels: tuple[CurvePanel, ...]  # four panels
     headline_metric: str  # what a sweep ranks trials by unless it says otherwise
+    # Per-client metrics (``eval/...``) a report draws over rounds and over clients, and the
+    # pair (x, y) it plots against each other as the task's trade-off.
+    report_metrics: tuple[str, ...]
+    trade_off: tuple[str, str]
     prepares: bool  # whether ``fedrlhf prepare <env>`` builds public models for it
     datasets: tuple[str, ...]  # what ``fedrlhf data info --dataset`` takes for it
 

@@ -52,6 +52,8 @@ class RecTask:
         CurvePanel("train/episode_return_mean", "training return (R⁰ + λ·H)"),
     )
     headline_metric = "eval/liked_hit_rate/mean"
+    report_metrics = ("eval/liked_hit_rate", "eval/ndcg", "eval/spearman", "eval/engagement_rate")
+    trade_off = ("eval/spearman", "eval/engagement_rate")  # taste against engagement (λ)
     prepares = False
     datasets = DATASETS
 
