@@ -2,8 +2,11 @@
 
 Observation (``Dict``): ``tokens`` ``(W,)`` int64 — the prompt and the tokens generated so far,
 left-aligned in a window of W = P + G (padded with ``pad_id``); ``length`` ``(1,)`` int64 — how
-many of them are real. Action: ``Discrete(V)``, the next token. The episode ends after G tokens
-(truncated) or when the policy writes end-of-text (terminated). The only reward is terminal::
+many of them are real. Action: ``Discrete(V)``, the next token. The episode ends, terminated, after
+G tokens or when the policy writes end-of-text. The length limit is part of the task, not a cut
+of a longer episode: the text is scored there and nothing follows, so no value may be bootstrapped
+past it (marking it ``truncated`` made PPO's critic add V(final state) to every return, and V grew
+to 6–8 against returns of at most 1). The only reward is terminal::
 
     r = λ·sentiment + (1 − λ)·fluency
 
@@ -104,15 +107,15 @@ class TextContinuationEnv(gym.Env):
         self._tokens[self._length] = token
         self._length += 1
         generated = self._length - self._prompt_length
-        terminated = token == self.eos_id
-        truncated = not terminated and generated >= self.generate_tokens
+        ended_text = token == self.eos_id
+        terminated = ended_text or generated >= self.generate_tokens
         reward, info = 0.0, {}
-        if terminated or truncated:
+        if terminated:
             # End-of-text is a choice of the policy, but not part of the text that is scored.
-            end = self._length - 1 if terminated else self._length
+            end = self._length - 1 if ended_text else self._length
             continuation = self._tokens[self._prompt_length:end]
             prompt = self._tokens[: self._prompt_length]
             sentiment, fluency = self.scorer(prompt, continuation) if self.scorer is not None else (0.0, 0.0)
             reward = terminal_reward(self._lam, sentiment, fluency)
             info = {"sentiment": sentiment, "fluency": fluency, "lambda": self._lam, "generated": generated}
-        return self._obs(), float(reward), terminated, truncated, info
+        return self._obs(), float(reward), terminated, False, info

@@ -182,10 +182,10 @@ class LMConfig(_Section):
     n_embd: Int = Field(64, ge=8, le=4096, description="Hidden size (prepare); a multiple of n_head.")
     n_head: Int = Field(2, ge=1, le=64, description="Attention heads (prepare).")
     context: Int = Field(64, ge=16, le=2048, description="Context length in tokens (prepare and the text env).")
-    corpus: Literal["train+unsup", "unsup"] = Field(
-        "train+unsup",
-        description="Pre-training text: IMDb train + unlabelled reviews (the issue's setting), or only the "
-        "unlabelled ones (so no client's review text is in the public model).",
+    corpus: Literal["unsup", "train+unsup"] = Field(
+        "unsup",
+        description="Pre-training text: IMDb's unlabelled reviews, which no client holds (the public model knows "
+        "no client's text), or also the train reviews the clients' shards come from (the paper's setting).",
     )
     max_texts: Int = Field(0, ge=0, description="Use at most this many reviews for prepare (0: all).")
     pretrain_steps: Int = Field(4000, ge=1, description="Optimizer steps of pre-training.")
@@ -194,9 +194,12 @@ class LMConfig(_Section):
     pretrain_seed: Int = Field(
         0, ge=0, description="Seed of prepare: the public model is the same whatever the experiment's seed."
     )
-    kl_coeff: Float = Field(0.05, ge=0.0, description="β of the KL(π ‖ π_ref) penalty in PPO's loss.")
+    kl_coeff: Float = Field(
+        0.05, ge=0.0, description="β of the KL penalty: each generated token's reward gets −β·(log π − log π_ref)."
+    )
     adaptive_kl: Bool = Field(
-        False, description="Adapt β per client towards target_kl (Ziegler et al.); β is kept in the client's record."
+        True, description="Adapt β per client towards target_kl (Ziegler et al.); β is kept in the client's record. "
+        "Off, β stays kl_coeff and KL to the reference grew every round (0.8 → 8.3 nats in imdb_small)."
     )
     target_kl: Float = Field(2.0, gt=0.0, description="Adaptive KL: target KL per generated sequence (nats).")
     kl_horizon: Float = Field(

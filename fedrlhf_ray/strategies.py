@@ -868,6 +868,13 @@ def check_config(cfg: ExperimentConfig) -> None:
             "federation.finetune_iterations: got 0 — must be >= 1 under personalization 'finetune' "
             "(or set federation.personalization: none)"
         )
+    if fed.personalization == "personal_head" and fed.baseline == "centralized":
+        # The pooled client trains the only personal layers there are; each real client would be
+        # scored with its own, never trained (IMDb's README once reported such a score).
+        raise ValueError(
+            "federation.personalization: got 'personal_head' — the centralized baseline trains one pooled model, so "
+            "no client's personal layers would ever be trained; set federation.personalization: none (or finetune)"
+        )
     if fed.personalization == "personal_head" and not fed.personal_layers:
         raise ValueError(
             "federation.personal_layers: got [] — personalization 'personal_head' needs at least one "

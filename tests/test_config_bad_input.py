@@ -692,6 +692,15 @@ def test_min_results_is_moot_for_the_centralized_baseline():
     assert validate_config({"federation": {"min_results": 2, "clients_per_round": 0.4}})
 
 
+def test_the_centralized_baseline_keeps_no_personal_layers_it_never_trains():
+    federation = {"baseline": "centralized", "personalization": "personal_head", "personal_layers": ["value_head"]}
+    assert config_error({"federation": federation}) == (
+        "federation.personalization: got 'personal_head' — the centralized baseline trains one pooled model, so no "
+        "client's personal layers would ever be trained; set federation.personalization: none (or finetune)"
+    )
+    assert validate_config({"federation": {**federation, "personalization": "finetune"}})
+
+
 def test_finetune_needs_iterations():
     assert config_error({"federation": {"personalization": "finetune", "finetune_iterations": 0}}) == (
         "federation.finetune_iterations: got 0 — must be >= 1 under personalization 'finetune' "

@@ -119,7 +119,8 @@ def test_terminal_reward_on_hand_computed_cases():
         obs, r, terminated, truncated, info = env.step(token)
         rewards.append(r)
     assert rewards[:2] == [0.0, 0.0] and rewards[2] == pytest.approx(0.59)
-    assert truncated and not terminated and info["sentiment"] == 0.8 and info["fluency"] == 0.5
+    # The length limit ends the task (terminated): no value is bootstrapped past the text.
+    assert terminated and not truncated and info["sentiment"] == 0.8 and info["fluency"] == 0.5
     assert obs["length"][0] == 7 and obs["tokens"][4:7].tolist() == [7, 8, 9]
     assert scorer.seen[-1][1].tolist() == [7, 8, 9]
     # End-of-text ends the episode and is not part of the scored continuation.
@@ -166,12 +167,23 @@ def test_distinct_n_and_metrics_by_hand():
     assert distinct_n(conts, 2) == pytest.approx(3 / 4)  # (1,2) (2,1) (1,2) (3,3)
     assert distinct_n([np.array([1])], 2) == 0.0
     gens = Generations(conts, [np.zeros(4), np.full(2, -math.log(100))], np.array([1.0, 3.0]))
-    m = text_metrics(gens, np.array([1.0, 0.0]), np.array([0.5, 0.5]), lam=0.5, vocab_size=100)
+    m = text_metrics(gens, np.array([1.0, 0.0]), np.array([0.5, 0.5]), np.array([0.25, 0.75]), lam=0.5,
+                     vocab_size=100)
     assert m["fluency"] == pytest.approx(0.5)
     assert m["reward"] == pytest.approx(np.mean([0.5 * 1 + 0.5 * 1, 0.5 * 0 + 0.5 * 0]))
     assert m["kl_to_reference"] == pytest.approx(2.0)
     assert m["perplexity_reference"] == pytest.approx(math.exp(2 * math.log(100) / 6))
-    assert m["sentiment_independent"] == 0.5
+    assert m["sentiment_independent"] == 0.5 and m["sentiment_lexicon"] == 0.5
+    assert m["repeated_bigram_rate"] == 0.5  # (1, 2) twice in the first, none in the second
+
+
+def test_the_lexicon_judge_knows_sentiment_and_not_imdb():
+    from fedrlhf_ray.tasks.text.judges import LexiconJudge
+
+    words = ["It is a film.", "A wonderful, moving film.", "Terrible and boring."]
+    judge = LexiconJudge(lambda ids: words[ids[0]])
+    neutral, good, bad = judge.positive_probability([np.array([0]), np.array([1]), np.array([2])])
+    assert neutral == 0.5 and good > 0.7 and bad < 0.3
 
 
 # -- shards -----------------------------------------------------------------------------------
@@ -314,8 +326,46 @@ def test_no_review_label_or_reward_model_crosses_the_actor_boundary(text_host):
     assert "kl_coeff" in record and "optimizer" in record
 
 
-def test_kl_to_reference_enters_the_loss_and_is_reported(text_host):
+def test_the_kl_penalty_is_a_reward_per_token_before_gae():
+    from ray.rllib.core.columns import Columns
+
+    from fedrlhf_ray.tasks.text.policy import KLPenaltyInReward, token_kl_penalty
+
+    reference = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]))
+    actions = torch.tensor([0, 1, 2])
+    logp = torch.log(torch.tensor([0.25, 0.8, 0.9]))  # what the sampling policy gave each action
+    expected = -0.5 * torch.tensor([math.log(0.25 / 0.5), 0.0, math.log(0.9 / 0.6)])
+    torch.testing.assert_close(token_kl_penalty(logp, reference, actions, 0.5), expected)
+
+    class Module:
+        def reference_logits(self, obs):
+            return reference
+
+    def batch():
+        return {"p": {Columns.OBS: None, Columns.ACTIONS: actions, Columns.ACTION_LOGP: logp,
+                      Columns.REWARDS: torch.tensor([0.0, 0.0, 1.0]),
+                      Columns.LOSS_MASK: torch.tensor([True, True, False])}}  # the last: RLlib's bootstrap step
+
+    beta = [0.5]
+    piece = KLPenaltyInReward(lambda: beta[0])
+    out = piece(rl_module={"p": Module()}, batch=batch(), episodes=[])
+    torch.testing.assert_close(out["p"][Columns.REWARDS], torch.tensor([float(expected[0]), 0.0, 1.0]))
+    beta[0] = 0.0
+    torch.testing.assert_close(piece(rl_module={"p": Module()}, batch=batch(), episodes=[])["p"][Columns.REWARDS],
+                               torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_kl_to_reference_enters_the_reward_and_is_reported(text_host):
+    from ray.rllib.connectors.learner.general_advantage_estimation import GeneralAdvantageEstimation
+
+    from fedrlhf_ray import rllib_edge
     from fedrlhf_ray.local_trainer import RoundInstructions
+    from fedrlhf_ray.tasks.text.policy import KLPenaltyInReward
+
+    (result,) = rllib_edge.learners(text_host.trainer.algo).foreach_learner(
+        lambda learner, _=None: [type(c) for c in learner._learner_connector.connectors])
+    pieces = result.get()
+    assert pieces.index(KLPenaltyInReward) == pieces.index(GeneralAdvantageEstimation) - 1
 
     weights = text_host.reference_weights
     update = text_host.train_client(1, 0, weights, RoundInstructions(), 0)
@@ -323,8 +373,8 @@ def test_kl_to_reference_enters_the_loss_and_is_reported(text_host):
     assert np.isfinite(kl) and kl >= 0.0
     assert update.metrics["train/kl_coeff"] == pytest.approx(0.05)
     ev = text_host.evaluate_client(1, 0, weights)
-    for key in ("sentiment", "sentiment_independent", "fluency", "reward", "kl_to_reference",
-                "perplexity_reference", "distinct_1", "distinct_2", "reward_model_accuracy"):
+    for key in ("sentiment", "sentiment_independent", "sentiment_lexicon", "fluency", "reward", "kl_to_reference",
+                "perplexity_reference", "distinct_1", "distinct_2", "repeated_bigram_rate", "reward_model_accuracy"):
         assert np.isfinite(ev[f"eval/{key}"]), key
     # The reference policy itself is at KL 0 from the reference.
     assert ev["eval/kl_to_reference"] == pytest.approx(0.0, abs=1e-5)

@@ -43,7 +43,7 @@ class TextTask:
         CurvePanel("train/episode_return_mean", "training return λ·s + (1−λ)·f"),
     )
     headline_metric = "eval/sentiment_independent/mean"
-    report_metrics = ("eval/sentiment_independent", "eval/fluency", "eval/kl_to_reference")
+    report_metrics = ("eval/sentiment_independent", "eval/sentiment_lexicon", "eval/fluency", "eval/kl_to_reference")
     trade_off = ("eval/kl_to_reference", "eval/sentiment_independent")
     prepares = True
     datasets = ("imdb",)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedrlhf_ray.tasks.text.judges import repeated_ngram_rate
 from fedrlhf_ray.tasks.text.lm import fluency
 from fedrlhf_ray.tasks.text.policy import categorical_kl
 
@@ -68,20 +69,24 @@ def distinct_n(continuations: Sequence[np.ndarray], n: int) -> float:
 
 
 def text_metrics(
-    gens: Generations, own_sentiment: np.ndarray, independent_sentiment: np.ndarray, lam: float, vocab_size: int
+    gens: Generations, own_sentiment: np.ndarray, independent_sentiment: np.ndarray, lexicon_sentiment: np.ndarray,
+    lam: float, vocab_size: int,
 ) -> dict[str, float]:
     """The per-client IMDb evaluation metrics of one batch of generations."""
+
     fluencies = np.array([fluency(lp, vocab_size) for lp in gens.reference_logprobs])
     all_lp = np.concatenate(gens.reference_logprobs) if gens.continuations else np.zeros(0)
     nll = float(-all_lp.mean()) if len(all_lp) else float("nan")
     return {
         "sentiment": float(np.mean(own_sentiment)),
         "sentiment_independent": float(np.mean(independent_sentiment)),
+        "sentiment_lexicon": float(np.mean(lexicon_sentiment)),
         "fluency": float(np.mean(fluencies)),
         "reward": float(np.mean(lam * own_sentiment + (1.0 - lam) * fluencies)),
         "kl_to_reference": float(np.mean(gens.kl)),
         "perplexity_reference": math.exp(nll) if math.isfinite(nll) else float("nan"),
         "distinct_1": distinct_n(gens.continuations, 1),
         "distinct_2": distinct_n(gens.continuations, 2),
+        "repeated_bigram_rate": repeated_ngram_rate(gens.continuations, 2),
         "length": float(np.mean([len(c) for c in gens.continuations])),
     }

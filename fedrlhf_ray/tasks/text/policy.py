@@ -4,8 +4,14 @@
 head on its last hidden state; the next-token logits at the last real position of the observation
 window are the ``Discrete(V)`` action distribution's inputs. The frozen reference travels with the
 module but is not one of its parameters (it is neither trained nor federated): it gives the
-reference logits for the KL term. :class:`TextPPOLearner` adds β·KL(π ‖ π_ref) — the full
-distributions at each generated position — to PPO's loss (and FedProx's term, from its parent).
+reference logits for the KL term.
+
+:class:`TextPPOLearner` puts the KL penalty in the reward, in the reward's units, as Ziegler et
+al. do: before GAE, each generated token's reward gets −β·(log π(a_t) − log π_ref(a_t)), the
+sampled estimate of KL(π ‖ π_ref) at that position (:class:`KLPenaltyInReward`). Advantages are
+standardised after that, so the penalty and the task's reward are weighed on one scale; added to
+the loss instead, β·KL was not standardised with them and KL grew every round. The full
+distributions' KL at each position is logged (``kl_to_reference``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import functools
 from typing import Any, cast
 
 import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.connectors.learner.general_advantage_estimation import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
@@ -109,11 +117,14 @@ class LMPolicyModule(TorchRLModule, ValueFunctionAPI):
         hidden = self._hidden(self.lm, batch[Columns.OBS])
         return {Columns.ACTION_DIST_INPUTS: self._logits(self.lm, hidden)}
 
+    @torch.no_grad()
+    def reference_logits(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._logits(self.reference, self._hidden(self.reference, obs))
+
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         obs = batch[Columns.OBS]
         hidden = self._hidden(self.lm, obs)
-        with torch.no_grad():
-            reference = self._logits(self.reference, self._hidden(self.reference, obs))
+        reference = self.reference_logits(obs)
         return {
             Columns.ACTION_DIST_INPUTS: self._logits(self.lm, hidden),
             Columns.EMBEDDINGS: hidden,
@@ -133,12 +144,45 @@ def categorical_kl(logits: torch.Tensor, reference_logits: torch.Tensor) -> torc
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def token_kl_penalty(action_logp: torch.Tensor, reference_logits: torch.Tensor, actions: torch.Tensor,
+                     beta: float) -> torch.Tensor:
+    """−β·(log π(a_t) − log π_ref(a_t)) per row: the reward the KL penalty adds to each token."""
+    reference_logp = torch.log_softmax(reference_logits, dim=-1).gather(-1, actions.long().reshape(-1, 1))
+    return -beta * (action_logp.reshape(-1) - reference_logp.reshape(-1))
+
+
+class KLPenaltyInReward(ConnectorV2):
+    """Learner connector piece, before GAE: adds :func:`token_kl_penalty` to each real timestep's
+    reward (not to the bootstrap step RLlib appends to each episode, which the loss mask marks)."""
+
+    def __init__(self, coeff: Any, input_observation_space: Any = None, input_action_space: Any = None) -> None:
+        super().__init__(input_observation_space, input_action_space)
+        self.coeff = coeff  # () -> β: the learner's current β
+
+    def __call__(self, *, rl_module: Any, batch: dict[str, Any], episodes: Any, **kwargs: Any) -> Any:
+        beta = float(self.coeff())
+        if beta == 0.0:
+            return batch
+        for module_id, module_batch in batch.items():
+            reference = rl_module[module_id].reference_logits(module_batch[Columns.OBS])
+            logp, actions = module_batch[Columns.ACTION_LOGP], module_batch[Columns.ACTIONS]
+            penalty = token_kl_penalty(logp, reference, actions, beta)
+            if Columns.LOSS_MASK in module_batch:
+                penalty = penalty * module_batch[Columns.LOSS_MASK].to(penalty.dtype)
+            rewards = module_batch[Columns.REWARDS]
+            module_batch[Columns.REWARDS] = rewards + penalty.to(rewards.dtype)
+        return batch
+
+
 class TextPPOLearner(ProximalPPOLearner):
-    """PPO (+ FedProx) with β·KL(π ‖ π_ref) added; β is set per client before each round."""
+    """PPO (+ FedProx) with the KL penalty to the reference in the reward (:class:`KLPenaltyInReward`);
+    β is set per client before each round."""
 
     def build(self) -> None:
         super().build()
         self._kl_coeff = 0.0
+        if self._learner_connector is not None:
+            self._learner_connector.insert_before(GeneralAdvantageEstimation, KLPenaltyInReward(lambda: self._kl_coeff))
 
     def set_kl_coeff(self, beta: float) -> None:
         self._kl_coeff = float(beta)
@@ -152,6 +196,4 @@ class TextPPOLearner(ProximalPPOLearner):
         else:
             mean_kl = kl.mean()
         self.metrics.log_dict({KL_METRIC: mean_kl.detach()}, key=module_id, window=1)
-        if self._kl_coeff > 0.0:
-            loss = loss + self._kl_coeff * mean_kl
         return loss

@@ -25,6 +25,7 @@ from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_seed
 from fedrlhf_ray.tasks.text import ppo as text_ppo
 from fedrlhf_ray.tasks.text.generation import generate, text_metrics
+from fedrlhf_ray.tasks.text.judges import LexiconJudge
 from fedrlhf_ray.tasks.text.lm import LanguageModel
 from fedrlhf_ray.tasks.text.reward import ContinuationScorer
 from fedrlhf_ray.tasks.text.sentiment import BagOfTokens, HFSentiment
@@ -121,6 +122,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         self.source = lm_source(cfg)
         self.lm: LanguageModel = cached_lm(self.source)
         self.evaluator = _independent_evaluator(cfg)
+        self.lexicon = LexiconJudge(self.lm.decode)
         sent = cfg.language_model().sentiment
         self.shared_scorer = HFSentiment(sent.pretrained, self.lm.decode) if sent.pretrained is not None else None
         self._built(
@@ -274,9 +276,10 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         module.train()
         own = self.scorer.sentiment.positive_probability(gens.continuations)
         independent = self.evaluator.positive_probability(gens.continuations)
+        lexicon = self.lexicon.positive_probability(gens.continuations)
         pooled = client.prompt_lambdas
         lam = float(np.mean(pooled)) if pooled is not None else self.lambdas[client.client_id]
-        out = text_metrics(gens, own, independent, lam, self.lm.vocab_size)
+        out = text_metrics(gens, own, independent, lexicon, lam, self.lm.vocab_size)
         if self.shared_scorer is None and (self.cfg.language_model().sentiment.feedback == "labels" or self.winners):
             predicted = self.reward_model.positive_probability(client.test_reviews) > 0.5
             out["reward_model_accuracy"] = float((predicted == (client.test_labels == 1)).mean())
