@@ -393,7 +393,9 @@ class _Lifecycle:
             summary["privacy"].update(delta=self.cfg.privacy.dp.delta, mode=self.cfg.privacy.dp.mode)
         summary.update(task_for(self.cfg.env.name).summary(final))
         rd.write_json(SUMMARY, summary)
-        rd.write_status("completed", rounds=rounds, placement=progress.placement, driver=self.driver_where)
+        # The commit lets a report say what code made the run (None outside a git checkout).
+        rd.write_status("completed", rounds=rounds, placement=progress.placement, driver=self.driver_where,
+                        commit=tracking.git_commit())
         if self.tracker is not None:
             self._log_artifacts(with_model=True)
             self.tracker.finish("FINISHED")

@@ -1,7 +1,7 @@
 """The IMDb language-model task: env, reward, reward models, prepare, PPO with KL, federation.
 
 A tiny GPT-2 is prepared once for the module (a 2,048-token BPE over 20,000 reviews, one block);
-the sentiment evaluator is trained on the full IMDb training set, as it is for users.
+the independent judge is trained on the test reviews no client holds, as it is for users.
 """
 
 from __future__ import annotations
@@ -224,24 +224,35 @@ def test_prepare_reports_and_is_cached(prepared, imdb):
     assert prepared_folder(other) != folder
 
 
-def test_the_independent_evaluator_reaches_85_percent(prepared):
-    # Trained on all 25,000 training reviews, scored on all 25,000 test reviews.
-    ev = prepared[2]["evaluator"]
-    assert ev["train_reviews"] == 25000 and ev["test_reviews"] == 25000
-    assert ev["test_accuracy"] >= 0.85
+def test_the_independent_judge_reaches_85_percent_on_reviews_no_client_holds(prepared):
+    # The 12,500 odd-id test reviews: 10,000 to train, 2,500 to score it.
+    judge = prepared[2]["judge"]
+    assert judge["train_reviews"] == 10000 and judge["test_reviews"] == 2500
+    assert judge["test_accuracy"] >= 0.85
+
+
+def test_no_client_holds_a_review_or_text_the_judge_learnt_from(imdb):
+    from envs.data.imdb import is_judge_review
+
+    judge = [r for r in imdb.reviews["test"] if is_judge_review(r)]
+    assert len(judge) == 12500 and {r.review_id % 2 for r in judge} == {1}
+    shards = shard_imdb(imdb, num_clients=10, reviews_per_client=2000, test_per_client=600, seed=3)
+    held = [r for s in shards for r in s.train + s.test]
+    assert not any(is_judge_review(r) for r in held)
+    assert not {r.text for r in held} & {r.text for r in judge}
 
 
 def test_prepare_is_reproducible_from_its_seed(shared_data, imdb, tmp_path):
     from fedrlhf_ray.tasks.text.prepare import prepare
 
-    small = ImdbData(imdb.source, {s: imdb.reviews[s][:: 50 if s != "unsup" else 100] for s in imdb.reviews})
+    small = ImdbData(imdb.source, {s: imdb.reviews[s][:: 49 if s != "unsup" else 100] for s in imdb.reviews})
     raw = tiny_config(shared_data, tmp_path / "a", lm={**TINY_LM, "max_texts": 0, "pretrain_steps": 20})
     digests = []
     for cache in ("a", "b"):
         raw["env"]["imdb"]["cache_dir"] = str(tmp_path / cache)
         folder, _ = prepare(validate_config(raw), data=small)
         digests.append([hashlib.sha256((folder / f).read_bytes()).hexdigest()
-                        for f in ("tokenizer.json", "model/model.safetensors", "evaluator.safetensors")])
+                        for f in ("tokenizer.json", "model/model.safetensors", "judge.safetensors")])
     assert digests[0] == digests[1]
 
 
@@ -256,7 +267,7 @@ def test_a_client_reward_model_learns_from_its_own_reviews(prepared, imdb):
     model.fit_labels(x, np.array([r.label for r in shard.train]), epochs=4, lr=0.1, weight_decay=0.0, seed=0)
     test = lm.encode([r.text for r in shard.test], 256)
     accuracy = ((model.positive_probability(test) > 0.5) == np.array([r.label for r in shard.test])).mean()
-    assert accuracy >= 0.70  # 2,000 reviews: weaker than the evaluator, far above chance
+    assert accuracy >= 0.70  # 2,000 reviews: weaker than the judge, far above chance
     # Bradley–Terry on comparisons recovers the same ordering from preferences alone.
     pos = [t for t, r in zip(x, shard.train) if r.label == 1][:600]
     neg = [t for t, r in zip(x, shard.train) if r.label == 0][:600]
@@ -433,9 +444,9 @@ def test_hugging_face_backend_round_trip(ray_session, shared_data, imdb, hf_mode
     raw = tiny_config(shared_data, tmp_path / "cache", lm={**TINY_LM, "pretrained": str(hf_models / "gpt2-tiny"),
                                                             "sentiment": {"pretrained": str(hf_models / "distilbert-tiny")}})
     cfg = validate_config(raw)
-    small = ImdbData(imdb.source, {s: imdb.reviews[s][::100] for s in imdb.reviews})
+    small = ImdbData(imdb.source, {s: imdb.reviews[s][::99] for s in imdb.reviews})  # odd ids too: the judge's
     folder, report = prepare(cfg, data=small)
-    assert "pretrain" not in report  # a pretrained LM is used as it is: only the evaluator is built
+    assert "pretrain" not in report  # a pretrained LM is used as it is: only the judge is built
     host = ClientHost(TaskTrainerFactory(cfg.to_dict(), 0, 1), str(tmp_path / "store"))
     assert isinstance(host.trainer.shared_scorer, HFSentiment)
     weights = host.initial_weights()
@@ -496,7 +507,7 @@ def _run(cfg_raw: dict, out: Path, **kwargs):
 @pytest.mark.slow
 def test_short_ppo_run_raises_the_independent_sentiment(ray_session, prepared, tmp_path):
     """λ = 1 (sentiment only): a few rounds of PPO on the clients' own reward models make the
-    independent evaluator — trained on all of IMDb, never seen by the clients — rate the held-out
+    independent judge — word n-grams, trained on reviews no client holds — rate the held-out
     continuations more positive than the pre-trained policy's."""
     raw = tiny_config(Path(prepared[0].env.imdb.path).parent, Path(prepared[0].env.imdb.cache_dir),
                       clients={"num_clients": 2}, shaping={"lambda": 1.0},
@@ -509,8 +520,10 @@ def test_short_ppo_run_raises_the_independent_sentiment(ray_session, prepared, t
     result = _run(raw, tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     before, after = result.initial, result.final
     gain = after["eval/sentiment_independent/mean"] - before["eval/sentiment_independent/mean"]
-    assert gain >= 0.10, (before["eval/sentiment_independent/mean"], after["eval/sentiment_independent/mean"])
-    assert after["eval/sentiment/mean"] > before["eval/sentiment/mean"] + 0.10  # its own reward model too
+    # Measured: own reward model 0.53 → 0.66, the judge 0.52 → 0.57 (KL 2.8 nats, near the target
+    # of 2): the policy gains less by a judge that shares neither its data nor its features.
+    assert gain >= 0.03, (before["eval/sentiment_independent/mean"], after["eval/sentiment_independent/mean"])
+    assert after["eval/sentiment/mean"] > before["eval/sentiment/mean"] + 0.10  # its own reward model
     assert after["eval/kl_to_reference/mean"] > 0.0 == before["eval/kl_to_reference/mean"]
     # Sample generations of the global model, one file per evaluated round.
     samples = sorted(p.name for p in (result.run_dir.path / "samples").iterdir())

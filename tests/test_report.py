@@ -17,6 +17,7 @@ from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.report import Interval, find_runs, group_runs, paired_differences, personal_vs_global, summarise
 from fedrlhf_ray.report.docs import stale_tables
 from fedrlhf_ray.rundir import RunDir
+from tests.conftest import REPO_ROOT
 
 HIT = "eval/liked_hit_rate/mean"
 GLOBAL_HIT = "eval_global/liked_hit_rate/mean"
@@ -235,6 +236,16 @@ def test_report_from_results_rewrites_the_docs_marked_tables(runs, tmp_path, cap
     assert stale_tables(root) == []
     (root / "README.md").write_text(readme.replace("0.098 [", "0.198 ["))
     assert stale_tables(root) == ["README.md"]  # a table edited by hand is caught
+
+
+def test_the_docs_tables_are_what_the_committed_summaries_make():
+    """The README's and docs' tables of results over seeds carry a marker and are made by
+    ``fedrlhf report --from results/ --docs`` from the committed ``results/*/runs.json``."""
+    assert stale_tables(REPO_ROOT) == [], "run: fedrlhf report --from results/ --docs"
+    marked = [p for p in [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "results.md"]
+              if "<!-- report results/" in p.read_text()]
+    assert len(marked) == 2
+
 
 
 @pytest.mark.parametrize("args, message", [

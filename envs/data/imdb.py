@@ -286,6 +286,12 @@ def _write_parsed(entry: Path, reviews: dict[str, list[Review]]) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def is_judge_review(review: Review) -> bool:
+    """Whether ``review`` is kept for the independent judge: the test reviews with an odd id. No
+    client ever holds one (their prompts come from the even ids, their feedback from train)."""
+    return review.split == "test" and review.review_id % 2 == 1
+
+
 class ShardError(ValueError):
     """The requested client shards cannot be cut from the data (the message names the setting)."""
 
@@ -317,14 +323,17 @@ def shard_imdb(
 ) -> list[ImdbShard]:
     """K disjoint shards, IID (``label_skew`` 0) or skewed by label, deterministic in ``seed``.
 
-    Reviews whose text repeats another's are dropped first, so no text is in two shards.
+    Reviews whose text repeats another's are dropped first, so no text is in two shards, and so
+    are the judge's (:func:`is_judge_review`): held-out prompts come from half the test split.
     """
     shards: dict[int, dict[str, list[Review]]] = {k: {"train": [], "test": []} for k in range(num_clients)}
     shares = positive_shares(num_clients, label_skew)
+    judge_texts = {r.text for r in data.reviews["test"] if is_judge_review(r)}
     for split, per_client, setting in (
         ("train", reviews_per_client, "reviews_per_client"), ("test", test_per_client, "test_prompts_per_client")
     ):
-        seen: set[str] = set()
+        # The judge's texts count as seen: no client holds a review the judge learnt from.
+        seen = set(judge_texts)
         unique = []
         for review in data.reviews[split]:
             if review.text not in seen:

@@ -143,7 +143,9 @@ def write_report(runs: Sequence[Run], out: Path, reference: str | None, view: Ta
     for kind in KINDS:
         for row in tables.rows(kind):
             writer.writerow({"kind": kind, "reference": "", **row})
-    intro = (f"Runs summarised by `{made['command']}` on {made['machine']} at commit {made['commit']}"
+    commits = sorted({(run.commit or "unknown")[:12] for members in groups.values() for run in members})
+    intro = (f"Runs made at commit {', '.join(commits)}; summarised by `{made['command']}` on {made['machine']} "
+             f"at commit {made['commit']}"
              + (f"; made again from their summaries by `{regenerated_by}`" if regenerated_by else "")
              + f". Each group's runs differ only in their seed; intervals are {LEVEL:.0%} Student t over the "
              "seeds (none with one).")

@@ -11,7 +11,7 @@ import math
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.rundir import CLIENT_METRICS, CONFIG, METRICS, STATUS, RunDir, atomic_write, find_link
-from fedrlhf_ray.tracking import flatten
+from fedrlhf_ray.tracking import flatten, load_tracker
 
 RUNS_FILE = "runs.json"
 MLFLOW_SOURCE = "mlflow:"
 TUNE_CHECKPOINT = re.compile(r"checkpoint_\d+")
-# What a summary keeps of a round row: the round, every summary over clients (``…/mean``) and
-# the federation's own counters (env steps, round time, bytes).
-_KEPT = re.compile(r"^(round|fed/.*|privacy/epsilon|.*/mean)$")
+# What a summary keeps of a round row: what the report reads (the round, the evaluations' means
+# over clients, ε, and what the rounds spent: env steps, feedback queries, clients, time).
+_KEPT = re.compile(r"^(round|eval[^/]*/.*/mean|privacy/epsilon|fed/(env_steps|round_seconds|clients_aggregated)"
+                   r"|feedback/new_queries/mean)$")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Run:
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     clients: dict[int, dict[str, float]]  # each client's metrics of the last evaluated round (none if private)
+    commit: str | None = None  # the code's commit that made the run, where it is known
 
     @property
     def seed(self) -> int:
@@ -59,7 +61,7 @@ class Run:
 
     def summary(self) -> dict[str, Any]:
         """What ``runs.json`` keeps of this run."""
-        return {"path": self.path, "config": self.config,
+        return {"path": self.path, "config": self.config, "commit": self.commit,
                 "rows": [{k: v for k, v in r.items() if _KEPT.match(k)} for r in self.rows],
                 "clients": {str(c): m for c, m in sorted(self.clients.items())}}
 
@@ -104,7 +106,23 @@ def _read_run(path: Path, label: str) -> Run | None:
         int(r["client"]): {k: float(v) for k, v in r.items() if k.startswith("eval") and _is_number(v)}
         for r in evals if r["round"] == last
     }
-    return Run(label, flatten(config), sorted(rows, key=lambda r: r["round"]), clients)
+    return Run(label, flatten(config), sorted(rows, key=lambda r: r["round"]), clients, _commit(rd))
+
+
+def _commit(rd: RunDir) -> str | None:
+    """The commit a finished run recorded, or, for a run finished before runs recorded it, its
+    local (SQLite) MLflow run's source-commit tag; None when neither says."""
+    recorded = (rd.read_json(STATUS) or {}).get("commit")
+    if isinstance(recorded, str):
+        return recorded
+    try:
+        tracker = load_tracker(rd.path)
+        if tracker is None or not tracker.tracking_uri.startswith("sqlite:"):
+            return None  # a server is not asked: a report must not wait on one
+        tag = tracker.client().get_run(tracker.run_id).data.tags.get("mlflow.source.git.commit")
+    except Exception:  # noqa: BLE001 - a store that cannot say leaves the commit unknown
+        return None
+    return tag if isinstance(tag, str) else None
 
 
 class _RunSummary(BaseModel):
@@ -114,6 +132,7 @@ class _RunSummary(BaseModel):
     config: dict[str, Any]
     rows: list[dict[str, float | int | None]]  # null: a metric undefined that round (NaN)
     clients: dict[str, dict[str, float | None]]
+    commit: str | None = None
 
 
 class Summaries(BaseModel):
@@ -136,7 +155,7 @@ class Summaries(BaseModel):
             clients = {int(c): {k: math.nan if v is None else v for k, v in m.items()}
                        for c, m in r.clients.items() if c.isdigit()}
             rows = [{k: math.nan if v is None else v for k, v in row.items()} for row in r.rows]
-            runs.append(Run(r.path, r.config, sorted(rows, key=lambda row: row["round"]), clients))
+            runs.append(Run(r.path, r.config, sorted(rows, key=lambda row: row["round"]), clients, r.commit))
         return runs
 
 
@@ -200,7 +219,7 @@ def _mlflow_runs(experiment: str, tracking_uri: str) -> list[Run]:
                                     "the report reads no file through a link")
                 run = _read_run(folder, f"MLflow run {info.info.run_id} ({info.info.run_name})")
                 if run is not None:
-                    runs.append(run)
+                    runs.append(replace(run, commit=run.commit or info.data.tags.get("mlflow.source.git.commit")))
         return runs
     except MlflowException as err:
         raise UserError(f"report: cannot read MLflow experiment {experiment!r} from {tracking_uri} "

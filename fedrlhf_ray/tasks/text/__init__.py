@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 TEXT_METRICS = (
     ("sentiment", "sentiment (own reward model)"),
-    ("sentiment_independent", "sentiment (independent evaluator)"),
+    ("sentiment_independent", "sentiment (independent judge)"),
     ("fluency", "fluency (1 − NLL/ln V)"),
     ("reward", "reward λ·s + (1−λ)·f"),
     ("kl_to_reference", "KL to reference (nats/sequence)"),
@@ -37,7 +37,7 @@ class TextTask:
     # A folder or a model name in the local Hugging Face cache.
     name_or_path_fields = ("lm.pretrained", "lm.sentiment.pretrained")
     curve_panels = (
-        CurvePanel("eval/sentiment_independent", "held-out sentiment (independent evaluator)"),
+        CurvePanel("eval/sentiment_independent", "held-out sentiment (independent judge)"),
         CurvePanel("eval/fluency", "held-out fluency (1 − NLL/ln V)"),
         CurvePanel("eval/kl_to_reference", "KL to the reference (nats/sequence)"),
         CurvePanel("train/episode_return_mean", "training return λ·s + (1−λ)·f"),
@@ -122,7 +122,7 @@ class TextTask:
         cached = is_prepared(cfg)
         folder, report = prepare(cfg, progress=True)
         table = ResultTable(f"IMDb models ({'cached' if cached else 'prepared'}) in {folder}", ("", "value"))
-        pre, ev = report.get("pretrain"), report["evaluator"]
+        pre, judge = report.get("pretrain"), report["judge"]
         if pre is not None:
             table.rows += [
                 ("GPT-2 parameters", f"{pre['parameters']:,}"),
@@ -132,7 +132,8 @@ class TextTask:
                 ("tokenizer + pre-training seconds", f"{report['tokenizer_seconds'] + report['pretrain_seconds']:.0f}"),
             ]
         table.rows += [
-            ("evaluator test accuracy (25,000 reviews)", f"{ev['test_accuracy']:.3f}"),
+            (f"judge accuracy ({judge['test_reviews']:,} held-out reviews no client holds)",
+             f"{judge['test_accuracy']:.3f}"),
             ("total seconds", f"{report['seconds']:.0f}"),
         ]
         return table

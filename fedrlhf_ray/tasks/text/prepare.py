@@ -3,13 +3,14 @@
 1. a byte-level BPE tokenizer (Hugging Face ``tokenizers``) trained on the pre-training corpus;
 2. a small GPT-2 (``transformers``' ``GPT2LMHeadModel``) pre-trained on it, on CPU: random windows
    of the concatenated reviews, AdamW with warm-up and cosine decay;
-3. the independent sentiment evaluator: a :class:`BagOfTokens` trained on the full IMDb training
-   set, scored on the full test set.
+3. the independent sentiment judge (:class:`~fedrlhf_ray.tasks.text.judges.WordNgramJudge`):
+   word n-gram TF-IDF and a logistic regression, trained on 80 % of the test reviews no client
+   ever holds (:func:`envs.data.imdb.is_judge_review`), scored on the other 20 %.
 
 The folder is named by a hash of every setting that changes the result (and of the data's counts),
 so a changed setting prepares anew and an unchanged one is reused; it appears atomically (built in a
-temporary folder, then renamed). With ``lm.pretrained`` (a Hugging Face model) only the evaluator is
-built, over that model's tokenizer. Everything is a function of ``lm.pretrain_seed``.
+temporary folder, then renamed). With ``lm.pretrained`` (a Hugging Face model) only the judge is
+built. Everything is a function of ``lm.pretrain_seed``.
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ import torch
 
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.schema import ExperimentConfig
+from fedrlhf_ray.tasks.text.judges import WordNgramJudge
 from fedrlhf_ray.tasks.text.lm import END_OF_TEXT, LanguageModel, clean_review, damaged, load_prepared, load_pretrained
-from fedrlhf_ray.tasks.text.sentiment import BagOfTokens
 
 REPORT = "report.json"
-EVALUATOR = "evaluator.safetensors"
+JUDGE = "judge.safetensors"
+JUDGE_TEST_SHARE = 0.2  # of the judge's reviews, held out to score it
 # Held-out perplexity is measured on this many test reviews (never in any pre-training corpus).
 PERPLEXITY_REVIEWS = 500
 
 
 def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    lm, sent = cfg.language_model(), cfg.language_model().sentiment
+    lm = cfg.language_model()
     model = (
         {"pretrained": lm.pretrained}
         if lm.pretrained is not None
@@ -49,8 +51,7 @@ def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
             "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
         )}
     )
-    evaluator = {k: getattr(sent, k) for k in ("hash_buckets", "epochs", "lr", "weight_decay", "max_review_tokens")}
-    return {"version": 2, "seed": lm.pretrain_seed, "model": model, "evaluator": evaluator}
+    return {"version": 3, "seed": lm.pretrain_seed, "model": model, "judge": WordNgramJudge.VERSION}
 
 
 def cache_root(cfg: ExperimentConfig) -> Path:
@@ -201,46 +202,42 @@ def _pretrain(
     return model, stats
 
 
-def train_evaluator(
-    cfg: ExperimentConfig, lm: LanguageModel, train: list[Any], test: list[Any]
-) -> tuple[BagOfTokens, dict]:
-    """The independent sentiment evaluator: all 25,000 training reviews, scored on all 25,000 test ones."""
-    sent = cfg.language_model().sentiment
-    x_train = lm.encode([r.text for r in train], sent.max_review_tokens)
-    x_test = lm.encode([r.text for r in test], sent.max_review_tokens)
-    model = BagOfTokens(lm.vocab_size, sent.hash_buckets)
-    fit = model.fit_labels(
-        x_train, np.array([r.label for r in train]), epochs=sent.epochs, lr=sent.lr,
-        weight_decay=sent.weight_decay, seed=cfg.language_model().pretrain_seed,
-    )
-    accuracy = float(((model.positive_probability(x_test) > 0.5) == np.array([r.label for r in test])).mean())
-    return model, {"train_accuracy": fit["accuracy"], "test_accuracy": accuracy,
-                   "train_reviews": len(train), "test_reviews": len(test)}
+def train_judge(cfg: ExperimentConfig, test: list[Any]) -> tuple[WordNgramJudge, dict]:
+    """The independent judge on the test reviews no client holds: 80 % to train, 20 % to score it."""
+    from envs.data.imdb import is_judge_review
+
+    reviews = [r for r in test if is_judge_review(r)]
+    if len({r.label for r in reviews}) < 2:
+        raise UserError("env.imdb.path: the IMDb test split holds no positive and negative reviews with odd ids, "
+                        "which train the independent judge; point it at the whole aclImdb data")
+    order = np.random.default_rng([cfg.language_model().pretrain_seed, 1]).permutation(len(reviews))
+    cut = len(reviews) - round(JUDGE_TEST_SHARE * len(reviews))
+    train, held = [reviews[i] for i in order[:cut]], [reviews[i] for i in order[cut:]]
+    judge = WordNgramJudge.fit([clean_review(r.text) for r in train], [r.label for r in train])
+    scores = judge.positive_probability_of_texts([clean_review(r.text) for r in held])
+    accuracy = float(((scores > 0.5) == np.array([r.label for r in held])).mean()) if held else float("nan")
+    return judge, {"test_accuracy": accuracy, "train_reviews": len(train), "test_reviews": len(held)}
 
 
-def save_evaluator(model: BagOfTokens, path: Path) -> None:
-    from safetensors.torch import save_file
+def save_judge(judge: WordNgramJudge, path: Path) -> None:
+    from safetensors.numpy import save_file
 
-    # One metadata entry: safetensors writes a metadata map in hash order, so two keys would make
-    # byte-different files from the same model run to run.
-    shape = json.dumps({"vocab_size": model.vocab_size, "hash_buckets": model.hash_buckets}, sort_keys=True)
-    save_file({"weights": model.weights.weight.detach(), "bias": model.bias.detach()}, str(path),
-              metadata={"shape": shape})
+    save_file(judge.arrays(), str(path), metadata={"judge": WordNgramJudge.VERSION})
 
 
-def load_evaluator(path: Path) -> BagOfTokens:
+def load_judge(path: Path) -> WordNgramJudge:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            shape = json.loads(f.metadata()["shape"])
-            model = BagOfTokens(int(shape["vocab_size"]), int(shape["hash_buckets"]))
-            with torch.no_grad():
-                model.weights.weight.copy_(f.get_tensor("weights"))
-                model.bias.copy_(f.get_tensor("bias"))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types, torch a RuntimeError
+        with safe_open(str(path), framework="numpy") as f:
+            if f.metadata().get("judge") != WordNgramJudge.VERSION:
+                raise ValueError(f"judge {f.metadata().get('judge')!r}, not {WordNgramJudge.VERSION}")
+            idf, coef, intercept = (f.get_tensor(k) for k in ("idf", "coef", "intercept"))
+        if idf.shape != (WordNgramJudge.FEATURES,) or coef.shape != idf.shape or intercept.shape != (1,):
+            raise ValueError("arrays of the wrong shape")
+        return WordNgramJudge(idf.astype(np.float64), coef, float(intercept[0]))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise damaged(path.parent, err) from None
-    return model
 
 
 def prepare(
@@ -260,7 +257,7 @@ def prepare(
         # A damaged file is one line here, before a run starts actors that would each fail on it.
         if cfg.language_model().pretrained is None:
             load_prepared(folder)
-        load_evaluator(folder / EVALUATOR)
+        load_judge(folder / JUDGE)
         return folder, cached
     pretrained = cfg.language_model().pretrained
     if pretrained is not None:
@@ -295,13 +292,11 @@ def prepare(
             report["pretrain_seconds"] = time.perf_counter() - t0
             report["pretrain"] = {**stats, "texts": len(texts)}
             model.save_pretrained(str(work / "model"), safe_serialization=True)
-            lm = load_prepared(work)
-        else:
-            lm = load_pretrained(lm_cfg.pretrained)
+            load_prepared(work)  # what was written loads
         t0 = time.perf_counter()
-        evaluator, ev_stats = train_evaluator(cfg, lm, data.reviews["train"], data.reviews["test"])
-        report["evaluator"] = {**ev_stats, "seconds": time.perf_counter() - t0}
-        save_evaluator(evaluator, work / EVALUATOR)
+        judge, judge_stats = train_judge(cfg, data.reviews["test"])
+        report["judge"] = {**judge_stats, "seconds": time.perf_counter() - t0}
+        save_judge(judge, work / JUDGE)
         report["seconds"] = time.perf_counter() - start
         (work / REPORT).write_text(json.dumps(report, indent=2))
         try:

@@ -25,7 +25,7 @@ from fedrlhf_ray.schema import ExperimentConfig
 from fedrlhf_ray.seeding import derive_seed
 from fedrlhf_ray.tasks.text import ppo as text_ppo
 from fedrlhf_ray.tasks.text.generation import generate, text_metrics
-from fedrlhf_ray.tasks.text.judges import LexiconJudge
+from fedrlhf_ray.tasks.text.judges import DecodedJudge, LexiconJudge
 from fedrlhf_ray.tasks.text.lm import LanguageModel
 from fedrlhf_ray.tasks.text.reward import ContinuationScorer
 from fedrlhf_ray.tasks.text.sentiment import BagOfTokens, HFSentiment
@@ -121,7 +121,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         self.budget_scale = budget_scale or {}
         self.source = lm_source(cfg)
         self.lm: LanguageModel = cached_lm(self.source)
-        self.evaluator = _independent_evaluator(cfg)
+        self.judge = _independent_judge(cfg, self.lm)
         self.lexicon = LexiconJudge(self.lm.decode)
         sent = cfg.language_model().sentiment
         self.shared_scorer = HFSentiment(sent.pretrained, self.lm.decode) if sent.pretrained is not None else None
@@ -275,7 +275,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         )
         module.train()
         own = self.scorer.sentiment.positive_probability(gens.continuations)
-        independent = self.evaluator.positive_probability(gens.continuations)
+        independent = self.judge.positive_probability(gens.continuations)
         lexicon = self.lexicon.positive_probability(gens.continuations)
         pooled = client.prompt_lambdas
         lam = float(np.mean(pooled)) if pooled is not None else self.lambdas[client.client_id]
@@ -286,10 +286,10 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         return {f"eval/{k}": v for k, v in out.items()}
 
 
-def _independent_evaluator(cfg: ExperimentConfig) -> BagOfTokens:
-    from fedrlhf_ray.tasks.text.prepare import EVALUATOR, load_evaluator, prepared_folder
+def _independent_judge(cfg: ExperimentConfig, lm: LanguageModel) -> DecodedJudge:
+    from fedrlhf_ray.tasks.text.prepare import JUDGE, load_judge, prepared_folder
 
-    return load_evaluator(prepared_folder(cfg) / EVALUATOR)
+    return DecodedJudge(load_judge(prepared_folder(cfg) / JUDGE), lm.decode)
 
 
 def build_text_clients(cfg: ExperimentConfig, lm: LanguageModel) -> list[TextClient]:
