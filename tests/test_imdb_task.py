@@ -175,6 +175,10 @@ def test_distinct_n_and_metrics_by_hand():
     assert m["perplexity_reference"] == pytest.approx(math.exp(2 * math.log(100) / 6))
     assert m["sentiment_independent"] == 0.5 and m["sentiment_lexicon"] == 0.5
     assert m["repeated_bigram_rate"] == 0.5  # (1, 2) twice in the first, none in the second
+    assert "perplexity_judge" not in m  # no judge LM (a Hugging Face policy)
+    judged = text_metrics(gens, np.array([1.0, 0.0]), np.array([0.5, 0.5]), np.array([0.25, 0.75]), lam=0.5,
+                          vocab_size=100, judge_logprobs=[np.full(4, -1.0), np.full(2, -4.0)])
+    assert judged["perplexity_judge"] == pytest.approx(math.exp((4 * 1.0 + 2 * 4.0) / 6))
 
 
 def test_the_lexicon_judge_knows_sentiment_and_not_imdb():
@@ -218,6 +222,10 @@ def test_prepare_reports_and_is_cached(prepared, imdb):
                               "unsup": 50000}
     pre = report["pretrain"]
     assert pre["heldout_perplexity"] < 0.6 * pre["heldout_perplexity_initial"]  # it learned the language
+    # The judge LM learnt the same language from the 10,000 judge reviews, scored on its 2,500.
+    judge_lm = report["judge_lm"]
+    assert judge_lm["texts"] == 10000 and judge_lm["heldout_perplexity"] < 0.6 * judge_lm["heldout_perplexity_initial"]
+    assert (folder / "judge_lm" / "model.safetensors").is_file()
     mtime = (folder / REPORT).stat().st_mtime_ns
     assert prepare(cfg)[0] == folder and (folder / REPORT).stat().st_mtime_ns == mtime  # no work the second time
     other = validate_config({**cfg.to_dict(), "lm": {**cfg.to_dict()["lm"], "pretrain_steps": 151}})
@@ -385,7 +393,8 @@ def test_kl_to_reference_enters_the_reward_and_is_reported(text_host):
     assert update.metrics["train/kl_coeff"] == pytest.approx(0.05)
     ev = text_host.evaluate_client(1, 0, weights)
     for key in ("sentiment", "sentiment_independent", "sentiment_lexicon", "fluency", "reward", "kl_to_reference",
-                "perplexity_reference", "distinct_1", "distinct_2", "repeated_bigram_rate", "reward_model_accuracy"):
+                "perplexity_reference", "perplexity_judge", "distinct_1", "distinct_2", "repeated_bigram_rate",
+                "reward_model_accuracy"):
         assert np.isfinite(ev[f"eval/{key}"]), key
     # The reference policy itself is at KL 0 from the reference.
     assert ev["eval/kl_to_reference"] == pytest.approx(0.0, abs=1e-5)

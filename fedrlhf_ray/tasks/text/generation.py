@@ -68,11 +68,17 @@ def distinct_n(continuations: Sequence[np.ndarray], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def _perplexity(logprobs: Sequence[np.ndarray]) -> float:
+    tokens = np.concatenate(list(logprobs)) if logprobs else np.zeros(0)
+    return math.exp(float(-tokens.mean())) if len(tokens) else float("nan")
+
+
 def text_metrics(
     gens: Generations, own_sentiment: np.ndarray, independent_sentiment: np.ndarray, lexicon_sentiment: np.ndarray,
-    lam: float, vocab_size: int,
+    lam: float, vocab_size: int, judge_logprobs: Sequence[np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """The per-client IMDb evaluation metrics of one batch of generations."""
+    """The per-client IMDb evaluation metrics of one batch of generations; ``judge_logprobs``:
+    the continuations' token log-probabilities under the judge LM, where there is one."""
 
     fluencies = np.array([fluency(lp, vocab_size) for lp in gens.reference_logprobs])
     all_lp = np.concatenate(gens.reference_logprobs) if gens.continuations else np.zeros(0)
@@ -85,6 +91,7 @@ def text_metrics(
         "reward": float(np.mean(lam * own_sentiment + (1.0 - lam) * fluencies)),
         "kl_to_reference": float(np.mean(gens.kl)),
         "perplexity_reference": math.exp(nll) if math.isfinite(nll) else float("nan"),
+        **({"perplexity_judge": _perplexity(judge_logprobs)} if judge_logprobs is not None else {}),
         "distinct_1": distinct_n(gens.continuations, 1),
         "distinct_2": distinct_n(gens.continuations, 2),
         "repeated_bigram_rate": repeated_ngram_rate(gens.continuations, 2),

@@ -5,12 +5,15 @@
    of the concatenated reviews, AdamW with warm-up and cosine decay;
 3. the independent sentiment judge (:class:`~fedrlhf_ray.tasks.text.judges.WordNgramJudge`):
    word n-gram TF-IDF and a logistic regression, trained on 80 % of the test reviews no client
-   ever holds (:func:`envs.data.imdb.is_judge_review`), scored on the other 20 %.
+   ever holds (:func:`envs.data.imdb.is_judge_review`), scored on the other 20 %;
+4. the judge LM: a GPT-2 of the public model's shape and tokenizer pre-trained on the judge's
+   reviews, under which the evaluation measures the continuations' perplexity, apart from the
+   reference that scores the clients' fluency reward.
 
 The folder is named by a hash of every setting that changes the result (and of the data's counts),
 so a changed setting prepares anew and an unchanged one is reused; it appears atomically (built in a
 temporary folder, then renamed). With ``lm.pretrained`` (a Hugging Face model) only the judge is
-built. Everything is a function of ``lm.pretrain_seed``.
+built, and no judge LM. Everything is a function of ``lm.pretrain_seed``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from fedrlhf_ray.tasks.text.lm import END_OF_TEXT, LanguageModel, clean_review, 
 
 REPORT = "report.json"
 JUDGE = "judge.safetensors"
+# A GPT-2 of the public model's shape and tokenizer, pre-trained on the judge's reviews (which
+# neither the public model nor any client saw): fluency judged apart from the reward's reference.
+JUDGE_LM = "judge_lm"
 JUDGE_TEST_SHARE = 0.2  # of the judge's reviews, held out to score it
 # Held-out perplexity is measured on this many test reviews (never in any pre-training corpus).
 PERPLEXITY_REVIEWS = 500
@@ -51,7 +57,7 @@ def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
             "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
         )}
     )
-    return {"version": 3, "seed": lm.pretrain_seed, "model": model, "judge": WordNgramJudge.VERSION}
+    return {"version": 4, "seed": lm.pretrain_seed, "model": model, "judge": WordNgramJudge.VERSION}
 
 
 def cache_root(cfg: ExperimentConfig) -> Path:
@@ -137,16 +143,17 @@ def perplexity(model: Any, stream: np.ndarray, width: int, max_windows: int = 25
 
 
 def pretrain(
-    cfg: ExperimentConfig, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool
+    cfg: ExperimentConfig, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool,
+    label: str = "pre-training GPT-2",
 ) -> tuple[Any, dict]:
     # GPT-2's initialisation and its dropout draw from torch's global generator: seed it in this scope only.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.language_model().pretrain_seed)
-        return _pretrain(cfg, tokenizer, corpus, heldout, progress)
+        return _pretrain(cfg, tokenizer, corpus, heldout, progress, label)
 
 
 def _pretrain(
-    cfg: ExperimentConfig, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool
+    cfg: ExperimentConfig, tokenizer: Any, corpus: list[str], heldout: list[str], progress: bool, label: str
 ) -> tuple[Any, dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -179,7 +186,7 @@ def _pretrain(
     ppl_before = perplexity(model, held, lm.context)
     model.train()
     with _progress(progress) as bar:
-        task = bar.add_task("pre-training GPT-2", total=lm.pretrain_steps, info="")
+        task = bar.add_task(label, total=lm.pretrain_steps, info="")
         for step in range(lm.pretrain_steps):
             starts = rng.integers(0, len(stream) - lm.context, size=lm.pretrain_batch_size)
             batch = _windows(stream, starts, lm.context)
@@ -202,8 +209,8 @@ def _pretrain(
     return model, stats
 
 
-def train_judge(cfg: ExperimentConfig, test: list[Any]) -> tuple[WordNgramJudge, dict]:
-    """The independent judge on the test reviews no client holds: 80 % to train, 20 % to score it."""
+def judge_split(cfg: ExperimentConfig, test: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The test reviews no client holds, 80 % to train the judges and 20 % to score them."""
     from envs.data.imdb import is_judge_review
 
     reviews = [r for r in test if is_judge_review(r)]
@@ -212,7 +219,11 @@ def train_judge(cfg: ExperimentConfig, test: list[Any]) -> tuple[WordNgramJudge,
                         "which train the independent judge; point it at the whole aclImdb data")
     order = np.random.default_rng([cfg.language_model().pretrain_seed, 1]).permutation(len(reviews))
     cut = len(reviews) - round(JUDGE_TEST_SHARE * len(reviews))
-    train, held = [reviews[i] for i in order[:cut]], [reviews[i] for i in order[cut:]]
+    return [reviews[i] for i in order[:cut]], [reviews[i] for i in order[cut:]]
+
+
+def train_judge(train: list[Any], held: list[Any]) -> tuple[WordNgramJudge, dict]:
+    """The independent sentiment judge, scored on ``held``."""
     judge = WordNgramJudge.fit([clean_review(r.text) for r in train], [r.label for r in train])
     scores = judge.positive_probability_of_texts([clean_review(r.text) for r in held])
     accuracy = float(((scores > 0.5) == np.array([r.label for r in held])).mean()) if held else float("nan")
@@ -223,6 +234,22 @@ def save_judge(judge: WordNgramJudge, path: Path) -> None:
     from safetensors.numpy import save_file
 
     save_file(judge.arrays(), str(path), metadata={"judge": WordNgramJudge.VERSION})
+
+
+def load_judge_lm(folder: Path) -> Any:
+    """The judge LM of a prepared folder, or None where there is none (``lm.pretrained``)."""
+    from transformers import GPT2LMHeadModel
+
+    from fedrlhf_ray.tasks.text.lm import quiet_transformers
+
+    if not (folder / JUDGE_LM).is_dir():
+        return None
+    quiet_transformers()
+    try:
+        model = GPT2LMHeadModel.from_pretrained(str(folder / JUDGE_LM), local_files_only=True, use_safetensors=True)
+    except Exception as err:  # noqa: BLE001 - safetensors and transformers each raise their own
+        raise damaged(folder, err) from None
+    return model.eval()
 
 
 def load_judge(path: Path) -> WordNgramJudge:
@@ -258,6 +285,7 @@ def prepare(
         if cfg.language_model().pretrained is None:
             load_prepared(folder)
         load_judge(folder / JUDGE)
+        load_judge_lm(folder)
         return folder, cached
     pretrained = cfg.language_model().pretrained
     if pretrained is not None:
@@ -293,8 +321,17 @@ def prepare(
             report["pretrain"] = {**stats, "texts": len(texts)}
             model.save_pretrained(str(work / "model"), safe_serialization=True)
             load_prepared(work)  # what was written loads
+        judge_train, judge_held = judge_split(cfg, data.reviews["test"])
+        if lm_cfg.pretrained is None:
+            t0 = time.perf_counter()
+            judge_lm, judge_lm_stats = pretrain(
+                cfg, tokenizer, [clean_review(r.text) for r in judge_train],
+                [clean_review(r.text) for r in judge_held], progress, label="pre-training the judge LM",
+            )
+            report["judge_lm"] = {**judge_lm_stats, "texts": len(judge_train), "seconds": time.perf_counter() - t0}
+            judge_lm.save_pretrained(str(work / JUDGE_LM), safe_serialization=True)
         t0 = time.perf_counter()
-        judge, judge_stats = train_judge(cfg, data.reviews["test"])
+        judge, judge_stats = train_judge(judge_train, judge_held)
         report["judge"] = {**judge_stats, "seconds": time.perf_counter() - t0}
         save_judge(judge, work / JUDGE)
         report["seconds"] = time.perf_counter() - start

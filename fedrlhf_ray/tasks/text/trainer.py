@@ -26,7 +26,7 @@ from fedrlhf_ray.seeding import derive_seed
 from fedrlhf_ray.tasks.text import ppo as text_ppo
 from fedrlhf_ray.tasks.text.generation import generate, text_metrics
 from fedrlhf_ray.tasks.text.judges import DecodedJudge, LexiconJudge
-from fedrlhf_ray.tasks.text.lm import LanguageModel
+from fedrlhf_ray.tasks.text.lm import LanguageModel, continuation_logprobs
 from fedrlhf_ray.tasks.text.reward import ContinuationScorer
 from fedrlhf_ray.tasks.text.sentiment import BagOfTokens, HFSentiment
 
@@ -122,6 +122,7 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         self.source = lm_source(cfg)
         self.lm: LanguageModel = cached_lm(self.source)
         self.judge = _independent_judge(cfg, self.lm)
+        self.judge_lm = _judge_lm(cfg)
         self.lexicon = LexiconJudge(self.lm.decode)
         sent = cfg.language_model().sentiment
         self.shared_scorer = HFSentiment(sent.pretrained, self.lm.decode) if sent.pretrained is not None else None
@@ -279,11 +280,21 @@ class TextRLHFTrainer(RLlibLocalTrainer):
         lexicon = self.lexicon.positive_probability(gens.continuations)
         pooled = client.prompt_lambdas
         lam = float(np.mean(pooled)) if pooled is not None else self.lambdas[client.client_id]
-        out = text_metrics(gens, own, independent, lexicon, lam, self.lm.vocab_size)
+        judged = None if self.judge_lm is None else [
+            continuation_logprobs(self.judge_lm, prompt, [c])[0]
+            for prompt, c in zip(client.test_prompts, gens.continuations, strict=True)
+        ]
+        out = text_metrics(gens, own, independent, lexicon, lam, self.lm.vocab_size, judged)
         if self.shared_scorer is None and (self.cfg.language_model().sentiment.feedback == "labels" or self.winners):
             predicted = self.reward_model.positive_probability(client.test_reviews) > 0.5
             out["reward_model_accuracy"] = float((predicted == (client.test_labels == 1)).mean())
         return {f"eval/{k}": v for k, v in out.items()}
+
+
+def _judge_lm(cfg: ExperimentConfig) -> Any:
+    from fedrlhf_ray.tasks.text.prepare import load_judge_lm, prepared_folder
+
+    return load_judge_lm(prepared_folder(cfg))
 
 
 def _independent_judge(cfg: ExperimentConfig, lm: LanguageModel) -> DecodedJudge:
