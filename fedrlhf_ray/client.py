@@ -405,5 +405,21 @@ class ClientHost:
         after = self.trainer.evaluate(round_index)
         return {**{k.replace("eval/", "eval_global/", 1): v for k, v in before.items()}, **after}
 
+    def client_samples(
+        self, round_index: int, client_ids: list[int], global_weights: Weights, finetune_iterations: int = 0
+    ) -> list[str | None]:
+        """What each client's own model (personal layers, or fine-tuned on a throw-away copy)
+        makes of the task's public inputs, in the clear: refused, like a plain evaluation, under
+        the privacy modes."""
+        for c in client_ids:
+            self.policy.check_plain_evaluation(c, round_index)
+        texts = []
+        for c in client_ids:
+            self._swap_in(c, global_weights, round_index)
+            if finetune_iterations > 0:
+                self.trainer.finetune(round_index, finetune_iterations)
+            texts.append(self.trainer.samples(round_index))
+        return texts
+
 
 ClientActor = ray.remote(ClientHost)

@@ -349,6 +349,18 @@ class FederatedDriver:
         ]
         return summary, rows
 
+    def client_samples(self, round_index: int) -> dict[int, str]:
+        """Each evaluated client's text of its own model (none under the privacy modes, whose
+        clients release no per-client output); a client whose host died twice is left out."""
+        if self.secure_evaluation is not None:
+            return {}
+        fed = self.cfg.federation
+        finetune = fed.finetune_iterations if fed.personalization == "finetune" else 0
+        groups = self.pool.by_host(self.eval_clients)
+        replies, _ = self.pool.call("client_samples", round_index, groups, ray.put(self.global_weights), finetune)
+        return {c: text for h, texts in replies.items() for c, text in zip(groups[h], texts, strict=True)
+                if text is not None}
+
     def _evaluate_securely(self, round_index: int, global_ref: Any, finetune: int) -> dict[str, float]:
         """``<metric>/mean`` over the clients and ``eval/clients``, summed securely: no client's
         metrics reach the driver, and only over at least 3 clients. An evaluation runs at most
@@ -479,11 +491,15 @@ class DriverHost:
         return getattr(self.started, method)(*args)
 
     def write_round_artifacts(self, round_index: int) -> list[str]:
-        """The task's text of the global model after an evaluated round; the names written."""
+        """The task's text of the global model after an evaluated round, and of each client's own
+        model where the clients release it; the names written."""
         if self.artifacts is None:
             return []
         drv = self.started
-        return [drv.run_dir.write_samples(round_index, self.artifacts.text(round_index, drv.global_weights))]
+        names = [drv.run_dir.write_samples(round_index, self.artifacts.text(round_index, drv.global_weights))]
+        for client, text in sorted(drv.client_samples(round_index).items()):
+            names.append(drv.run_dir.write_samples(round_index, text, client))
+        return names
 
     def save_final_weights(self) -> None:
         drv = self.started

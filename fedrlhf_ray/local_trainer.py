@@ -114,3 +114,7 @@ class LocalTrainer(Protocol):
 
     def evaluate(self, round_index: int) -> dict[str, float]:
         """Held-out metrics of the current weights for the current client."""
+
+    def samples(self, round_index: int) -> str | None:
+        """What the current weights make of public inputs, as text (IMDb: continuations of public
+        prompts), or None where the task writes none."""

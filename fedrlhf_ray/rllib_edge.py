@@ -249,6 +249,9 @@ class RLlibLocalTrainer:
     algo: Algorithm
     seed: int
 
+    def samples(self, round_index: int) -> str | None:
+        return None
+
     def _built(self, algo: Algorithm, seed: int) -> None:
         self.algo = algo
         self.seed = seed

@@ -209,9 +209,11 @@ class RunDir:
         np.savez(buffer, **weights)
         atomic_write(self.path / FINAL_WEIGHTS, buffer.getvalue())
 
-    def write_samples(self, round_index: int, text: str) -> str:
-        """A round's sample generations; returns the file's name relative to the run dir."""
-        name = f"{SAMPLES_DIR}/round_{round_index:04d}.txt"
+    def write_samples(self, round_index: int, text: str, client: int | None = None) -> str:
+        """A round's sample generations, of the global model or of ``client``'s own; returns the
+        file's name relative to the run dir."""
+        whose = f"_client_{client:03d}" if client is not None else ""
+        name = f"{SAMPLES_DIR}/round_{round_index:04d}{whose}.txt"
         (self.path / SAMPLES_DIR).mkdir(exist_ok=True)
         atomic_write(self.path / name, text.encode())
         return name

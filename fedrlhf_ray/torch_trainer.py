@@ -196,6 +196,9 @@ class MLPTrainer:
         self._sgd(cid, int(iterations), g, None, lr=self.lr * self.lr_decay**self.rounds_done)
 
     @torch.no_grad()
+    def samples(self, round_index: int) -> str | None:
+        return None
+
     def evaluate(self, round_index: int) -> dict[str, float]:
         cid = self._require_client()
         x, y = self.client_data(cid)

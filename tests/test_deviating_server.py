@@ -277,6 +277,10 @@ def test_a_client_evaluates_only_inside_a_secure_sum_the_model_its_neighbours_an
     for settings in ({"secure_aggregation": True}, DISTRIBUTED):
         with pytest.raises(ClientRefused, match="refused to evaluate round 1 in the clear"):
             host(config(**settings)).evaluate_clients(1, [0], host(config()).initial_weights())
+        # Nor does any text of a client's own model leave (the IMDb task's samples).
+        with pytest.raises(ClientRefused, match="refused to evaluate round 1 in the clear"):
+            host(config(**settings)).client_samples(1, [0], host(config()).initial_weights())
+    assert host(config()).client_samples(1, [0, 1], host(config()).initial_weights()) == [None, None]
     client = host(config(secure_aggregation=True))
     ids = list(range(K))
     weights = client.initial_weights()

@@ -536,9 +536,12 @@ def test_short_ppo_run_raises_the_independent_sentiment(ray_session, prepared, t
     assert after["eval/kl_to_reference/mean"] > 0.0 == before["eval/kl_to_reference/mean"]
     # Sample generations of the global model, one file per evaluated round.
     samples = sorted(p.name for p in (result.run_dir.path / "samples").iterdir())
-    assert samples == ["round_0000.txt", "round_0001.txt", "round_0002.txt", "round_0003.txt"]
+    # The global model's, and each client's own (in the clear, its personal layers or fine-tuning).
+    assert samples == [f"round_{r:04d}{whose}.txt" for r in range(4) for whose in ("", "_client_000", "_client_001")]
     text = (result.run_dir.path / "samples" / "round_0003.txt").read_text()
-    assert text.count("⟶") == 16 and "This movie was" in text
+    assert text.count("⟶") == 16 and "This movie was" in text and "the global model continues" in text
+    own = (result.run_dir.path / "samples" / "round_0003_client_001.txt").read_text()
+    assert own.count("⟶") == 16 and "client 1's own model continues" in own
     # ... and the same files as the MLflow run's artifacts.
     logged = sorted(a.path for a in result.tracker.client().list_artifacts(result.tracker.run_id, "samples"))
     assert logged == [f"samples/{name}" for name in samples]
@@ -600,6 +603,9 @@ def test_secure_aggregation_dp_fedprox_and_personal_head_resume_exactly(ray_sess
     assert differ == {}
     assert whole.final == resumed.final
     assert "privacy/epsilon" in RunDir(whole.run_dir.path).metrics()[-1]
+    # The clients release no text of their own models under secure aggregation: only the global model's.
+    assert sorted(p.name for p in (whole.run_dir.path / "samples").iterdir()) == [
+        "round_0000.txt", "round_0001.txt", "round_0002.txt"]
 
 
 @pytest.mark.slow

@@ -290,6 +290,17 @@ class TextRLHFTrainer(RLlibLocalTrainer):
             out["reward_model_accuracy"] = float((predicted == (client.test_labels == 1)).mean())
         return {f"eval/{k}": v for k, v in out.items()}
 
+    def samples(self, round_index: int) -> str:
+        """The loaded client's own model continues the public prompts."""
+        from fedrlhf_ray.tasks.text.samples import public_samples
+
+        module = text_ppo.acting_module(self.algo)
+        module.eval()
+        text = public_samples(self.cfg, self.lm, module.lm, module.reference,
+                              f"client {self.loaded.client_id}'s own model", round_index)
+        module.train()
+        return text
+
 
 def _judge_lm(cfg: ExperimentConfig) -> Any:
     from fedrlhf_ray.tasks.text.prepare import load_judge_lm, prepared_folder
