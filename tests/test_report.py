@@ -26,18 +26,19 @@ URI = "sqlite:///unused.db"  # no source below is an MLflow experiment
 FINAL = {("federated", s): 0.5 + 0.01 * s for s in range(3)} | {("local", s): 0.4 + 0.012 * s for s in range(3)}
 
 
-def fake_run(path, baseline: str, seed: int, state: str = "completed") -> RunDir:
+def fake_run(path, baseline: str, seed: int, state: str = "completed", lam: float = 1.0) -> RunDir:
     """A run directory as ``fedrlhf run`` leaves it, with made-up metrics (the report only reads)."""
     path.mkdir(parents=True)
     rd = RunDir(path)
     cfg = validate_config({"seed": seed, "federation": {"baseline": baseline, "rounds": 2},
-                           "tracking": {"enabled": seed % 2 == 0}})
+                           "tracking": {"enabled": seed % 2 == 0}, "shaping": {"lambda": lam}})
     rd.write_config(cfg.to_dict())
     final = FINAL.get((baseline, seed), 0.0)
     # The federated runs fine-tune: their clients also evaluate the global model, 0.05 worse
     # for clients 0–2 and 0.05 better for client 3.
     personal = baseline == "federated"
     rows = [{"round": r, HIT: final * r / 2, "fed/round_seconds": 1.0, "fed/env_steps": 100.0 * (r > 0),
+             "eval/spearman/mean": 0.1 * lam + 0.01 * seed, "eval/engagement_rate/mean": 0.6 - 0.1 * lam,
              **({GLOBAL_HIT: final * r / 2 - 0.05} if personal else {})} for r in range(3)]
     clients = [{"round": 2, "client": c, "kind": "eval", "eval/liked_hit_rate": final + 0.01 * c,
                 **({"eval_global/liked_hit_rate": final + 0.01 * c + (0.05 if c == 3 else -0.05)} if personal else {})}
@@ -110,7 +111,8 @@ def test_fedrlhf_report_writes_markdown_html_csv_and_json(runs, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "## Paired differences against federation.baseline=local" in printed
     assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "report.csv", "report.json", "runs.json",
-                                               "curves.png", "clients.png", "wins.png", "sample_complexity.png"}
+                                               "curves.png", "clients.png", "wins.png", "trade_off.png",
+                                               "sample_complexity.png"}
     record = json.loads((out / "report.json").read_text())
     assert record["provenance"]["command"].startswith("fedrlhf report ")
     assert "1 more run(s) repeat an experiment and seed already counted: left out." in printed
@@ -169,7 +171,7 @@ def test_the_report_page_shows_its_tables_and_curves_in_a_browser(runs, tmp_path
     assert page.locator("table").count() == 3  # final metrics, paired, personalized − global
     assert page.get_by_text("Paired differences against federation.baseline=local", exact=False).count() == 1
     images = page.locator("img")
-    assert images.count() == 4  # curves, per-client violins, win rates, sample complexity: inline
+    assert images.count() == 5  # curves, per-client violins, win rates, trade-off, sample complexity: inline
     assert images.evaluate_all("imgs => imgs.every(img => img.complete && img.naturalWidth > 300)")
     page.close()
 
@@ -299,3 +301,18 @@ def test_an_unknown_mlflow_experiment_names_those_there_are(tmp_path, capsys):
     assert main(["report", "mlflow:theirs", "--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert "MLflow experiment 'theirs' is not in" in err and "it has: " in err and "mine" in err
+
+
+def test_groups_that_differ_in_one_number_are_drawn_against_it(tmp_path, capsys):
+    """A λ sweep: the final metrics and wall time against λ, and the task's trade-off
+    (engagement against Spearman) one point per λ."""
+    for lam in (0.0, 0.5, 2.0):
+        for seed in (0, 1):
+            fake_run(tmp_path / "sweep" / f"lam-{lam}-{seed}", "federated", seed, lam=lam)
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "sweep"), "--out", str(out), "--reference", "shaping.lambda=0.0"]) == 0
+    assert {"against_setting.png", "trade_off.png"} <= {p.name for p in out.iterdir()}
+    assert "## Final metrics and wall time against shaping.lambda" in capsys.readouterr().out
+    record = json.loads((out / "report.json").read_text())
+    (row,) = [r for r in record["paired"] if r["group"] == "shaping.lambda=2.0" and r["metric"] == "eval/spearman/mean"]
+    assert row["mean"] == pytest.approx(0.2) and row["n"] == 2
