@@ -250,6 +250,20 @@ def test_the_docs_tables_are_what_the_committed_summaries_make():
 
 
 
+def test_the_claims_quote_the_intervals_the_committed_reports_hold():
+    """Each interval the README and the results page quote in their prose ("+0.008 [−0.018,
+    0.034]") is one the committed reports' tables hold."""
+    import re
+
+    prose = "".join((REPO_ROOT / name).read_text() for name in ("README.md", "docs/results.md"))
+    quoted = re.findall(r"([+−-]?\d\.\d{3}) \[([−-]?\d\.\d{3}), ([−-]?\d\.\d{3})\]", prose)
+    assert len(quoted) >= 10
+    made = "".join(p.read_text() for p in (REPO_ROOT / "results").glob("*/report.md"))
+    for mean, low, high in quoted:
+        text = f"{float(mean.replace('−', '-')):.3f} [{low.replace('−', '-')}, {high.replace('−', '-')}]"
+        assert text in made, text
+
+
 @pytest.mark.parametrize("args, message", [
     (["--from", "results", "somewhere"], "give it without SOURCE, --out or --reference"),
     (["--docs", "somewhere"], "use it with --from RESULTS"),
