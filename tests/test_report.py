@@ -317,6 +317,20 @@ def test_an_unknown_mlflow_experiment_names_those_there_are(tmp_path, capsys):
     assert "MLflow experiment 'theirs' is not in" in err and "it has: " in err and "mine" in err
 
 
+def test_utility_is_drawn_against_the_privacy_spent(tmp_path):
+    # Two groups (told apart by λ here) that spent ε = 8 and ε = 2 in a last round.
+    for lam, eps in ((0.5, 8.0), (1.0, 2.0)):
+        for seed in (0, 1):
+            rd = fake_run(tmp_path / "sweep" / f"dp-{lam}-{seed}", "federated", seed, lam=lam)
+            rd.append_metrics([{"round": 3, HIT: 0.3 / lam, "privacy/epsilon": eps}], [])
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    assert (out / "epsilon.png").read_bytes().startswith(b"\x89PNG")
+    record = json.loads((out / "report.json").read_text())
+    eps = {r["group"]: r["mean"] for r in record["summary"] if r["metric"] == "privacy/epsilon"}
+    assert eps == {"shaping.lambda=0.5": 8.0, "shaping.lambda=1.0": 2.0}
+
+
 def test_groups_that_differ_in_one_number_are_drawn_against_it(tmp_path, capsys):
     """A λ sweep: the final metrics and wall time against λ, and the task's trade-off
     (engagement against Spearman) one point per λ."""

@@ -15,8 +15,8 @@ say where or how a run ran (data paths, tracking, Ray), and writes into ``--out`
 * ``report.html``: the same tables and every figure in one self-contained page (the figures
   also as PNG): learning curves with bands, per-client violins (global beside personalized),
   per-client win rates, the task's trade-off, the headline metric against the env steps and
-  feedback queries spent, and, where the groups differ in one numeric setting (λ, K), the
-  final metrics and wall time against it;
+  feedback queries spent and, where groups spent a privacy budget, against ε, and, where the
+  groups differ in one numeric setting (λ, K), the final metrics and wall time against it;
 * ``runs.json``: the runs' small summaries (final and per-round means, each client's last
   evaluation, the config), which ``fedrlhf report --from results/ [--docs]`` makes every report
   again from, rewriting the docs' marked tables (:mod:`fedrlhf_ray.report.docs`).

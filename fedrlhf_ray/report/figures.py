@@ -146,6 +146,24 @@ def trade_off_png(groups: Mapping[str, list[Run]], x_metric: str, y_metric: str)
     return _png(fig)
 
 
+def epsilon_png(groups: Mapping[str, list[Run]], metric: str) -> bytes | None:
+    """Utility against privacy: each group's final ``metric`` against its final ε (means over
+    seeds, intervals as bars), where at least two groups spent a privacy budget."""
+    points = [(name, _final_interval(m, "privacy/epsilon"), _final_interval(m, f"{metric}/mean"))
+              for name, m in groups.items()]
+    points = [(name, eps, y) for name, eps, y in points if eps.n and y.n and math.isfinite(eps.mean)]
+    if len(points) < 2:
+        return None
+    fig, (ax,) = _figure()
+    for name, eps, y in sorted(points, key=lambda p: p[1].mean):
+        _errorbar(ax, eps, y, name)
+    ax.set_xscale("log")
+    ax.set(xlabel="ε spent (final)", ylabel=f"{metric} (final)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def against_setting_png(groups: Mapping[str, list[Run]], setting: str, values: Mapping[str, float],
                         metrics: Sequence[str]) -> bytes | None:
     """Where the groups differ in one numeric setting (λ, K): each metric's final mean against

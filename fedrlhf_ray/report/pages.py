@@ -31,7 +31,8 @@ from fedrlhf_ray.rundir import atomic_write
 from fedrlhf_ray.tracking import git_commit
 
 KINDS = ("summary", "paired", "personal")  # the report's tables, as the docs' markers name them
-FIGURES = ("curves.png", "clients.png", "wins.png", "trade_off.png", "sample_complexity.png", "against_setting.png")
+FIGURES = ("curves.png", "clients.png", "wins.png", "trade_off.png", "sample_complexity.png", "epsilon.png",
+           "against_setting.png")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ def _figures(tables: Tables, view: TaskView) -> dict[str, tuple[str, bytes]]:
                           figures.trade_off_png(groups, *view.trade_off)),
         "sample_complexity.png": (f"{view.headline} against what the clients spent",
                                   figures.sample_complexity_png(groups, view.headline.removesuffix("/mean"))),
+        "epsilon.png": (f"{view.headline} against the privacy spent (ε)",
+                        figures.epsilon_png(groups, view.headline.removesuffix("/mean"))),
     }
     settings = differing_settings(groups) if len(groups) > 1 else {}
     keys = {k for values in settings.values() for k in values}
