@@ -22,9 +22,18 @@ from tests.conftest import REPO_ROOT, write_sweep
 
 def test_shipped_sweeps_validate():
     for name in ("lambda_sweep.yaml", "movielens_lambda_sweep.yaml", "privacy_sweep.yaml", "robustness_sweep.yaml",
-                 "paper/on_par.yaml", "paper/personalization.yaml", "paper/lambda.yaml", "paper/clients.yaml"):
+                 "paper/on_par.yaml", "paper/personalization.yaml", "paper/lambda.yaml", "paper/clients.yaml",
+                 "paper/heterogeneity.yaml"):
         sweep = load_sweep(REPO_ROOT / "tune_configs" / name)
         assert sweep.settings.search_space and sweep.base_config.federation.rounds >= 2
+    # The paper's sweeps are grids: every trial they will run is a valid experiment.
+    import itertools
+
+    for name in ("on_par", "personalization", "lambda", "clients", "heterogeneity"):
+        sweep = load_sweep(REPO_ROOT / "tune_configs" / "paper" / f"{name}.yaml")
+        space = {k: v.representatives() for k, v in sweep.settings.search_space.items()}
+        for values in itertools.product(*space.values()):
+            sweep.trial_config(dict(zip(space, values, strict=True)))
 
 
 def test_privacy_and_attack_fields_are_sweepable():
