@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,10 +30,16 @@ def _figure(panels: int = 1) -> tuple[Any, list[Any]]:
     return fig, flat[:panels]
 
 
-def _png(fig: Any) -> bytes:
+def _png(fig: Any, caption: str) -> bytes:
+    """The figure as PNG, with ``caption`` (what made its runs) along its foot."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+
+    # 5-point text: about 24 characters an inch, 12 lines an inch.
+    lines = textwrap.wrap(caption, width=int(fig.get_figwidth() * 24)) or [""]
+    foot = (len(lines) / 12 + 0.05) / fig.get_figheight()
+    fig.tight_layout(rect=(0, foot, 1, 1))
+    fig.text(0.005, 0.005, "\n".join(lines), fontsize=5, color="dimgrey", ha="left", va="bottom")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     plt.close(fig)
@@ -48,7 +55,7 @@ def _band(ax: Any, x: Sequence[float], ivs: Sequence[Interval], label: str) -> N
     ax.fill_between(x, [iv.low for iv in ivs], [iv.high for iv in ivs], color=line.get_color(), alpha=0.2)
 
 
-def curves_png(groups: Mapping[str, list[Run]], metrics: Sequence[str]) -> bytes | None:
+def curves_png(groups: Mapping[str, list[Run]], metrics: Sequence[str], *, caption: str = "") -> bytes | None:
     """Each metric's round mean (``…/mean``) against the round: per group the mean over seeds,
     its interval as a band."""
     from matplotlib.ticker import MaxNLocator
@@ -67,10 +74,10 @@ def curves_png(groups: Mapping[str, list[Run]], metrics: Sequence[str]) -> bytes
         ax.set(xlabel="round", ylabel=key)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    return _png(fig)
+    return _png(fig, caption)
 
 
-def clients_png(groups: Mapping[str, list[Run]], metrics: Sequence[str]) -> bytes | None:
+def clients_png(groups: Mapping[str, list[Run]], metrics: Sequence[str], *, caption: str = "") -> bytes | None:
     """Per metric, each group's distribution over its clients after the last evaluated round
     (every seed's clients together) as violins, with the global model's beside the
     personalized one's where clients evaluated both."""
@@ -95,10 +102,10 @@ def clients_png(groups: Mapping[str, list[Run]], metrics: Sequence[str]) -> byte
         ax.set_xticks(range(1, len(boxes) + 1), [f"{label}\n({len(v)})" for label, v in boxes], fontsize=6)
         ax.set_ylabel(f"{metric} per client")
         ax.grid(alpha=0.3, axis="y")
-    return _png(fig)
+    return _png(fig, caption)
 
 
-def wins_png(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> bytes | None:
+def wins_png(rows: Sequence[dict[str, Any]], metrics: Sequence[str], *, caption: str = "") -> bytes | None:
     """The share of (seed, client) pairs each comparison wins, per metric, against the even 50 %
     (a star where the sign test's p < 0.05)."""
     shown = [r for r in rows if "client_wins" in r and r["metric"].removesuffix("/mean") in metrics]
@@ -115,8 +122,8 @@ def wins_png(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> bytes | 
     ax.axvline(0.5, color="black", linewidth=0.8)
     ax.set_yticks(y, labels, fontsize=6)
     ax.set(xlim=(0, 1), xlabel="share of (seed, client) pairs won")
-    fig.set_figheight(max(3.0, 0.35 * len(shown) + 1))
-    return _png(fig)
+    fig.set_size_inches(9.5, max(3.0, 0.35 * len(shown) + 1))
+    return _png(fig, caption)
 
 
 def _final_interval(members: Sequence[Run], key: str) -> Interval:
@@ -130,7 +137,7 @@ def _errorbar(ax: Any, x: Interval, y: Interval, label: str) -> None:
     ax.errorbar([x.mean], [y.mean], xerr=half(x), yerr=half(y), marker="o", capsize=3, label=label)
 
 
-def trade_off_png(groups: Mapping[str, list[Run]], x_metric: str, y_metric: str) -> bytes | None:
+def trade_off_png(groups: Mapping[str, list[Run]], x_metric: str, y_metric: str, *, caption: str = "") -> bytes | None:
     """Each group's final ``y`` against its final ``x`` (means over seeds, intervals as bars)."""
     points = [(name, _final_interval(m, f"{x_metric}/mean"), _final_interval(m, f"{y_metric}/mean"))
               for name, m in groups.items()]
@@ -143,10 +150,10 @@ def trade_off_png(groups: Mapping[str, list[Run]], x_metric: str, y_metric: str)
     ax.set(xlabel=f"{x_metric} (final)", ylabel=f"{y_metric} (final)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return _png(fig, caption)
 
 
-def epsilon_png(groups: Mapping[str, list[Run]], metric: str) -> bytes | None:
+def epsilon_png(groups: Mapping[str, list[Run]], metric: str, *, caption: str = "") -> bytes | None:
     """Utility against privacy: each group's final ``metric`` against its final ε (means over
     seeds, intervals as bars), where at least two groups spent a privacy budget."""
     points = [(name, _final_interval(m, "privacy/epsilon"), _final_interval(m, f"{metric}/mean"))
@@ -161,11 +168,11 @@ def epsilon_png(groups: Mapping[str, list[Run]], metric: str) -> bytes | None:
     ax.set(xlabel="ε spent (final)", ylabel=f"{metric} (final)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return _png(fig, caption)
 
 
 def against_setting_png(groups: Mapping[str, list[Run]], setting: str, values: Mapping[str, float],
-                        metrics: Sequence[str]) -> bytes | None:
+                        metrics: Sequence[str], *, caption: str = "") -> bytes | None:
     """Where the groups differ in one numeric setting (λ, K): each metric's final mean against
     it, and the run's wall time (its rounds' ``fed/round_seconds``)."""
     order = sorted(values, key=lambda name: values[name])
@@ -180,7 +187,7 @@ def against_setting_png(groups: Mapping[str, list[Run]], setting: str, values: M
     _band(axes[-1], x, seconds, "mean over seeds")
     axes[-1].set(xlabel=setting, ylabel="wall time of the rounds (s)")
     axes[-1].grid(alpha=0.3)
-    return _png(fig)
+    return _png(fig, caption)
 
 
 def _cumulative(run: Run, key: str, times: str | None = None) -> list[tuple[int, float]]:
@@ -193,7 +200,7 @@ def _cumulative(run: Run, key: str, times: str | None = None) -> list[tuple[int,
     return out
 
 
-def sample_complexity_png(groups: Mapping[str, list[Run]], metric: str) -> bytes | None:
+def sample_complexity_png(groups: Mapping[str, list[Run]], metric: str, *, caption: str = "") -> bytes | None:
     """``metric`` against the env steps and the feedback queries spent so far (all clients
     together), per group the mean over seeds with its band."""
     key = f"{metric}/mean"
@@ -212,4 +219,4 @@ def sample_complexity_png(groups: Mapping[str, list[Run]], metric: str) -> bytes
         ax.set(xlabel=label, ylabel=key)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    return _png(fig)
+    return _png(fig, caption)

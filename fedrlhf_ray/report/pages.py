@@ -100,19 +100,22 @@ def _html_table(cells: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _figures(tables: Tables, view: TaskView) -> dict[str, tuple[str, bytes]]:
-    """The report's figures by file name: (title, PNG)."""
-    groups = tables.groups
+def _figures(tables: Tables, view: TaskView, caption: str) -> dict[str, tuple[str, bytes]]:
+    """The report's figures by file name: (title, PNG), each captioned with what made its runs."""
+    groups, headline = tables.groups, view.headline.removesuffix("/mean")
     made: dict[str, tuple[str, bytes | None]] = {
-        "curves.png": ("Learning curves (mean over seeds, 95 % band)", figures.curves_png(groups, view.metrics)),
-        "clients.png": ("Per client, after the last evaluated round", figures.clients_png(groups, view.metrics)),
-        "wins.png": ("Per-client win rates", figures.wins_png(tables.paired + tables.personal, view.metrics)),
+        "curves.png": ("Learning curves (mean over seeds, 95 % band)",
+                       figures.curves_png(groups, view.metrics, caption=caption)),
+        "clients.png": ("Per client, after the last evaluated round",
+                        figures.clients_png(groups, view.metrics, caption=caption)),
+        "wins.png": ("Per-client win rates",
+                     figures.wins_png(tables.paired + tables.personal, view.metrics, caption=caption)),
         "trade_off.png": (f"Trade-off: {view.trade_off[1]} against {view.trade_off[0]}",
-                          figures.trade_off_png(groups, *view.trade_off)),
+                          figures.trade_off_png(groups, *view.trade_off, caption=caption)),
         "sample_complexity.png": (f"{view.headline} against what the clients spent",
-                                  figures.sample_complexity_png(groups, view.headline.removesuffix("/mean"))),
+                                  figures.sample_complexity_png(groups, headline, caption=caption)),
         "epsilon.png": (f"{view.headline} against the privacy spent (ε)",
-                        figures.epsilon_png(groups, view.headline.removesuffix("/mean"))),
+                        figures.epsilon_png(groups, headline, caption=caption)),
     }
     settings = differing_settings(groups) if len(groups) > 1 else {}
     keys = {k for values in settings.values() for k in values}
@@ -120,8 +123,10 @@ def _figures(tables: Tables, view: TaskView) -> dict[str, tuple[str, bytes]]:
         (setting,) = keys
         values = {name: v[setting] for name, v in settings.items()}
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
-            made["against_setting.png"] = (f"Final metrics and wall time against {setting}",
-                                           figures.against_setting_png(groups, setting, values, view.metrics))
+            made["against_setting.png"] = (
+                f"Final metrics and wall time against {setting}",
+                figures.against_setting_png(groups, setting, values, view.metrics, caption=caption),
+            )
     return {name: (title, png) for name, (title, png) in made.items() if png is not None}
 
 
@@ -163,7 +168,7 @@ def write_report(runs: Sequence[Run], out: Path, reference: str | None, view: Ta
     if tables.personal:
         sections.append(("Personalized against the global model (in the same runs)",
                          table(tables.personal, "personal")))
-    pictures = _figures(tables, view)
+    pictures = _figures(tables, view, f"runs at commit {', '.join(commits)} · {made['command']} · {made['machine']}")
     md = [f"# Report\n\n{intro}\n\n## Groups\n\n{groups_md}"]
     md += [f"## {title}\n\n{markdown(cells)}" for title, cells in sections]
     md += [f"## {title}\n\n![{title}]({name})" for name, (title, _) in pictures.items()]
