@@ -74,9 +74,9 @@ def main() -> None:
                         [final[c]["sentiment_independent"] for c in sorted(final)], color=line.get_color(), label=label)
         for c in sorted(final):
             scatter.annotate(f"λ={lams[c]:.1f}", (final[c]["fluency"], final[c]["sentiment_independent"]), fontsize=7)
-    curves.set(xlabel="round", ylabel="mean over clients", title="sentiment (independent evaluator) and fluency")
+    curves.set(xlabel="round", ylabel="mean over clients", title="sentiment (independent judge) and fluency")
     curves.legend(fontsize=7)
-    scatter.set(xlabel="fluency (1 − NLL/ln V)", ylabel="sentiment (independent evaluator)",
+    scatter.set(xlabel="fluency (1 − NLL/ln V)", ylabel="sentiment (independent judge)",
                 title="each client after the last round")
     scatter.legend(fontsize=7)
     fig.tight_layout()
