@@ -307,6 +307,18 @@ def test_a_docs_marker_naming_no_report_or_table_is_one_line(runs, tmp_path, cap
         assert message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("uri, message", [
+    ("sqlite:///{tmp}/none.db", "no MLflow store at sqlite:///"),
+    ("ftp://example.org/x", "ftp:// is not an MLflow tracking store"),
+    ("http://127.0.0.1:9", "no MLflow server answers"),
+])
+def test_an_mlflow_source_in_a_store_that_is_not_there_is_one_line(uri, message, tmp_path, capsys):
+    assert main(["report", "mlflow:x", "--tracking-uri", uri.format(tmp=tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "r").exists()
+
+
 def test_an_unknown_mlflow_experiment_names_those_there_are(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedrlhf_ray.errors import UserError
 from fedrlhf_ray.rundir import CLIENT_METRICS, CONFIG, METRICS, STATUS, RunDir, atomic_write, find_link
-from fedrlhf_ray.tracking import flatten, load_tracker
+from fedrlhf_ray.tracking import check_tracking_uri, flatten, load_tracker, tracking_uri_problem
 
 RUNS_FILE = "runs.json"
 MLFLOW_SOURCE = "mlflow:"
@@ -194,6 +194,14 @@ def _mlflow_runs(experiment: str, tracking_uri: str) -> list[Run]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    problem = tracking_uri_problem(tracking_uri)
+    if problem:
+        raise UserError(f"report: tracking URI {tracking_uri!r} (--tracking-uri or $MLFLOW_TRACKING_URI): {problem}")
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        # MLflow would create an empty store there: a report only reads.
+        raise UserError(f"report: no MLflow store at {tracking_uri}; give --tracking-uri the store the runs were "
+                        "tracked in")
+    check_tracking_uri(tracking_uri)  # a server that does not answer is one line, not minutes of retries
     try:
         client = MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(experiment)
