@@ -81,8 +81,6 @@ def text_metrics(
     the continuations' token log-probabilities under the judge LM, where there is one."""
 
     fluencies = np.array([fluency(lp, vocab_size) for lp in gens.reference_logprobs])
-    all_lp = np.concatenate(gens.reference_logprobs) if gens.continuations else np.zeros(0)
-    nll = float(-all_lp.mean()) if len(all_lp) else float("nan")
     return {
         "sentiment": float(np.mean(own_sentiment)),
         "sentiment_independent": float(np.mean(independent_sentiment)),
@@ -90,7 +88,7 @@ def text_metrics(
         "fluency": float(np.mean(fluencies)),
         "reward": float(np.mean(lam * own_sentiment + (1.0 - lam) * fluencies)),
         "kl_to_reference": float(np.mean(gens.kl)),
-        "perplexity_reference": math.exp(nll) if math.isfinite(nll) else float("nan"),
+        "perplexity_reference": _perplexity(gens.reference_logprobs),
         **({"perplexity_judge": _perplexity(judge_logprobs)} if judge_logprobs is not None else {}),
         "distinct_1": distinct_n(gens.continuations, 1),
         "distinct_2": distinct_n(gens.continuations, 2),

@@ -5,6 +5,7 @@ any client's reviews), and the rate of continuations that repeat themselves."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,11 +48,10 @@ class WordNgramJudge:
     VERSION = "word-1-2gram-tfidf-logreg-v1"  # part of the prepared folder's hash
 
     def __init__(self, idf: np.ndarray, coef: np.ndarray, intercept: float) -> None:
-        from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+        from sklearn.feature_extraction.text import TfidfTransformer
         from sklearn.linear_model import LogisticRegression
 
-        self.vectorizer = HashingVectorizer(n_features=self.FEATURES, ngram_range=(1, 2), alternate_sign=False,
-                                            norm=None)
+        self.vectorizer = self._vectorizer()
         self.tfidf = TfidfTransformer(sublinear_tf=True)
         self.tfidf.idf_ = idf
         self.model = LogisticRegression()
@@ -60,12 +60,17 @@ class WordNgramJudge:
         self.model.classes_ = np.array([0, 1])
 
     @classmethod
+    def _vectorizer(cls) -> Any:
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        return HashingVectorizer(n_features=cls.FEATURES, ngram_range=(1, 2), alternate_sign=False, norm=None)
+
+    @classmethod
     def fit(cls, texts: Sequence[str], labels: Sequence[int]) -> WordNgramJudge:
-        from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+        from sklearn.feature_extraction.text import TfidfTransformer
         from sklearn.linear_model import LogisticRegression
 
-        counts = HashingVectorizer(n_features=cls.FEATURES, ngram_range=(1, 2), alternate_sign=False,
-                                   norm=None).transform(texts)
+        counts = cls._vectorizer().transform(texts)
         tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
         model = LogisticRegression(C=4.0, max_iter=2000).fit(tfidf.transform(counts), np.asarray(labels))
         return cls(tfidf.idf_.astype(np.float32), model.coef_.ravel().astype(np.float32), float(model.intercept_[0]))
